@@ -30,7 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
+import importlib.util
 import io
+import os
 import sys
 
 import numpy as np
@@ -153,16 +156,487 @@ def normalised_return(team_return: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# StarCraft (SMAC / smacv2 with the real game, SMAX as a CPU stand-in). Filled in by the
-# StarCraft adapter; until then these names keep the building task importable on its own.
+# StarCraft (paper Sec. 5.2): SMAC / smacv2 with the real game, SMAX (JaxMARL) as a CPU stand-in.
 # ---------------------------------------------------------------------------------------------
-STARCRAFT_ENV_IDS: tuple[str, ...] = ()
+#
+# ``--env smax`` (runs anywhere, no game needed)
+#   JaxMARL ``HeuristicEnemySMAX``: the learning allies fight scripted heuristic enemies in a JAX
+#   re-implementation of SMAC's unit micro. It is NOT StarCraft II: unit stats, sight/attack
+#   ranges, the enemy AI and the reward differ. Its results are labelled "SMAX 3s_vs_5z".
+#   * config = a SMAX scenario name (default ``3s_vs_5z``: 3 stalkers vs 5 zealots).
+#   * 3s_vs_5z: n_agents 3, n_actions 10 (0-3 move, 4 stop, 5+j attack enemy j; a dead agent can
+#     only stop), obs_dim 101, state_dim 96, episode_limit 250.
+#   * ``reset(day)``: the episode's PRNG key is ``fold_in(PRNGKey(seed), day)``: same seed and day
+#     -> same episode (given the same actions). Step keys are split from it inside the jitted step.
+#   * The transition is ``env.step_env`` (never the auto-resetting ``env.step``), so the last
+#     observation of an episode belongs to that episode.
+#   * reward = the (shared) team reward of one ally: enemy health fraction removed this step /
+#     n_enemies, + 1 on a win. Max episode return ~2.
+#   * terminated = all allies dead or all enemies dead; truncated = the 250-step time limit
+#     without either. info["battle_won"] = all enemies dead and at least one ally alive, read from
+#     unit liveness (a time-out is never a win).
+#   * state: JaxMARL's world state (per unit: health fraction, x, y, weapon cooldown, unit-type
+#     one-hot; then every unit's team and type id) rescaled for a mixer: x / map_width, y /
+#     map_height (raw 0-32 -> 0-1), cooldown / the unit type's cooldown clipped to [0, 1] (raw it
+#     drifts negative without bound while a unit does not fire), type id / (n_types - 1).
+#     Health, one-hots and teams are already in [0, 1]. Observations are used as JaxMARL gives
+#     them (already normalised: relative positions / the observer's sight range).
+#
+# ``--env smac`` (needs StarCraft II, see docs/starcraft.md)
+#   SMAC's ``StarCraft2Env`` API. config = ``[BACKEND:]MAP``:
+#     ``3s_vs_5z``          SMAC v1 (``smac.env``) if importable, else smacv2 (``smacv2.env``);
+#     ``smacv1:3s_vs_5z``   force SMAC v1 (faithful backend for the original maps);
+#     ``smacv2:3s_vs_5z``   force smacv2 (meant for its own scenarios; see the notes in docs).
+#   SC2's randomness is seeded once from ``seed`` at construction; ``reset(day)`` ignores ``day``.
+#   SMAC's time-out (terminated with info["episode_limit"]) is mapped to truncated=True,
+#   terminated=False.
+#
+# Test-time observation shift (paper Sec. 5.2): ``ObservationNoise(env, sigma=0.75, seed=s)``
+#   adds N(0, sigma^2) to every enemy's relative x and y in every agent's observation, at the
+#   indices ``env.enemy_position_indices`` (shape (n_enemies, 2), computed from each env's own
+#   feature layout). State, action masks and rewards are untouched.
+
+STARCRAFT_ENV_IDS: tuple[str, ...] = ("smax", "smac")
 STARCRAFT_DEFAULT_MAP = "3s_vs_5z"
 
+JAXMARL_INSTALL = "pip install -r requirements.txt (pins jaxmarl==0.2.0, jax/jaxlib 0.10.2)"
+SMAC_INSTALL = "pip install git+https://github.com/oxwhirl/smac.git"
+SMACV2_INSTALL = "pip install git+https://github.com/oxwhirl/smacv2.git"
+SC2_INSTALL = (
+    "install the StarCraft II 4.10 Linux package (unzip SC2.4.10.zip into ~/StarCraftII or set $SC2PATH) "
+    "and copy the SMAC maps (SMAC_Maps.zip from github.com/oxwhirl/smac) into $SC2PATH/Maps/SMAC_Maps; "
+    "see docs/starcraft.md"
+)
+SMAC_BACKENDS = {"smacv1": "smac", "smacv2": "smacv2"}  # config prefix -> python package
+SMAX_NOOP_ACTION = 4  # SMAX's stop action, the only one a dead agent has
 
-def _check_starcraft_config(env_id: str, config: str, flag: str) -> None:  # pragma: no cover
-    raise EnvArgError(f"--env '{env_id}' is not available")
+
+# ------------------------------------------- SMAX --------------------------------------------
 
 
-def _make_starcraft(env_id: str, config: str, seed: int):  # pragma: no cover
-    raise EnvArgError(f"--env '{env_id}' is not available")
+@contextlib.contextmanager
+def _quiet_jaxmarl_import():
+    """Silence jaxmarl's import chatter and undo its side effect on sys.stdout/sys.stderr.
+
+    jaxmarl 0.2.0 (environments/mabrax/mabrax_env.py) sets ``sys.stdout, sys.stderr =
+    sys.__stdout__, sys.__stderr__`` while importing, which would silently drop any redirection
+    (a log tee, pytest's capture) installed by the caller; it then prints two lines to fd 1.
+    """
+    saved_out, saved_err = sys.stdout, sys.stderr
+    for stream in (saved_out, sys.__stdout__):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved_fd = None
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            saved_fd = os.dup(1)
+            os.dup2(devnull, 1)
+        finally:
+            os.close(devnull)
+    except OSError:  # no usable fd 1: fall back to the Python-level redirect only
+        saved_fd = None
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.__stdout__.flush()  # the chatter buffered there goes to /dev/null, not the terminal
+        if saved_fd is not None:
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
+        sys.stdout, sys.stderr = saved_out, saved_err
+
+
+def _import_jaxmarl_smax():
+    """Import jax and JaxMARL's SMAX lazily (only for --env smax); EnvArgError if missing."""
+    try:
+        with _quiet_jaxmarl_import():
+            import jax
+            import jaxmarl
+            from jaxmarl.environments.smax import smax_env
+    except ImportError as err:
+        raise EnvArgError(f"--env smax needs jaxmarl ({err}); run: {JAXMARL_INSTALL}") from None
+    return jax, jaxmarl, smax_env
+
+
+@functools.lru_cache(maxsize=None)
+def _smax_compiled(map_name: str, max_steps: int = 250):
+    """One HeuristicEnemySMAX per (map, limit) and process, with its jitted reset/step, warmed up.
+
+    Returns ``(env, reset_fn, step_fn, dims)``, dims = (obs_dim, state_dim, n_actions), and::
+
+        reset_fn(key) -> (packed, env_state, key)
+        step_fn(key, env_state, actions (N,) int32) -> (packed, env_state, key)
+        packed = (obs (N, obs_dim), state (state_dim,), avail (N, n_actions) bool,
+                  team_reward (), unit_alive (n_allies + n_enemies,) bool, step ())
+
+    The first calls compile (several seconds); the step is called twice during warm-up because
+    its second call re-traces on the state that the step itself produced.
+    """
+    jax, jaxmarl, smax_env = _import_jaxmarl_smax()
+    jnp = jax.numpy
+    env = jaxmarl.make(
+        "HeuristicEnemySMAX",
+        scenario=smax_env.map_name_to_scenario(map_name),
+        max_steps=max_steps,
+        see_enemy_actions=False,
+    )
+    agents = list(env.agents)
+    n_units = env.num_allies + env.num_enemies  # note: env.num_agents is the number of allies only
+    n_feat = len(env.own_features)  # per-unit block of the world state
+    n_types = len(env.unit_type_names)
+    map_size = jnp.array([env.map_width, env.map_height], dtype=jnp.float32)
+    type_cooldowns = jnp.asarray(env.unit_type_weapon_cooldowns, dtype=jnp.float32)
+
+    def scale_world_state(ws):
+        """World state -> mixer input in [0, 1] (see the section comment above)."""
+        units = ws[: n_units * n_feat].reshape(n_units, n_feat)
+        teams = ws[n_units * n_feat : n_units * n_feat + n_units]
+        types = ws[n_units * n_feat + n_units :]
+        units = units.at[:, 1:3].divide(map_size)
+        cooldown = units[:, 3] / type_cooldowns[types.astype(jnp.int32)]
+        units = units.at[:, 3].set(jnp.clip(cooldown, 0.0, 1.0))
+        return jnp.concatenate([units.reshape(-1), teams, types / (n_types - 1)]).astype(jnp.float32)
+
+    def pack(obs, env_state, team_reward):
+        avail = env.get_avail_actions(env_state)
+        return (
+            jnp.stack([obs[a] for a in agents]).astype(jnp.float32),
+            scale_world_state(obs["world_state"]),
+            jnp.stack([avail[a] for a in agents]).astype(jnp.bool_),
+            jnp.asarray(team_reward, dtype=jnp.float32),
+            env_state.state.unit_alive,
+            env_state.state.step,
+        )
+
+    def reset_fn(key):
+        key, reset_key = jax.random.split(key)
+        obs, env_state = env.reset(reset_key)
+        return pack(obs, env_state, 0.0), env_state, key
+
+    def step_fn(key, env_state, actions):
+        key, step_key = jax.random.split(key)
+        # step_env: the real transition. env.step would auto-reset on done and hand back the
+        # first observation of the NEXT episode.
+        obs, env_state, rewards, _, _ = env.step_env(step_key, env_state, {a: actions[i] for i, a in enumerate(agents)})
+        return pack(obs, env_state, rewards[agents[0]]), env_state, key  # identical for every ally
+
+    reset_fn, step_fn = jax.jit(reset_fn), jax.jit(step_fn)
+    # Warm-up: compile reset and both step traces now, outside any training loop.
+    stop = jnp.full((len(agents),), SMAX_NOOP_ACTION, dtype=jnp.int32)
+    _, env_state, key = reset_fn(jax.random.PRNGKey(0))
+    for _ in range(3):
+        packed, env_state, key = step_fn(key, env_state, stop)
+    jax.block_until_ready(packed)
+    dims = (int(packed[0].shape[1]), int(packed[1].shape[0]), int(packed[2].shape[1]))
+    return env, reset_fn, step_fn, dims
+
+
+def smax_enemy_feature_indices(env) -> np.ndarray:
+    """(n_enemies, nf) observation indices of each enemy's feature block in a SMAX ally obs.
+
+    JaxMARL's "unit_list" observation of an ally is ``[other allies | enemies | own features]``,
+    one block of ``nf = len(env.unit_features)`` per other unit, allies first.
+    """
+    if getattr(env, "observation_type", "unit_list") != "unit_list":
+        raise ValueError("enemy indices are defined for SMAX's 'unit_list' observations only")
+    nf = len(env.unit_features)
+    first_enemy = (env.num_allies - 1) * nf
+    return first_enemy + nf * np.arange(env.num_enemies)[:, None] + np.arange(nf)[None, :]
+
+
+def smax_enemy_position_indices(env) -> np.ndarray:
+    """(n_enemies, 2) indices of enemy j's relative (x, y) in a SMAX ally observation.
+
+    Within an enemy's block ``position_x``/``position_y`` hold its position relative to the
+    observer divided by the observer's sight range (there is no separate distance feature).
+    3s_vs_5z: blocks of 13 from index 26 -> (27, 28), (40, 41), (53, 54), (66, 67), (79, 80).
+    """
+    cols = [env.unit_features.index("position_x"), env.unit_features.index("position_y")]
+    return smax_enemy_feature_indices(env)[:, cols]
+
+
+class SMAXTask:
+    """``--env smax``: JaxMARL HeuristicEnemySMAX behind the BuildingTask interface (numpy out)."""
+
+    def __init__(self, map_name: str = STARCRAFT_DEFAULT_MAP, seed: int = 0, max_steps: int = 250):
+        import jax
+
+        self._jax = jax
+        self.map_name = map_name
+        self.label = f"SMAX {map_name}"  # never report these results as SMAC
+        self.env, self._reset_fn, self._step_fn, dims = _smax_compiled(map_name, max_steps)
+        self.seed = int(seed)
+        self._base_key = jax.random.PRNGKey(self.seed)
+        self.n_agents = int(self.env.num_allies)
+        self.n_enemies = int(self.env.num_enemies)
+        self.obs_dim, self.state_dim, self.n_actions = dims  # 3s_vs_5z: 101, 96, 10
+        self.episode_limit = int(max_steps)
+        self.noop_action = SMAX_NOOP_ACTION
+        self.enemy_feature_indices = smax_enemy_feature_indices(self.env)  # (n_enemies, 13)
+        self.enemy_position_indices = smax_enemy_position_indices(self.env)  # (n_enemies, 2)
+        self._env_state = None
+        self._key = None
+        self._avail = None
+        self._done = True
+
+    def _unpack(self, packed):
+        # One device->host transfer; jax hands back read-only buffers, so copy into numpy.
+        obs, state, avail, reward, alive, step = self._jax.device_get(packed)
+        obs = np.array(obs, dtype=np.float32, copy=True)
+        state = np.array(state, dtype=np.float32, copy=True)
+        avail = np.array(avail, dtype=bool, copy=True)
+        alive = np.array(alive, dtype=bool, copy=True)
+        self._avail = avail
+        return obs, state, avail, float(reward), alive, int(step)
+
+    def reset(self, day: int):
+        """Start episode ``day`` of this seed (same seed and day -> same episode)."""
+        ep_key = self._jax.random.fold_in(self._base_key, int(day))
+        packed, self._env_state, self._key = self._reset_fn(ep_key)
+        obs, state, avail, _, _, _ = self._unpack(packed)
+        self._done = False
+        return obs, state, avail
+
+    def step(self, actions):
+        if self._done:
+            raise RuntimeError("the SMAX episode is over: call reset(day) first")
+        actions = np.asarray(actions, dtype=np.int32).reshape(self.n_agents)
+        ok = (actions >= 0) & (actions < self.n_actions)
+        ok[ok] = self._avail[np.flatnonzero(ok), actions[ok]]
+        if not ok.all():  # like SMAC's assertion: an algorithm must mask unavailable actions
+            i = int(np.flatnonzero(~ok)[0])
+            raise ValueError(f"agent {i} cannot perform action {int(actions[i])} (unavailable)")
+        packed, self._env_state, self._key = self._step_fn(self._key, self._env_state, actions)
+        obs, state, avail, reward, alive, t = self._unpack(packed)
+        allies_alive, enemies_alive = alive[: self.n_agents], alive[self.n_agents :]
+        battle_won = bool(not enemies_alive.any() and allies_alive.any())
+        terminated = bool(not allies_alive.any() or not enemies_alive.any())
+        truncated = bool(not terminated and t >= self.episode_limit)
+        self._done = terminated or truncated
+        info = {
+            "battle_won": battle_won,
+            "dead_allies": int((~allies_alive).sum()),
+            "dead_enemies": int((~enemies_alive).sum()),
+        }
+        if truncated:
+            info["episode_limit"] = True  # as SMAC reports a time-out
+        return obs, state, avail, reward, terminated, truncated, info
+
+    def close(self):
+        pass
+
+
+# ------------------------------------------- SMAC --------------------------------------------
+
+
+def _parse_smac_config(config: str, flag: str) -> tuple[str | None, str]:
+    """``[smacv1:|smacv2:]MAP`` -> (backend or None for auto, map name)."""
+    backend, sep, map_name = config.partition(":")
+    if not sep:
+        return None, config
+    if backend not in SMAC_BACKENDS:
+        raise EnvArgError(
+            f"{flag} '{config}': unknown SMAC backend prefix '{backend}'; use MAP, smacv1:MAP or smacv2:MAP"
+        )
+    return backend, map_name
+
+
+def _import_smac_backend(backend: str | None):
+    """Return (backend name, the ``<pkg>.env`` module) or raise EnvArgError with what to install."""
+    if backend is None:  # auto: SMAC v1 (faithful for the original maps) first, then smacv2
+        try:
+            return _import_smac_backend("smacv1")
+        except EnvArgError as v1_error:
+            if importlib.util.find_spec("smacv2") is None:
+                raise v1_error from None
+            return _import_smac_backend("smacv2")
+    package = SMAC_BACKENDS[backend]
+    install = SMAC_INSTALL if backend == "smacv1" else SMACV2_INSTALL
+    if importlib.util.find_spec(package) is None:
+        raise EnvArgError(f"--env smac needs SMAC ({package} is not installed); run: {install}")
+    try:
+        module = importlib.import_module(f"{package}.env")
+    except ModuleNotFoundError as err:
+        if backend == "smacv1" and err.name == "smac.env":
+            # PyPI's `smac` is SMAC3 (hyperparameter optimisation) and has no smac.env.
+            raise EnvArgError(
+                "--env smac: the installed 'smac' package is SMAC3 (hyperparameter optimisation, PyPI), "
+                f"not the StarCraft Multi-Agent Challenge; run: pip uninstall -y smac && {install}"
+            ) from None
+        raise EnvArgError(f"--env smac: importing {package}.env failed ({err}); run: {install}") from None
+    except ImportError as err:
+        raise EnvArgError(f"--env smac: importing {package}.env failed ({err}); run: {install}") from None
+    if not hasattr(module, "StarCraft2Env"):
+        raise EnvArgError(f"--env smac: {package}.env has no StarCraft2Env; run: {install}")
+    return backend, module
+
+
+def _smac_map_names(backend: str) -> tuple[str, ...]:
+    maps = importlib.import_module(f"{SMAC_BACKENDS[backend]}.env.starcraft2.maps.smac_maps")
+    return tuple(maps.get_smac_map_registry())
+
+
+def sc2_path() -> str:
+    """StarCraft II install folder: $SC2PATH, default ~/StarCraftII (as pysc2 resolves it)."""
+    return os.environ.get("SC2PATH") or os.path.expanduser("~/StarCraftII")
+
+
+def _check_sc2_install(map_name: str, backend: str) -> None:
+    root = sc2_path()
+    if not os.path.isdir(os.path.join(root, "Versions")):
+        raise EnvArgError(f"--env smac: no StarCraft II at {root} (no Versions folder); {SC2_INSTALL}")
+    maps_dir = os.path.join(root, "Maps", "SMAC_Maps")
+    if not os.path.isdir(maps_dir):
+        raise EnvArgError(f"--env smac: no SMAC maps folder {maps_dir}; {SC2_INSTALL}")
+    # SMAC v1 map files are named after the map; smacv2's scenarios share generic map files.
+    if backend == "smacv1" and not os.path.isfile(os.path.join(maps_dir, f"{map_name}.SC2Map")):
+        raise EnvArgError(f"--env smac: map file {map_name}.SC2Map is missing from {maps_dir}; {SC2_INSTALL}")
+
+
+def _check_starcraft_config(env_id: str, config: str, flag: str) -> None:
+    """Validate a StarCraft map name and that its backend (package, game) is usable here."""
+    if env_id == "smax":
+        _, _, smax_env = _import_jaxmarl_smax()
+        known = tuple(smax_env.MAP_NAME_TO_SCENARIO)
+        if config not in known:
+            raise EnvArgError(f"{flag} '{config}' is not a SMAX scenario; accepted: {', '.join(known)}")
+        return
+    backend, map_name = _parse_smac_config(config, flag)
+    backend, _ = _import_smac_backend(backend)
+    known = _smac_map_names(backend)
+    if map_name not in known:
+        raise EnvArgError(f"{flag} '{config}' is not a map of {backend}; e.g. {STARCRAFT_DEFAULT_MAP}")
+    _check_sc2_install(map_name, backend)
+
+
+def enemy_feature_indices_smac(env_like) -> np.ndarray:
+    """(n_enemies, nf) observation indices of each enemy's feature block in a SMAC agent obs.
+
+    Works on anything exposing SMAC's ``get_obs_move_feats_size()`` and
+    ``get_obs_enemy_feats_size() -> (n_enemies, nf)``: the observation starts with the move
+    features, then one block of ``nf`` per enemy.
+    """
+    move = int(env_like.get_obs_move_feats_size())
+    n_enemies, nf = (int(v) for v in env_like.get_obs_enemy_feats_size())
+    return move + nf * np.arange(n_enemies)[:, None] + np.arange(nf)[None, :]
+
+
+def enemy_position_indices_smac(env_like) -> np.ndarray:
+    """(n_enemies, 2) indices of enemy e's (rel_x, rel_y) in a SMAC/smacv2 agent observation.
+
+    An enemy block is [shootable, distance, rel_x, rel_y, (health, shield, unit type bits)], so
+    rel_x/rel_y sit at ``move + e*nf + 2`` and ``+ 3``.
+    3s_vs_5z: move 4, nf 6 -> (6, 7), (12, 13), (18, 19), (24, 25), (30, 31).
+    """
+    return enemy_feature_indices_smac(env_like)[:, 2:4]
+
+
+class SMACTask:
+    """``--env smac``: SMAC / smacv2 ``StarCraft2Env`` behind the BuildingTask interface."""
+
+    def __init__(self, map_name: str = STARCRAFT_DEFAULT_MAP, seed: int = 0, backend: str | None = None):
+        self.backend, module = _import_smac_backend(backend)
+        self.map_name = map_name
+        self.label = f"SMAC {map_name}" if self.backend == "smacv1" else f"smacv2 {map_name}"
+        self.env = module.StarCraft2Env(map_name=map_name, seed=int(seed))
+        info = self.env.get_env_info()
+        self.n_agents = int(info["n_agents"])
+        self.n_actions = int(info["n_actions"])
+        self.obs_dim = int(info["obs_shape"])
+        self.state_dim = int(info["state_shape"])
+        self.episode_limit = int(info["episode_limit"])
+        self.noop_action = 0  # SMAC: a dead agent can only take no-op (action 0)
+        self.enemy_feature_indices = enemy_feature_indices_smac(self.env)  # (n_enemies, nf)
+        self.enemy_position_indices = enemy_position_indices_smac(self.env)  # (n_enemies, 2)
+
+    def _observe(self):
+        obs = np.array(self.env.get_obs(), dtype=np.float32).reshape(self.n_agents, self.obs_dim)
+        state = np.array(self.env.get_state(), dtype=np.float32).reshape(self.state_dim)
+        avail = np.array(self.env.get_avail_actions(), dtype=bool).reshape(self.n_agents, self.n_actions)
+        return obs, state, avail
+
+    def reset(self, day: int):
+        """New episode. ``day`` is ignored: SC2 is seeded once from ``seed`` at construction."""
+        self.env.reset()
+        return self._observe()
+
+    def step(self, actions):
+        actions = np.asarray(actions).reshape(self.n_agents)
+        reward, terminated, info = self.env.step([int(a) for a in actions])
+        info = dict(info)
+        # SMAC ends a timed-out episode with terminated=True and info["episode_limit"]=True: that
+        # is a time limit (bootstrap), not a true terminal state.
+        truncated = bool(info.get("episode_limit", False))
+        terminated = bool(terminated) and not truncated
+        info["battle_won"] = bool(info.get("battle_won", False))
+        obs, state, avail = self._observe()
+        return obs, state, avail, float(reward), terminated, truncated, info
+
+    def close(self):
+        self.env.close()
+
+
+def _make_starcraft(env_id: str, config: str, seed: int):
+    if env_id == "smax":
+        return SMAXTask(config, seed=seed)
+    backend, map_name = _parse_smac_config(config, "--train-config")
+    return SMACTask(map_name, seed=seed, backend=backend)
+
+
+# ------------------------------------ observation noise --------------------------------------
+
+
+class ObservationNoise:
+    """Test-time shift of paper Sec. 5.2: N(0, sigma^2) on every enemy's relative (x, y).
+
+    Wraps any task exposing ``enemy_position_indices`` ((n_enemies, 2) observation indices) and
+    perturbs the observations returned by ``reset`` and ``step``, for every agent and every enemy;
+    state, action masks, rewards and infos pass through untouched. The noise of episode ``day``
+    comes from ``np.random.default_rng((seed, day))``, so an evaluation is reproducible episode by
+    episode whatever order it runs in. ``sigma=0`` gives the clean observations.
+
+    ``only_visible=True`` perturbs only enemies whose feature block (``env.enemy_feature_indices``)
+    is not all zero, i.e. enemies in sight and alive; the default perturbs every enemy, as the
+    paper states it (an enemy out of sight then shows a noisy position with zero health).
+    """
+
+    def __init__(self, env, sigma: float = 0.75, seed: int = 0, only_visible: bool = False):
+        if sigma < 0:
+            raise ValueError("sigma must be >= 0")
+        self.env = env
+        self.sigma = float(sigma)
+        self.seed = int(seed)
+        self.only_visible = bool(only_visible)
+        self.enemy_position_indices = np.asarray(env.enemy_position_indices)
+        self._flat = self.enemy_position_indices.reshape(-1)
+        self.rng = np.random.default_rng(self.seed)
+
+    def __getattr__(self, name):  # n_agents, n_actions, obs_dim, ... come from the wrapped task
+        return getattr(self.env, name)
+
+    def _enemy_visible(self, obs: np.ndarray) -> np.ndarray:
+        """(N, n_enemies) True where an enemy's whole feature block is not all zero."""
+        blocks = np.asarray(self.env.enemy_feature_indices)  # (n_enemies, features per enemy)
+        return np.abs(obs[:, blocks]).sum(axis=-1) > 0
+
+    def perturb(self, obs: np.ndarray) -> np.ndarray:
+        obs = np.array(obs, dtype=np.float32, copy=True)
+        if self.sigma == 0:
+            return obs
+        noise = self.rng.normal(0.0, self.sigma, size=(obs.shape[0], self._flat.size)).astype(np.float32)
+        if self.only_visible:
+            visible = self._enemy_visible(obs)  # (N, n_enemies)
+            noise *= np.repeat(visible, 2, axis=1)
+        obs[:, self._flat] += noise
+        return obs
+
+    def reset(self, day: int):
+        self.rng = np.random.default_rng((self.seed, int(day)))
+        obs, state, avail = self.env.reset(day)
+        return self.perturb(obs), state, avail
+
+    def step(self, actions):
+        obs, state, avail, reward, terminated, truncated, info = self.env.step(actions)
+        return self.perturb(obs), state, avail, reward, terminated, truncated, info

@@ -34,6 +34,8 @@ class Args:
     """seed of python, numpy, torch and the environment (training days, exploration)"""
     device: str = "cpu"
     """torch device (cpu or cuda)"""
+    torch_threads: int = 0
+    """torch intra-op threads (0 = torch's default; 1 is fastest on a 2-core machine)"""
     save_model: bool = False
     """save weights, args and env config to runs/{run_name}/model.pt"""
     log_every: int = 10
@@ -113,6 +115,23 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
 
 
 # ---------------------------------------------------------------------------------------------
+# Robust TD target
+# ---------------------------------------------------------------------------------------------
+def robust_target(reward, next_value, terminated, gamma, rho, worst_value="zero"):
+    """Alg. 2 l.15, Eq. (15): y = r + gamma * (1 - rho) * Q_tot(h', a_bar'; theta-).
+
+    worst_value="zero" is the paper's operator, derived under Assumption 1/2 (min V = 0).
+    worst_value="batch-min" is the general operator of Eq. (27)-(28) without that assumption,
+    y = r + gamma * [(1 - rho) * Q_tot(h', a_bar') + rho * min V] (Eq. 28 drops this gamma),
+    with min V estimated by the smallest next-state value in the batch. A terminated transition
+    has no next state: y = r."""
+    bootstrap = (1.0 - rho) * next_value
+    if worst_value == "batch-min":
+        bootstrap = bootstrap + rho * next_value.min()
+    return reward + gamma * (1.0 - terminated) * bootstrap
+
+
+# ---------------------------------------------------------------------------------------------
 # Agent network: one DRQN per agent, exactly as released (paper F.2 "Robust individual Q-networks")
 # ---------------------------------------------------------------------------------------------
 class DRQN(nn.Module):
@@ -160,6 +179,31 @@ class QNetworks(nn.Module):
             q = self.agents[0](obs_w.reshape(W, B * N, -1), prev_a_w.reshape(W, B * N), ids)
             return q.view(B, N, -1)
         return torch.stack([net(obs_w[:, :, i], prev_a_w[:, :, i]) for i, net in enumerate(self.agents)], 1)
+
+    @torch.no_grad()
+    def greedy_q(self, obs_w, prev_a_w):
+        """forward() for acting, without N small LSTM calls: the per-agent weights are stacked and
+        all agents run in one batched recurrence (torch.bmm). Same numbers (tested to 1e-6)."""
+        if self.share_params:
+            return self(obs_w, prev_a_w)
+        W, B, N = prev_a_w.shape
+        nets, O, A = self.agents, self.agents[0].obs_dim, self.agents[0].n_actions
+        stack = lambda get: torch.stack([get(net) for net in nets])  # noqa: E731
+        w1, b1 = stack(lambda n: n.fc1.weight), stack(lambda n: n.fc1.bias)  # (N, H, O+A), (N, H)
+        w_ih, w_hh = stack(lambda n: n.lstm.weight_ih_l0), stack(lambda n: n.lstm.weight_hh_l0)
+        b = stack(lambda n: n.lstm.bias_ih_l0 + n.lstm.bias_hh_l0)  # (N, 4H)
+        obs = obs_w.permute(2, 0, 1, 3).reshape(N, W * B, O)
+        prev = prev_a_w.permute(2, 0, 1).reshape(N, W * B)
+        cols = w1[:, :, O : O + A].transpose(1, 2)  # (N, A, H): one-hot columns
+        x = torch.baddbmm(b1.unsqueeze(1), obs, w1[:, :, :O].transpose(1, 2)) + cols[self.ids[:, None], prev]
+        gates_x = torch.baddbmm(b.unsqueeze(1), F.relu(x), w_ih.transpose(1, 2)).view(N, W, B, -1)
+        h = c = torch.zeros(N, B, w_hh.shape[2], device=obs.device)
+        for t in range(W):  # PyTorch LSTM gate order: input, forget, cell, output
+            i, f, g, o = torch.baddbmm(gates_x[:, t], h, w_hh.transpose(1, 2)).chunk(4, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        w_out, b_out = stack(lambda n: n.fc_out.weight), stack(lambda n: n.fc_out.bias)
+        return torch.baddbmm(b_out.unsqueeze(1), F.relu(h), w_out.transpose(1, 2)).transpose(0, 1)
 
 
 def masked_argmax(q, avail):
@@ -261,6 +305,8 @@ if __name__ == "__main__":
     torch.use_deterministic_algorithms(True)
     rng = np.random.default_rng(args.seed)
     device = torch.device(args.device)
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
 
     # Environment
     env = envs.make_env(args.env, args.train_config, seed=args.seed)
@@ -283,12 +329,14 @@ if __name__ == "__main__":
     def target_values(idx):
         """Q_tot(h', a_bar'; theta-) = sum_i max_{a available} Q_i(h'_i, a; theta-) (Alg. 2 l.12, l.14)."""
         _, _, next_obs_w, next_prev_w = rb.windows(idx)
-        q_next = target_network(torch.from_numpy(next_obs_w).to(device), torch.from_numpy(next_prev_w).to(device))
+        q_next = target_network.greedy_q(torch.from_numpy(next_obs_w).to(device), torch.from_numpy(next_prev_w).to(device))
         avail = torch.from_numpy(rb.next_avail[idx]).to(device)
         return q_next.masked_fill(~avail, -float("inf")).max(-1).values.sum(-1).cpu().numpy()
 
-    start_time = time.time()
+    start_time = stretch_time = time.time()
     global_step, n_updates, recent = 0, 0, []
+    stretch_steps = stretch_updates = 0
+    update_time = 0.0  # seconds spent in gradient steps since the last progress line
     for episode in range(args.total_episodes):  # Alg. 2 l.5
         day = int(rng.integers(day_lo, day_hi))
         obs, state, avail = env.reset(day)  # Alg. 2 l.6
@@ -298,7 +346,7 @@ if __name__ == "__main__":
             # Alg. 2 l.8: each agent picks its action epsilon-greedily (masked to available actions)
             epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, global_step)
             with torch.no_grad():
-                q = q_network(*history.tensors(device))[0]
+                q = q_network.greedy_q(*history.tensors(device))[0]
             greedy = masked_argmax(q, torch.from_numpy(avail).to(device)).cpu().numpy()
             random_actions = np.argmax(rng.random((N, A)) * avail, axis=1)  # uniform over available
             coins = rng.random(1).repeat(N) if args.single_coin else rng.random(N)
@@ -315,6 +363,7 @@ if __name__ == "__main__":
             global_step += 1
 
             if global_step > args.learning_starts and global_step % args.train_frequency == 0:
+                update_start = time.perf_counter()
                 idx = rb.sample(args.batch_size, rng)  # Alg. 2 l.11
                 stale = rb.value_version[idx] != target_version
                 if stale.any():
@@ -328,12 +377,8 @@ if __name__ == "__main__":
                 with torch.no_grad():
                     next_v = torch.from_numpy(rb.next_value[idx]).to(device)  # l.14 (cached)
                     r_b = torch.from_numpy(rb.reward[idx]).to(device)
-                    not_done = 1.0 - torch.from_numpy(rb.terminated[idx]).to(device)  # bootstrap on truncation
-                    if args.worst_value == "zero":
-                        bootstrap = (1.0 - args.rho) * next_v  # Alg. 2 l.15, Eq. (15): min V = 0
-                    else:  # Eq. (27)-(28), gamma * rho * min V, min V estimated by the batch minimum
-                        bootstrap = (1.0 - args.rho) * next_v + args.rho * next_v.min()
-                    y = r_b + args.gamma * not_done * bootstrap
+                    terminated_b = torch.from_numpy(rb.terminated[idx]).to(device)  # truncation bootstraps
+                    y = robust_target(r_b, next_v, terminated_b, args.gamma, args.rho, args.worst_value)  # l.15
                 td_loss = F.mse_loss(q_tot, y)  # Alg. 2 l.16
                 optimizer.zero_grad()
                 td_loss.backward()  # Alg. 2 l.17
@@ -343,6 +388,7 @@ if __name__ == "__main__":
                     grad_norm = torch.zeros(())
                 optimizer.step()
                 n_updates += 1
+                update_time += time.perf_counter() - update_start
                 if n_updates % 100 == 0:
                     writer.add_scalar("losses/td_loss", td_loss.item(), global_step)
                     writer.add_scalar("losses/q_taken_mean", q_taken.mean().item(), global_step)
@@ -362,11 +408,14 @@ if __name__ == "__main__":
             writer.add_scalar("charts/normalised_return", envs.normalised_return(episode_return), global_step)
         recent.append(episode_return)
         if (episode + 1) % args.log_every == 0 or episode + 1 == args.total_episodes:
-            elapsed = time.time() - start_time
-            left = elapsed / (episode + 1) * (args.total_episodes - episode - 1)
-            print(f"episode {episode + 1}/{args.total_episodes} | return {np.mean(recent):.1f} "
-                  f"| epsilon {epsilon:.3f} | SPS {global_step / elapsed:.0f} | left {left / 60:.1f} min", flush=True)
-            recent = []
+            now = time.time()
+            left = (now - start_time) / (episode + 1) * (args.total_episodes - episode - 1)
+            n_up = n_updates - stretch_updates
+            print(f"episode {episode + 1}/{args.total_episodes} | return {np.mean(recent):.1f} | epsilon {epsilon:.3f} "
+                  f"| SPS {(global_step - stretch_steps) / (now - stretch_time):.0f} "
+                  f"| updates/s {n_up / (now - stretch_time):.1f} | update {1000 * update_time / max(n_up, 1):.2f} ms "
+                  f"| left {left / 60:.1f} min", flush=True)
+            recent, stretch_time, stretch_steps, stretch_updates, update_time = [], now, global_step, n_updates, 0.0
 
     if args.save_model:  # weights, args and env config, written atomically
         path = os.path.join(run_dir, "model.pt")
