@@ -1,0 +1,248 @@
+"""Evaluate trained agents with the paper's protocol (Section 5.1, Appendix F.2).
+
+    python eval.py --checkpoints runs/*/model.pt --protocol paper-tables
+    python eval.py --authors-dir path/to/released/run --protocol climate
+
+Decentralised greedy execution needs only the agents' Q-networks: each agent acts on its own
+history window, greedy over its available actions. All evaluation days of one config run as one
+batch of environments stepped in lockstep, with one batched network pass per step.
+
+Protocols (building task; days are day-of-year, see envs.py):
+  paper-tables    env_1 and env_6 on the 50 days default_rng(11).integers(0, 200, 50): the days
+                  behind the published Tables 1 (env_1) and 2 (env_6).
+  climate         env_1..env_6 on those days (Figure 2); also writes a PNG plot.
+  season          env_1 on 50 days default_rng(11).integers(200, 365, 50): the part of the year
+                  never seen in training (our realisation of the seasonal shift; the paper's
+                  "days 400-600" of a one-year weather file are not new days, see docs/index.md).
+  climate-season  env_6 on those season days.
+  custom          --configs and --days a:b (every day in [a, b)).
+
+Normalised return per episode = (R + 9000) / 9000 (Eq. 33). One checkpoint per training seed;
+checkpoints of the same method (algo, rho, ...) are grouped and reported as mean +- population
+std / sqrt(n) over seeds of each seed's mean over days, as in the paper.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import tyro
+
+import envs
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PROTOCOLS = ("paper-tables", "climate", "season", "climate-season", "custom")
+PAPER_DAYS_SEED = 11
+
+
+@dataclass
+class Args:
+    checkpoints: list[str] = field(default_factory=list)
+    """model.pt files written by algos/*.py --save-model (one per training seed)"""
+    authors_dir: str = ""
+    """a directory of the authors' released per-agent checkpoints agent_{i}_q_network.pt"""
+    protocol: str = "paper-tables"
+    """paper-tables, climate, season, climate-season or custom"""
+    configs: str = ""
+    """custom protocol: comma-separated building configs (e.g. env_1,env_6)"""
+    days: str = ""
+    """custom protocol: day range a:b (every day-of-year in [a, b))"""
+    episode_steps: int = 0
+    """cap on steps per episode (0 = the env's own limit)"""
+    out: str = "results/eval.json"
+    """JSON file with every episode's return (written atomically); the PNG goes next to it"""
+    device: str = "cpu"
+    """torch device"""
+    torch_threads: int = 1
+    """torch intra-op threads"""
+
+
+def protocol_plan(args: Args) -> tuple[list[str], list[int]]:
+    """(configs, days) of a protocol."""
+    train_days = np.random.default_rng(PAPER_DAYS_SEED).integers(0, 200, 50).tolist()
+    season_days = np.random.default_rng(PAPER_DAYS_SEED).integers(200, 365, 50).tolist()
+    if args.protocol == "paper-tables":
+        return ["env_1", "env_6"], train_days
+    if args.protocol == "climate":
+        return list(envs.BUILDING_CONFIGS), train_days
+    if args.protocol == "season":
+        return ["env_1"], season_days
+    if args.protocol == "climate-season":
+        return ["env_6"], season_days
+    configs = [c for c in args.configs.split(",") if c]
+    lo, _, hi = args.days.partition(":")
+    if not configs:
+        envs.fail("--configs is required with --protocol custom (e.g. --configs env_1,env_6)")
+    for c in configs:
+        if c not in envs.BUILDING_CONFIGS:
+            envs.fail(f"--configs '{c}' is unknown; accepted: {', '.join(envs.BUILDING_CONFIGS)}")
+    if not (lo.isdigit() and hi.isdigit() and int(lo) < int(hi)):
+        envs.fail(f"--days must look like a:b with integers a < b (got '{args.days}')")
+    return configs, list(range(int(lo), int(hi)))
+
+
+def load_algo_module(algo: str):
+    """The training script itself (algos/<algo>.py): eval uses its very network class."""
+    path = os.path.join(ROOT, "algos", f"{algo}.py")
+    if not os.path.isfile(path):
+        raise ValueError(f"it names algorithm '{algo}', which has no script algos/{algo}.py")
+    spec = importlib.util.spec_from_file_location(f"algos_{algo}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_checkpoint(path: str, device):
+    """-> (label, module, q_network, env_info, args dict). One error line for any bad file."""
+    if not os.path.isfile(path):
+        envs.fail(f"--checkpoints: no such file '{path}'")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        envs.fail(f"--checkpoints: cannot read '{path}' as a torch checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "drigm-checkpoint-v1":
+        envs.fail(f"--checkpoints: '{path}' is not a checkpoint written by algos/*.py --save-model")
+    a, e = ckpt["args"], ckpt["env"]
+    try:
+        module = load_algo_module(ckpt["algo"])
+        net = module.QNetworks(e["n_agents"], e["obs_dim"], e["n_actions"], a["hidden_dim"], a["share_params"])
+        net.load_state_dict(ckpt["q_network"])
+    except (ValueError, RuntimeError, KeyError) as err:
+        envs.fail(f"--checkpoints: '{path}' does not match its network: {str(err).splitlines()[0]}")
+    label = f"{ckpt['algo']} rho={a.get('rho')}" + (f" {a['worst_value']}" if a.get("worst_value", "zero") != "zero" else "")
+    return label, module, net.to(device).eval(), e, a
+
+
+def load_authors_dir(path: str, device):
+    """The released per-agent checkpoints agent_{i}_q_network.pt (keys fc1.*, lstm.*, fc_out.*)
+    loaded into our per-agent network (robust_vdn_rho's QNetworks; all six scripts share it)."""
+    files = sorted(f for f in os.listdir(path) if f.startswith("agent_") and f.endswith("_q_network.pt")) if os.path.isdir(path) else []
+    if not files:
+        envs.fail(f"--authors-dir: '{path}' holds no agent_{{i}}_q_network.pt files")
+    module = load_algo_module("robust_vdn_rho")
+    n = len(files)
+    net = module.QNetworks(n, 5, 200, 64, share_params=False)
+    for i in range(n):
+        f = os.path.join(path, f"agent_{i}_q_network.pt")
+        try:
+            state = torch.load(f, map_location=device, weights_only=True)
+            net.agents[i].load_state_dict(state)
+        except FileNotFoundError:
+            envs.fail(f"--authors-dir: missing agent_{i}_q_network.pt in '{path}' (found {n} agent files)")
+        except Exception as e:  # noqa: BLE001
+            envs.fail(f"--authors-dir: '{f}' is not a released agent state dict: {str(e).splitlines()[0]}")
+    env = {"env": "building", "config": "env_1", "n_agents": n, "obs_dim": 5, "n_actions": 200}
+    return "authors' release", module, net.to(device).eval(), env, {"window": 8}
+
+
+@torch.no_grad()
+def run_episodes(module, q_network, env_id: str, config: str, days: list[int], window: int, episode_steps=0, device="cpu"):
+    """Greedy decentralised execution on len(days) episodes at once -> team returns (E,)."""
+    tasks = [envs.make_env(env_id, config) for _ in days]
+    first = [task.reset(day) for task, day in zip(tasks, days)]
+    obs = np.stack([f[0] for f in first])
+    avail = np.stack([f[2] for f in first])
+    E, N = len(days), tasks[0].n_agents
+    history = module.History(E, window, N, tasks[0].obs_dim)
+    history.reset(obs)
+    returns, done = np.zeros(E), np.zeros(E, dtype=bool)
+    limit = min(episode_steps or tasks[0].episode_limit, tasks[0].episode_limit)
+    for _ in range(limit):
+        q = q_network.greedy_q(*history.tensors(device))
+        actions = module.masked_argmax(q, torch.from_numpy(avail).to(device)).cpu().numpy()
+        for e in np.flatnonzero(~done):
+            o, _, av, r, term, trunc, _ = tasks[e].step(actions[e])
+            obs[e], avail[e] = o, av
+            returns[e] += r
+            done[e] = term or trunc
+        history.push(obs, actions)
+        if done.all():
+            break
+    return returns
+
+
+def write_json_atomic(path: str, payload) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def summarise(per_seed: list[float]) -> tuple[float, float]:
+    """Mean over seeds +- population std / sqrt(n) (the paper's error bars)."""
+    x = np.asarray(per_seed, dtype=float)
+    return float(x.mean()), float(x.std() / np.sqrt(len(x)))
+
+
+def plot_climate(table: dict, configs: list[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, rows in table.items():
+        means = [rows[c][0] for c in configs]
+        errs = [rows[c][1] for c in configs]
+        ax.errorbar(configs, means, yerr=errs, marker="o", capsize=3, label=label)
+    ax.set_ylabel("normalised return (Eq. 33)")
+    ax.set_title("Climatic shift: trained on env_1")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=120)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
+
+
+def main(args: Args) -> dict:
+    if args.protocol not in PROTOCOLS:
+        envs.fail(f"--protocol '{args.protocol}' is unknown; accepted: {', '.join(PROTOCOLS)}")
+    if not args.checkpoints and not args.authors_dir:
+        envs.fail("give --checkpoints FILE [FILE ...] or --authors-dir DIR")
+    configs, days = protocol_plan(args)
+    torch.set_num_threads(args.torch_threads)
+    device = torch.device(args.device)
+    loaded = [load_checkpoint(p, device) for p in args.checkpoints]
+    if args.authors_dir:
+        loaded.append(load_authors_dir(args.authors_dir, device))
+    for (label, _, _, env_info, _), path in zip(loaded, args.checkpoints + [args.authors_dir]):
+        if env_info["env"] != "building":
+            envs.fail(f"--checkpoints: '{path}' was trained on --env {env_info['env']}; these protocols are for building")
+
+    episodes, groups = [], {}
+    for (label, module, net, env_info, a), path in zip(loaded, args.checkpoints + [args.authors_dir]):
+        for config in configs:
+            returns = run_episodes(module, net, "building", config, days, a["window"], args.episode_steps, device)
+            norm = [envs.normalised_return(r) for r in returns]
+            episodes.append({"checkpoint": path, "label": label, "config": config, "days": days,
+                             "returns": returns.tolist(), "normalised": norm})
+            groups.setdefault(label, {}).setdefault(config, []).append(float(np.mean(norm)))
+
+    table = {label: {c: summarise(v) for c, v in rows.items()} for label, rows in groups.items()}
+    width = max(len(lbl) for lbl in table)
+    print(f"protocol {args.protocol}: {len(days)} days per config; mean +- SE over seeds of the normalised return")
+    print(f"{'method':<{width}}  seeds  " + "  ".join(f"{c:>13}" for c in configs))
+    for label, rows in table.items():
+        n = len(groups[label][configs[0]])
+        print(f"{label:<{width}}  {n:>5}  " + "  ".join(f"{rows[c][0]:6.3f}+-{rows[c][1]:5.3f}" for c in configs))
+    payload = {"protocol": args.protocol, "configs": configs, "days": days,
+               "table": {lbl: {c: {"mean": m, "se": s, "n_seeds": len(groups[lbl][c])} for c, (m, s) in rows.items()}
+                         for lbl, rows in table.items()},
+               "episodes": episodes}
+    write_json_atomic(args.out, payload)
+    print(f"wrote {args.out}")
+    if args.protocol == "climate":
+        png = os.path.splitext(args.out)[0] + ".png"
+        plot_climate(table, configs, png)
+        print(f"wrote {png}")
+    return payload
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
