@@ -1,0 +1,117 @@
+"""Training throughput of the algos/ scripts at paper settings (building env_1, batch 64,
+6 agents, window 8, one gradient step every 2 env steps).
+
+    python benchmarks/throughput.py                      # every script, 1 torch thread
+    python benchmarks/throughput.py --threads 2 --scripts robust_vdn_rho
+
+For each script it runs a short training job in a subprocess (`--log-every 1`) and reads the
+per-episode progress lines: env steps/s (SPS), gradient steps/s and the mean wall time of one
+gradient step (sampling, target, forward, backward, optimiser). Episode 1 (no updates before
+`learning_starts`, cold target cache) is dropped; the rest is the steady stretch.
+
+In the same run it measures the floor: the bare forward + backward of the same agent network
+(per-agent DRQNs or --share-params) on one batch of 64 windows, and prints the ratio
+gradient step / floor.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALL = ["robust_vdn_rho", "robust_vdn_tv", "robust_qmix_rho", "robust_qmix_tv", "robust_qtran_rho", "robust_qtran_tv"]
+LINE = re.compile(r"episode (\d+)/\d+ .*\| SPS (\d+) \| updates/s ([\d.]+) \| update ([\d.]+) ms")
+
+
+@dataclass
+class Args:
+    scripts: list[str] = field(default_factory=lambda: list(ALL))
+    """scripts under algos/ to measure (missing ones are skipped)"""
+    threads: int = 1
+    """torch intra-op threads for training and for the floor"""
+    episodes: int = 3
+    """training episodes per run (the first is dropped)"""
+    share_params_too: bool = True
+    """also measure robust_vdn_rho with --share-params"""
+    out: str = ""
+    """optional JSON file for the results"""
+
+
+def load(script: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", os.path.join(ROOT, "algos", f"{script}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def floor_ms(module, share_params: bool, reps: int = 30) -> float:
+    """Median time of the agent network's forward + backward on one batch (B=64, W=8, N=6)."""
+    torch.manual_seed(0)
+    N, O, A, B, W = 6, 5, 200, 64, 8
+    net = module.QNetworks(N, O, A, 64, share_params)
+    obs = torch.randn(W, B, N, O)
+    prev = torch.randint(0, A, (W, B, N))
+    taken = torch.randint(0, A, (B, N, 1))
+    times = []
+    for k in range(reps + 5):
+        start = time.perf_counter()
+        q = net(obs, prev)
+        q.gather(-1, taken).sum().backward()
+        if k >= 5:
+            times.append(time.perf_counter() - start)
+        net.zero_grad()
+    return 1000 * float(np.median(times))
+
+
+def run_script(script: str, extra: list[str], threads: int, episodes: int) -> dict:
+    with tempfile.TemporaryDirectory() as cwd:
+        cmd = [sys.executable, os.path.join(ROOT, "algos", f"{script}.py"), "--torch-threads", str(threads),
+               "--total-episodes", str(episodes), "--log-every", "1", "--run-name", "bench", "--seed", "1", *extra]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{script} failed: {out.stderr.strip().splitlines()[-1:]}")
+    rows = [tuple(float(x) for x in m.groups()) for m in LINE.finditer(out.stdout)]
+    steady = [r for r in rows if r[0] > 1]
+    return {"env_steps_per_s": float(np.mean([r[1] for r in steady])),
+            "grad_steps_per_s": float(np.mean([r[2] for r in steady])),
+            "grad_step_ms": float(np.mean([r[3] for r in steady]))}
+
+
+def main(args: Args) -> None:
+    torch.set_num_threads(args.threads)
+    jobs = [(s, []) for s in args.scripts if os.path.isfile(os.path.join(ROOT, "algos", f"{s}.py"))]
+    if args.share_params_too and "robust_vdn_rho" in args.scripts:
+        jobs.insert(1, ("robust_vdn_rho", ["--share-params"]))
+    results = []
+    print(f"torch threads: {args.threads}; {args.episodes - 1} steady episodes of 288 env steps per run")
+    print(f"{'script':<34} {'env steps/s':>11} {'grad steps/s':>12} {'grad step ms':>12} {'floor ms':>9} {'ratio':>6}")
+    for script, extra in jobs:
+        res = run_script(script, extra, args.threads, args.episodes)
+        res["floor_ms"] = floor_ms(load(script), share_params="--share-params" in extra)
+        res["ratio"] = res["grad_step_ms"] / res["floor_ms"]
+        name = script + (" --share-params" if extra else "")
+        res["script"], res["threads"] = name, args.threads
+        results.append(res)
+        print(f"{name:<34} {res['env_steps_per_s']:>11.0f} {res['grad_steps_per_s']:>12.1f} "
+              f"{res['grad_step_ms']:>12.2f} {res['floor_ms']:>9.2f} {res['ratio']:>6.2f}", flush=True)
+    if args.out:
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
