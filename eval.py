@@ -17,6 +17,13 @@ Protocols (building task; days are day-of-year, see envs.py):
   climate-season  env_6 on those season days.
   custom          --configs and --days a:b (every day in [a, b)).
 
+StarCraft (paper Sec. 5.2; docs/starcraft.md):
+  starcraft         each checkpoint's win rate over --episodes greedy episodes, clean and with
+                    N(0, sigma^2) on every enemy's relative position (test-time shift).
+  starcraft-curves  from --runs (run folders whose scripts logged eval.jsonl during training):
+                    win rate against env steps (Figure 3) and the final noisy win rate's gain
+                    over rho = 0 against rho (Figure 4), as PNGs next to --out.
+
 Normalised return per episode = (R + 9000) / 9000 (Eq. 33). One checkpoint per training seed;
 checkpoints of the same method (algo, rho, ...) are grouped and reported as mean +- population
 std / sqrt(n) over seeds of each seed's mean over days, as in the paper.
@@ -37,7 +44,8 @@ import tyro
 import envs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PROTOCOLS = ("paper-tables", "climate", "season", "climate-season", "custom")
+BUILDING_PROTOCOLS = ("paper-tables", "climate", "season", "climate-season", "custom")
+PROTOCOLS = BUILDING_PROTOCOLS + ("starcraft", "starcraft-curves")
 PAPER_DAYS_SEED = 11
 
 
@@ -48,7 +56,13 @@ class Args:
     authors_dir: str = ""
     """a directory of the authors' released per-agent checkpoints agent_{i}_q_network.pt"""
     protocol: str = "paper-tables"
-    """paper-tables, climate, season, climate-season or custom"""
+    """paper-tables, climate, season, climate-season, custom, starcraft or starcraft-curves"""
+    runs: list[str] = field(default_factory=list)
+    """starcraft-curves: run folders (runs/<run name>) holding eval.jsonl"""
+    episodes: int = 32
+    """starcraft: greedy episodes per evaluation (paper: 32)"""
+    sigma: float = 0.75
+    """starcraft: std of the test-time noise on enemy positions (paper: 0.75)"""
     configs: str = ""
     """custom protocol: comma-separated building configs (e.g. env_1,env_6)"""
     days: str = ""
@@ -167,6 +181,45 @@ def run_episodes(module, q_network, env_id: str, config: str, days: list[int], w
     return returns
 
 
+@torch.no_grad()
+def run_episode(module, q_network, task, day: int, window: int, device="cpu"):
+    """One greedy episode on one task (StarCraft: episodes end at different times, and a real
+    SMAC env is one game process) -> (team return, battle won)."""
+    obs, _, avail = task.reset(day)
+    history = module.History(1, window, task.n_agents, task.obs_dim)
+    history.reset(obs[None])
+    total, won = 0.0, False
+    for _ in range(task.episode_limit):
+        q = q_network.greedy_q(*history.tensors(device))[0]
+        actions = module.masked_argmax(q, torch.from_numpy(avail).to(device)).cpu().numpy()
+        obs, _, avail, reward, terminated, truncated, info = task.step(actions)
+        total += reward
+        won = bool(info.get("battle_won", False))
+        history.push(obs[None], actions[None])
+        if terminated or truncated:
+            break
+    return total, won
+
+
+def evaluate_starcraft(module, q_network, task, n_episodes=32, sigma=0.75, noise_seed=0, window=8, device="cpu"):
+    """Paper Sec. 5.2: n_episodes greedy episodes with clean observations and the same episodes
+    with N(0, sigma^2) on every enemy's relative position (test-time shift only)."""
+    noisy = envs.ObservationNoise(task, sigma=sigma, seed=noise_seed)
+    result = {}
+    for name, env in (("clean", task), ("noisy", noisy)):
+        runs = [run_episode(module, q_network, env, day, window, device) for day in range(n_episodes)]
+        result[f"win_rate_{name}"] = float(np.mean([won for _, won in runs]))
+        result[f"return_{name}"] = float(np.mean([ret for ret, _ in runs]))
+    return result
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    """One evaluation point per line (runs/<run>/eval.jsonl), flushed as it is written."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
 def write_json_atomic(path: str, payload) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -203,6 +256,10 @@ def plot_climate(table: dict, configs: list[str], path: str) -> None:
 def main(args: Args) -> dict:
     if args.protocol not in PROTOCOLS:
         envs.fail(f"--protocol '{args.protocol}' is unknown; accepted: {', '.join(PROTOCOLS)}")
+    if args.protocol == "starcraft-curves":
+        return starcraft_curves(args)
+    if args.protocol == "starcraft":
+        return starcraft_table(args)
     if not args.checkpoints and not args.authors_dir:
         envs.fail("give --checkpoints FILE [FILE ...] or --authors-dir DIR")
     configs, days = protocol_plan(args)
@@ -241,6 +298,99 @@ def main(args: Args) -> dict:
         png = os.path.splitext(args.out)[0] + ".png"
         plot_climate(table, configs, png)
         print(f"wrote {png}")
+    return payload
+
+
+def starcraft_table(args: Args) -> dict:
+    if not args.checkpoints:
+        envs.fail("--checkpoints is required with --protocol starcraft")
+    torch.set_num_threads(args.torch_threads)
+    device = torch.device(args.device)
+    groups, rows = {}, []
+    for path in args.checkpoints:
+        label, module, net, env_info, a = load_checkpoint(path, device)
+        if env_info["env"] not in envs.STARCRAFT_ENV_IDS:
+            envs.fail(f"--checkpoints: '{path}' was trained on --env {env_info['env']}; --protocol starcraft needs smax or smac")
+        try:
+            task = envs.make_env(env_info["env"], env_info["config"], seed=10_000 + int(a.get("seed", 0)))
+        except envs.EnvArgError as e:
+            envs.fail(str(e))
+        label = f"{getattr(task, 'label', env_info['env'])} | {label}"
+        res = evaluate_starcraft(module, net, task, args.episodes, args.sigma, int(a.get("seed", 0)), a["window"], device)
+        rows.append({"checkpoint": path, "label": label, **res})
+        groups.setdefault(label, []).append(res)
+    print(f"{args.episodes} greedy episodes per checkpoint; noise sigma {args.sigma}; mean +- SE over seeds")
+    table = {}
+    for label, results in groups.items():
+        table[label] = {k: summarise([r[k] for r in results]) for k in ("win_rate_clean", "win_rate_noisy")}
+        c, n = table[label]["win_rate_clean"], table[label]["win_rate_noisy"]
+        print(f"{label}  seeds {len(results)}  clean {c[0]:.3f}+-{c[1]:.3f}  noisy {n[0]:.3f}+-{n[1]:.3f}")
+    payload = {"protocol": "starcraft", "episodes": args.episodes, "sigma": args.sigma, "table": table, "checkpoints": rows}
+    write_json_atomic(args.out, payload)
+    print(f"wrote {args.out}")
+    return payload
+
+
+def starcraft_curves(args: Args) -> dict:
+    """Figures 3-4 from the eval.jsonl files that training runs write every --eval-every steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not args.runs:
+        envs.fail("--runs is required with --protocol starcraft-curves (run folders holding eval.jsonl)")
+    curves = {}  # (algo, rho) -> list of (steps, clean, noisy) per seed
+    for run in args.runs:
+        log, hp = os.path.join(run, "eval.jsonl"), os.path.join(run, "args.json")
+        if not (os.path.isfile(log) and os.path.isfile(hp)):
+            envs.fail(f"--runs: '{run}' has no eval.jsonl/args.json (train with --env smax or smac)")
+        with open(hp) as f:
+            a = json.load(f)
+        with open(log) as f:
+            points = [json.loads(line) for line in f if line.strip()]
+        steps = np.array([p["step"] for p in points])
+        curves.setdefault((a["exp_name"], float(a["rho"])), []).append(
+            (steps, np.array([p["win_rate_clean"] for p in points]), np.array([p["win_rate_noisy"] for p in points])))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    final = {}
+    for (algo, rho), seeds in sorted(curves.items()):
+        n = min(len(s[0]) for s in seeds)
+        noisy = np.stack([s[2][:n] for s in seeds])
+        mean, se = noisy.mean(0), noisy.std(0) / np.sqrt(len(seeds))
+        ax.plot(seeds[0][0][:n], mean, label=f"{algo} rho={rho}")
+        ax.fill_between(seeds[0][0][:n], mean - se, mean + se, alpha=0.2)
+        final[(algo, rho)] = noisy[:, -1]
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("test win rate (noisy observations)")
+    ax.legend(fontsize=7)
+    stem = os.path.splitext(args.out)[0]
+    fig.tight_layout()
+    fig.savefig(stem + "_fig3.tmp.png", dpi=120)
+    os.replace(stem + "_fig3.tmp.png", stem + "_fig3.png")
+    plt.close(fig)
+    gains = {}
+    for (algo, rho), vals in final.items():
+        base = final.get((algo, 0.0))
+        if base is not None and rho > 0:
+            gains.setdefault(algo, []).append((rho, float(vals.mean() - base.mean()), float(vals.std() / np.sqrt(len(vals)))))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for algo, pts in gains.items():
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=algo)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel("rho")
+    ax.set_ylabel("final noisy win rate - non-robust (rho = 0)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(stem + "_fig4.tmp.png", dpi=120)
+    os.replace(stem + "_fig4.tmp.png", stem + "_fig4.png")
+    plt.close(fig)
+    payload = {"protocol": "starcraft-curves",
+               "final_noisy": {f"{k[0]} rho={k[1]}": v.tolist() for k, v in final.items()},
+               "gain_over_rho0": {k: v for k, v in gains.items()}}
+    write_json_atomic(args.out, payload)
+    print(f"wrote {stem}_fig3.png, {stem}_fig4.png and {args.out}")
     return payload
 
 
