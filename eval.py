@@ -47,6 +47,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILDING_PROTOCOLS = ("paper-tables", "climate", "season", "climate-season", "custom")
 PROTOCOLS = BUILDING_PROTOCOLS + ("starcraft", "starcraft-curves")
 PAPER_DAYS_SEED = 11
+EVAL_FIRST_DAY = 1_000_000_000  # StarCraft evaluation episode ids (training uses 0, 1, 2, ...)
 
 
 @dataclass
@@ -201,13 +202,16 @@ def run_episode(module, q_network, task, day: int, window: int, device="cpu"):
     return total, won
 
 
-def evaluate_starcraft(module, q_network, task, n_episodes=32, sigma=0.75, noise_seed=0, window=8, device="cpu"):
+def evaluate_starcraft(module, q_network, task, n_episodes=32, sigma=0.75, noise_seed=0, window=8, device="cpu",
+                       first_day=EVAL_FIRST_DAY):
     """Paper Sec. 5.2: n_episodes greedy episodes with clean observations and the same episodes
-    with N(0, sigma^2) on every enemy's relative position (test-time shift only)."""
+    with N(0, sigma^2) on every enemy's relative position (test-time shift only). Episode ids
+    start at first_day, far from the ids training episodes use."""
     noisy = envs.ObservationNoise(task, sigma=sigma, seed=noise_seed)
     result = {}
+    days = range(first_day, first_day + n_episodes)
     for name, env in (("clean", task), ("noisy", noisy)):
-        runs = [run_episode(module, q_network, env, day, window, device) for day in range(n_episodes)]
+        runs = [run_episode(module, q_network, env, day, window, device) for day in days]
         result[f"win_rate_{name}"] = float(np.mean([won for _, won in runs]))
         result[f"return_{name}"] = float(np.mean([ret for ret, _ in runs]))
     return result

@@ -7,6 +7,7 @@ of Eq. (15): y = r + gamma * (1 - rho) * Q_tot(h', a_bar'; theta-), a_bar'_i = a
 rho = 0 is plain VDN. Docs: docs/vdn.md (usage, metrics, implementation details).
 """
 
+import json
 import os
 import random
 import sys
@@ -22,6 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import envs  # noqa: E402  (environment plumbing shared by all scripts)
+import eval as evaluation  # noqa: E402  (StarCraft win-rate evaluation during training)
 
 
 @dataclass
@@ -50,6 +52,14 @@ class Args:
     """building: day-of-year range [a, b) a training episode is drawn from (paper: days 0-199)"""
     episode_steps: int = 0
     """cap on steps per episode, a time limit (0 = the env's own limit, 288 for building)"""
+    total_steps: int = 0
+    """also stop after this many env steps (0 = no limit; StarCraft default 1,000,000)"""
+    eval_every: int = 10_000
+    """StarCraft: evaluate every this many env steps, clean and noisy (paper Sec. 5.2); 0 = never"""
+    eval_episodes: int = 32
+    """StarCraft: greedy episodes per evaluation"""
+    eval_sigma: float = 0.75
+    """StarCraft: std of the test-time N(0, sigma^2) noise on enemy positions"""
 
     # Algorithm (paper F.2 defaults)
     total_episodes: int = 600
@@ -88,6 +98,12 @@ class Args:
     """gradient-norm clip (not in the paper; released code uses 10); 0 disables"""
     share_params: bool = False
     """one DRQN for all agents with an agent-id input (pymarl style) instead of one per agent"""
+
+
+# StarCraft: where the paper is silent, SMAC-literature values (pymarl) replace the building
+# defaults of fields left at their default.
+STARCRAFT_DEFAULTS = dict(gamma=0.99, end_e=0.05, exploration_steps=50_000, buffer_size=50_000,
+                          target_network_frequency=10_000, total_episodes=1_000_000, total_steps=1_000_000)
 
 
 def check_args(args: Args) -> None:
@@ -268,10 +284,11 @@ class ReplayBuffer:
 
     def sample(self, batch_size, rng):
         """Uniform over stored transitions whose window is intact: once the buffer wraps, the
-        W-1 oldest slots may have lost the start of their window and are skipped."""
+        W oldest slots may have lost the start of their window (W-1 earlier observations plus the
+        previous action before the first of them) and are skipped."""
         if self.size < self.capacity:
             return rng.integers(0, self.size, batch_size)
-        return (self.ptr + rng.integers(self.window - 1, self.capacity, batch_size)) % self.capacity
+        return (self.ptr + rng.integers(self.window, self.capacity, batch_size)) % self.capacity
 
     def windows(self, idx):
         """Current windows (ending at t) and next windows (ending at t+1) of slots idx:
@@ -290,9 +307,15 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
     args.train_config = args.train_config or envs.default_config(args.env)
+    starcraft = args.env in envs.STARCRAFT_ENV_IDS
+    for key, value in STARCRAFT_DEFAULTS.items() if starcraft else ():
+        if getattr(args, key) == getattr(Args, key):
+            setattr(args, key, value)
     run_name = args.run_name or f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join("runs", run_name)
     writer = SummaryWriter(run_dir)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
     writer.add_text(
         "hyperparameters",
         "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
@@ -336,9 +359,10 @@ if __name__ == "__main__":
     start_time = stretch_time = time.time()
     global_step, n_updates, recent = 0, 0, []
     stretch_steps = stretch_updates = 0
+    next_eval = args.eval_every
     update_time = 0.0  # seconds spent in gradient steps since the last progress line
     for episode in range(args.total_episodes):  # Alg. 2 l.5
-        day = int(rng.integers(day_lo, day_hi))
+        day = episode if starcraft else int(rng.integers(day_lo, day_hi))  # StarCraft: episode id
         obs, state, avail = env.reset(day)  # Alg. 2 l.6
         history.reset(obs[None])
         episode_return = 0.0
@@ -407,15 +431,30 @@ if __name__ == "__main__":
         if args.env == "building":
             writer.add_scalar("charts/normalised_return", envs.normalised_return(episode_return), global_step)
         recent.append(episode_return)
-        if (episode + 1) % args.log_every == 0 or episode + 1 == args.total_episodes:
+        if starcraft and args.eval_every and global_step >= next_eval:  # Sec. 5.2, between episodes
+            result = evaluation.evaluate_starcraft(sys.modules[__name__], q_network, env, args.eval_episodes,
+                                                   args.eval_sigma, args.seed, args.window, device)
+            for key, value in result.items():
+                writer.add_scalar(f"eval/{key}", value, global_step)
+            evaluation.append_jsonl(os.path.join(run_dir, "eval.jsonl"), {"step": global_step, **result})
+            print(f"eval at {global_step} steps | win rate clean {result['win_rate_clean']:.3f} "
+                  f"| noisy {result['win_rate_noisy']:.3f}", flush=True)
+            next_eval += args.eval_every
+        if starcraft:
+            writer.add_scalar("charts/battle_won", float(info.get("battle_won", False)), global_step)
+        done_training = episode + 1 == args.total_episodes or 0 < args.total_steps <= global_step
+        if (episode + 1) % args.log_every == 0 or done_training:
             now = time.time()
-            left = (now - start_time) / (episode + 1) * (args.total_episodes - episode - 1)
+            fraction = max((episode + 1) / args.total_episodes, global_step / args.total_steps if args.total_steps else 0)
+            left = (now - start_time) * (1 - fraction) / fraction
             n_up = n_updates - stretch_updates
             print(f"episode {episode + 1}/{args.total_episodes} | return {np.mean(recent):.1f} | epsilon {epsilon:.3f} "
                   f"| SPS {(global_step - stretch_steps) / (now - stretch_time):.0f} "
                   f"| updates/s {n_up / (now - stretch_time):.1f} | update {1000 * update_time / max(n_up, 1):.2f} ms "
                   f"| left {left / 60:.1f} min", flush=True)
             recent, stretch_time, stretch_steps, stretch_updates, update_time = [], now, global_step, n_updates, 0.0
+        if done_training:
+            break
 
     if args.save_model:  # weights, args and env config, written atomically
         path = os.path.join(run_dir, "model.pt")
