@@ -35,6 +35,7 @@ import importlib.util
 import io
 import os
 import sys
+import warnings
 
 import numpy as np
 
@@ -203,9 +204,9 @@ JAXMARL_INSTALL = "pip install -r requirements.txt (pins jaxmarl==0.2.0, jax/jax
 SMAC_INSTALL = "pip install git+https://github.com/oxwhirl/smac.git"
 SMACV2_INSTALL = "pip install git+https://github.com/oxwhirl/smacv2.git"
 SC2_INSTALL = (
-    "install the StarCraft II 4.10 Linux package (unzip SC2.4.10.zip into ~/StarCraftII or set $SC2PATH) "
-    "and copy the SMAC maps (SMAC_Maps.zip from github.com/oxwhirl/smac) into $SC2PATH/Maps/SMAC_Maps; "
-    "see docs/starcraft.md"
+    "install StarCraft II 4.10 for Linux (unzip SC2.4.10.zip into ~/StarCraftII or set $SC2PATH) and copy the "
+    "SMAC maps (SMAC_Maps.zip from github.com/oxwhirl/smac) into $SC2PATH/Maps/SMAC_Maps; see docs/starcraft.md "
+    "(or use --env smax: no game needed)"
 )
 SMAC_BACKENDS = {"smacv1": "smac", "smacv2": "smacv2"}  # config prefix -> python package
 SMAX_NOOP_ACTION = 4  # SMAX's stop action, the only one a dead agent has
@@ -266,13 +267,14 @@ def _smax_compiled(map_name: str, max_steps: int = 250):
 
     Returns ``(env, reset_fn, step_fn, dims)``, dims = (obs_dim, state_dim, n_actions), and::
 
-        reset_fn(key) -> (packed, env_state, key)
+        reset_fn(seed_key, day uint32) -> (packed, env_state, key)   # episode key = fold_in(seed_key, day)
         step_fn(key, env_state, actions (N,) int32) -> (packed, env_state, key)
         packed = (obs (N, obs_dim), state (state_dim,), avail (N, n_actions) bool,
                   team_reward (), unit_alive (n_allies + n_enemies,) bool, step ())
 
-    The first calls compile (several seconds); the step is called twice during warm-up because
-    its second call re-traces on the state that the step itself produced.
+    The first calls compile (several seconds): warm-up runs reset and a few steps, so that both
+    step traces (on the state reset produced and on the one a step produced) exist before any
+    training loop.
     """
     jax, jaxmarl, smax_env = _import_jaxmarl_smax()
     jnp = jax.numpy
@@ -310,8 +312,8 @@ def _smax_compiled(map_name: str, max_steps: int = 250):
             env_state.state.step,
         )
 
-    def reset_fn(key):
-        key, reset_key = jax.random.split(key)
+    def reset_fn(seed_key, day):
+        key, reset_key = jax.random.split(jax.random.fold_in(seed_key, day))
         obs, env_state = env.reset(reset_key)
         return pack(obs, env_state, 0.0), env_state, key
 
@@ -325,7 +327,7 @@ def _smax_compiled(map_name: str, max_steps: int = 250):
     reset_fn, step_fn = jax.jit(reset_fn), jax.jit(step_fn)
     # Warm-up: compile reset and both step traces now, outside any training loop.
     stop = jnp.full((len(agents),), SMAX_NOOP_ACTION, dtype=jnp.int32)
-    _, env_state, key = reset_fn(jax.random.PRNGKey(0))
+    _, env_state, key = reset_fn(jax.random.PRNGKey(0), np.uint32(0))
     for _ in range(3):
         packed, env_state, key = step_fn(key, env_state, stop)
     jax.block_until_ready(packed)
@@ -361,12 +363,13 @@ class SMAXTask:
     """``--env smax``: JaxMARL HeuristicEnemySMAX behind the BuildingTask interface (numpy out)."""
 
     def __init__(self, map_name: str = STARCRAFT_DEFAULT_MAP, seed: int = 0, max_steps: int = 250):
+        # Built (and compiled) once per process and map; raises EnvArgError without jaxmarl.
+        self.env, self._reset_fn, self._step_fn, dims = _smax_compiled(map_name, max_steps)
         import jax
 
         self._jax = jax
         self.map_name = map_name
         self.label = f"SMAX {map_name}"  # never report these results as SMAC
-        self.env, self._reset_fn, self._step_fn, dims = _smax_compiled(map_name, max_steps)
         self.seed = int(seed)
         self._base_key = jax.random.PRNGKey(self.seed)
         self.n_agents = int(self.env.num_allies)
@@ -393,8 +396,7 @@ class SMAXTask:
 
     def reset(self, day: int):
         """Start episode ``day`` of this seed (same seed and day -> same episode)."""
-        ep_key = self._jax.random.fold_in(self._base_key, int(day))
-        packed, self._env_state, self._key = self._reset_fn(ep_key)
+        packed, self._env_state, self._key = self._reset_fn(self._base_key, np.uint32(int(day) % 2**32))
         obs, state, avail, _, _, _ = self._unpack(packed)
         self._done = False
         return obs, state, avail
@@ -451,21 +453,26 @@ def _import_smac_backend(backend: str | None):
         except EnvArgError as v1_error:
             if importlib.util.find_spec("smacv2") is None:
                 raise v1_error from None
+            warnings.warn(
+                f"SMAC v1 is not usable ({v1_error}); falling back to smacv2, which does not support the "
+                "original SMAC maps faithfully (see docs/starcraft.md)",
+                stacklevel=2,
+            )
             return _import_smac_backend("smacv2")
     package = SMAC_BACKENDS[backend]
     install = SMAC_INSTALL if backend == "smacv1" else SMACV2_INSTALL
-    if importlib.util.find_spec(package) is None:
-        raise EnvArgError(f"--env smac needs SMAC ({package} is not installed); run: {install}")
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise EnvArgError(f"--env smac needs SMAC ({package} is not installed): {install}, then {SC2_INSTALL}")
+    locations = list(spec.submodule_search_locations or [])
+    if backend == "smacv1" and not any(os.path.isdir(os.path.join(p, "env")) for p in locations):
+        # PyPI's `smac` is SMAC3 (hyperparameter optimisation): same import name, no smac.env.
+        raise EnvArgError(
+            "--env smac: the installed 'smac' package is SMAC3 (hyperparameter optimisation, PyPI), not the "
+            f"StarCraft Multi-Agent Challenge; run: pip uninstall -y smac && {install}"
+        )
     try:
         module = importlib.import_module(f"{package}.env")
-    except ModuleNotFoundError as err:
-        if backend == "smacv1" and err.name == "smac.env":
-            # PyPI's `smac` is SMAC3 (hyperparameter optimisation) and has no smac.env.
-            raise EnvArgError(
-                "--env smac: the installed 'smac' package is SMAC3 (hyperparameter optimisation, PyPI), "
-                f"not the StarCraft Multi-Agent Challenge; run: pip uninstall -y smac && {install}"
-            ) from None
-        raise EnvArgError(f"--env smac: importing {package}.env failed ({err}); run: {install}") from None
     except ImportError as err:
         raise EnvArgError(f"--env smac: importing {package}.env failed ({err}); run: {install}") from None
     if not hasattr(module, "StarCraft2Env"):
@@ -538,6 +545,12 @@ class SMACTask:
 
     def __init__(self, map_name: str = STARCRAFT_DEFAULT_MAP, seed: int = 0, backend: str | None = None):
         self.backend, module = _import_smac_backend(backend)
+        try:
+            from absl import flags  # pysc2 reads absl flags when it launches the game
+        except ImportError:  # pragma: no cover - pysc2 depends on absl-py
+            flags = None
+        if flags is not None and not flags.FLAGS.is_parsed():
+            flags.FLAGS(sys.argv[:1])  # pysc2's defaults only, never this script's own arguments
         self.map_name = map_name
         self.label = f"SMAC {map_name}" if self.backend == "smacv1" else f"smacv2 {map_name}"
         self.env = module.StarCraft2Env(map_name=map_name, seed=int(seed))
@@ -614,6 +627,8 @@ class ObservationNoise:
         self.rng = np.random.default_rng(self.seed)
 
     def __getattr__(self, name):  # n_agents, n_actions, obs_dim, ... come from the wrapped task
+        if name == "env":  # not yet set (e.g. while unpickling): avoid infinite recursion
+            raise AttributeError(name)
         return getattr(self.env, name)
 
     def _enemy_visible(self, obs: np.ndarray) -> np.ndarray:
