@@ -1,0 +1,540 @@
+"""GroupDR QTRAN: the group distributionally robust baseline of Liu et al. (2025), extended to QTRAN by
+the paper (Sec. 5.1, F.2), one file.
+
+    python algos/groupdr_qtran.py --estimator-checkpoint runs/groupdr_estimator/estimator.pt
+
+Stage 2 of GroupDR (stage 1, the worst-case reward estimator, is algos/groupdr_estimator.py).
+Every episode is drawn from one of the training environments env_1..env_5, picked uniformly at
+random (paper F.2: "randomly sampling episodes from Env_1 to Env_5"; env_6 is never trained on).
+QTRAN-base: the joint network Q_jt(h, a) is trained towards the nominal target with the observed
+reward replaced by the estimated worst-case reward of the groups,
+    y = r_tilde + gamma * Q_jt(h', a_bar'; theta-),   r_tilde = min_k r_hat_k(s, a, t),
+a_bar'_i = argmax Q_i(h'_i; theta-), and the agents' Q_i are tied to Q_jt by L_opt, L_nopt
+(Eq. 12-13) with V_tot(h), unchanged. There is no rho. Docs: docs/groupdr.md.
+
+Deviations from the authors' released code, on purpose: (1) its estimator was fitted on all six
+configs, env_6 included; here neither stage touches env_6 (paper F.2), both refuse it unless
+--allow-env6; (2) it normalised the time feature by 255 in one place and by 288 in another; here
+it is t / 288 everywhere: the estimator checkpoint stores time_norm and RewardEstimator applies
+it to the raw step index stored in the replay, so fit and use cannot disagree; (3) as in every
+script here, the last transition of each day is stored (released: dropped) and torch is seeded
+from --seed (released: 42).
+"""
+
+import json
+import importlib.util
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import envs  # noqa: E402  (environment plumbing shared by all scripts)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    run_name: str = ""
+    """run folder under runs/ (default: building__{exp_name}__{seed}__{unix time})"""
+    seed: int = 1
+    """seed of python, numpy, torch and the environment (training configs and days, exploration)"""
+    device: str = "cpu"
+    """torch device (cpu or cuda)"""
+    torch_threads: int = 0
+    """torch intra-op threads (0 = torch's default; 1 is fastest on a 2-core machine)"""
+    save_model: bool = False
+    """save weights, args and env config to runs/{run_name}/model.pt"""
+    log_every: int = 10
+    """print a progress line every this many episodes"""
+
+    # Environment (building only: GroupDR needs several training environments, the groups)
+    train_configs: str = "env_1,env_2,env_3,env_4,env_5"
+    """comma-separated building configs an episode is drawn from, uniformly (paper F.2: env_1..env_5)"""
+    allow_env6: bool = False
+    """allow env_6 in --train-configs (held out by the paper: no method trains on it)"""
+    train_days: str = "0:200"
+    """building: day-of-year range [a, b) a training episode is drawn from (paper: days 0-199)"""
+    episode_steps: int = 0
+    """cap on steps per episode, a time limit (0 = the env's own limit, 288 for building)"""
+
+    # Algorithm (paper F.2 defaults)
+    estimator_checkpoint: str = ""
+    """estimator.pt written by algos/groupdr_estimator.py (stage 1); required"""
+    total_episodes: int = 600
+    """number of training episodes E (Alg. 4 l.5)"""
+    gamma: float = 0.997
+    """discount factor (F.1: 1/(1-gamma) = 288)"""
+    learning_rate: float = 5e-4
+    """RMSprop learning rate of the agent networks"""
+    buffer_size: int = 10_000
+    """replay capacity in transitions"""
+    batch_size: int = 64
+    """transitions per gradient step"""
+    train_frequency: int = 2
+    """one gradient step every this many env steps"""
+    learning_starts: int = 64
+    """env steps before the first gradient step (paper silent: once a batch is stored)"""
+    target_network_frequency: int = 25_000
+    """env steps between hard copies theta- <- theta (Alg. 4 l.18)"""
+    start_e: float = 1.0
+    """initial epsilon"""
+    end_e: float = 0.01
+    """final epsilon"""
+    exploration_steps: int = 120_000
+    """env steps over which epsilon decays linearly"""
+    single_coin: bool = False
+    """one epsilon coin for all agents (released code) instead of one per agent (Alg. 4 l.8)"""
+    hidden_dim: int = 64
+    """width of the agent MLP and LSTM"""
+    window: int = 8
+    """history window: the last this many (obs, previous action) pairs"""
+    max_grad_norm: float = 10.0
+    """gradient-norm clip (not in the paper; released code uses 10); 0 disables"""
+    share_params: bool = False
+    """one DRQN for all agents with an agent-id input (pymarl style) instead of one per agent"""
+    qtran_learning_rate: float = 1e-3
+    """Adam learning rate of Q_jt and V_tot (paper F.2); the agents keep RMSprop --learning-rate"""
+    lambda_opt: float = 1.0
+    """weight of L_opt, Eq. (12) (Alg. 4 l.17: 1)"""
+    lambda_nopt: float = 1.0
+    """weight of L_nopt, Eq. (13) (Alg. 4 l.17: 1)"""
+
+
+def load_estimator_module():
+    """algos/groupdr_estimator.py (stage 1) as a module: its RewardEstimator, load_estimator and
+    parse_configs. Loaded from this file's folder, so it works however this script is imported."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "groupdr_estimator.py")
+    spec = importlib.util.spec_from_file_location("groupdr_estimator", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_args(args: Args) -> None:
+    """One clear line naming the flag for every bad input, then exit != 0."""
+    if not args.estimator_checkpoint:
+        envs.fail("--estimator-checkpoint is required: run stage 1 first, "
+                  "python algos/groupdr_estimator.py --behaviour-checkpoint runs/groupdr_behaviour/model.pt "
+                  "--run-name groupdr_estimator (see docs/groupdr.md)")
+    if not os.path.isfile(args.estimator_checkpoint):
+        envs.fail(f"--estimator-checkpoint: no such file '{args.estimator_checkpoint}'")
+    est = load_estimator_module()
+    try:
+        est.parse_configs(args.train_configs, args.allow_env6, "--train-configs")
+        est.parse_days(args.train_days)
+    except envs.EnvArgError as e:
+        envs.fail(str(e))
+    for flag, value in [("--total-episodes", args.total_episodes), ("--batch-size", args.batch_size),
+                        ("--buffer-size", args.buffer_size), ("--window", args.window)]:
+        if value < 1:
+            envs.fail(f"{flag} must be >= 1 (got {value})")
+
+
+def make_train_envs(configs):
+    """One building env per training config, built once; every episode drawn from a config reuses it."""
+    return {config: envs.make_env("building", config) for config in configs}
+
+
+def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
+    slope = (end_e - start_e) / duration
+    return max(slope * t + start_e, end_e)
+
+
+# ---------------------------------------------------------------------------------------------
+# GroupDR TD target
+# ---------------------------------------------------------------------------------------------
+def groupdr_target(worst_reward, next_value, terminated, gamma):
+    """y = r_tilde + gamma * Q_tot(h', a_bar'; theta-): the nominal QTRAN target (Alg. 4, Eq. 15 at rho = 0)
+    with the observed reward replaced by r_tilde = min_k r_hat_k(s, a, t) (paper F.2, GroupDR).
+    A terminated transition has no next state: y = r_tilde."""
+    return worst_reward + gamma * (1.0 - terminated) * next_value
+
+
+# ---------------------------------------------------------------------------------------------
+# Agent network: one DRQN per agent, exactly as released (paper F.2 "Robust individual Q-networks")
+# ---------------------------------------------------------------------------------------------
+class DRQN(nn.Module):
+    """Linear(obs + onehot(prev action) [+ onehot(agent id)], 64) -> ReLU -> LSTM(64, 64) -> last
+    output -> ReLU -> Linear(64, n_actions), run over a history window from a zero LSTM state.
+    Parameter names are the released ones (fc1, lstm, fc_out) so its checkpoints load as they are."""
+
+    def __init__(self, obs_dim: int, n_actions: int, hidden_dim: int, n_ids: int = 0):
+        super().__init__()
+        self.obs_dim, self.n_actions = obs_dim, n_actions
+        self.fc1 = nn.Linear(obs_dim + n_actions + n_ids, hidden_dim)
+        self.lstm = nn.LSTM(hidden_dim, hidden_dim)
+        self.fc_out = nn.Linear(hidden_dim, n_actions)
+
+    def features(self, obs_w, prev_a_w, agent_id=None):
+        """obs_w (W, M, obs_dim), prev_a_w (W, M) long -> last LSTM output (M, hidden)."""
+        w = self.fc1.weight
+        # fc1 on [obs, onehot(a_prev)] computed as obs-part + a column lookup: the same numbers.
+        x = F.linear(obs_w, w[:, : self.obs_dim], self.fc1.bias)
+        x = x + F.embedding(prev_a_w, w[:, self.obs_dim : self.obs_dim + self.n_actions].t())
+        if agent_id is not None:
+            x = x + F.embedding(agent_id, w[:, self.obs_dim + self.n_actions :].t())
+        out, _ = self.lstm(F.relu(x))  # zero initial state for every window
+        return out[-1]
+
+    def forward(self, obs_w, prev_a_w, agent_id=None):
+        return self.fc_out(F.relu(self.features(obs_w, prev_a_w, agent_id)))
+
+
+class QNetworks(nn.Module):
+    """The N agents' Q_i(h_i, .): per-agent DRQNs (default) or one shared DRQN (--share-params)."""
+
+    def __init__(self, n_agents, obs_dim, n_actions, hidden_dim, share_params=False):
+        super().__init__()
+        self.n_agents, self.share_params = n_agents, share_params
+        n_nets, n_ids = (1, n_agents) if share_params else (n_agents, 0)
+        self.agents = nn.ModuleList(DRQN(obs_dim, n_actions, hidden_dim, n_ids) for _ in range(n_nets))
+        self.register_buffer("ids", torch.arange(n_agents), persistent=False)
+
+    def forward(self, obs_w, prev_a_w, with_features=False):
+        """obs_w (W, B, N, obs_dim), prev_a_w (W, B, N) -> Q-values (B, N, n_actions) [and the last LSTM
+        outputs (B, N, hidden): the encoder that QTRAN's Q_jt and V_tot share with the agents]."""
+        W, B, N = prev_a_w.shape
+        if self.share_params:
+            ids = self.ids.expand(W, B, N).reshape(W, B * N)
+            f = self.agents[0].features(obs_w.reshape(W, B * N, -1), prev_a_w.reshape(W, B * N), ids).view(B, N, -1)
+            q = self.agents[0].fc_out(F.relu(f))
+        else:
+            f = torch.stack([net.features(obs_w[:, :, i], prev_a_w[:, :, i]) for i, net in enumerate(self.agents)], 1)
+            q = torch.stack([net.fc_out(F.relu(f[:, i])) for i, net in enumerate(self.agents)], 1)
+        return (q, f) if with_features else q
+
+    @torch.no_grad()
+    def greedy_q(self, obs_w, prev_a_w, with_features=False):
+        """forward() for acting, without N small LSTM calls: the per-agent weights are stacked and
+        all agents run in one batched recurrence (torch.bmm). Same numbers (tested to 1e-6)."""
+        if self.share_params:
+            return self(obs_w, prev_a_w, with_features)
+        W, B, N = prev_a_w.shape
+        nets, O, A = self.agents, self.agents[0].obs_dim, self.agents[0].n_actions
+        stack = lambda get: torch.stack([get(net) for net in nets])  # noqa: E731
+        w1, b1 = stack(lambda n: n.fc1.weight), stack(lambda n: n.fc1.bias)  # (N, H, O+A), (N, H)
+        w_ih, w_hh = stack(lambda n: n.lstm.weight_ih_l0), stack(lambda n: n.lstm.weight_hh_l0)
+        b = stack(lambda n: n.lstm.bias_ih_l0 + n.lstm.bias_hh_l0)  # (N, 4H)
+        obs = obs_w.permute(2, 0, 1, 3).reshape(N, W * B, O)
+        prev = prev_a_w.permute(2, 0, 1).reshape(N, W * B)
+        cols = w1[:, :, O : O + A].transpose(1, 2)  # (N, A, H): one-hot columns
+        x = torch.baddbmm(b1.unsqueeze(1), obs, w1[:, :, :O].transpose(1, 2)) + cols[self.ids[:, None], prev]
+        gates_x = torch.baddbmm(b.unsqueeze(1), F.relu(x), w_ih.transpose(1, 2)).view(N, W, B, -1)
+        h = c = torch.zeros(N, B, w_hh.shape[2], device=obs.device)
+        for t in range(W):  # PyTorch LSTM gate order: input, forget, cell, output
+            i, f, g, o = torch.baddbmm(gates_x[:, t], h, w_hh.transpose(1, 2)).chunk(4, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        w_out, b_out = stack(lambda n: n.fc_out.weight), stack(lambda n: n.fc_out.bias)
+        q = torch.baddbmm(b_out.unsqueeze(1), F.relu(h), w_out.transpose(1, 2)).transpose(0, 1)
+        return (q, h.transpose(0, 1)) if with_features else q
+
+
+class QTranNetworks(nn.Module):
+    """QTRAN-base Q_jt(h, a) and V_tot(h) (Son et al. 2019; paper Sec. 4, F.2), both on f(h) = sum_i f_i(h_i),
+    the agents' last LSTM outputs summed (encoder shared with the DRQNs: L_td, L_opt, L_nopt all train it):
+      Q_jt(h, a) = Linear(H,1)(ReLU(Linear(2H,H)([ReLU(Linear(N*A,H)(onehot(a_1)..onehot(a_N))), f(h)])))
+      V_tot(h)   = Linear(2H,1)([ReLU(Linear(S,H)(s)), ReLU(Linear(H,H)(f(h)))])  (state and f in parallel)"""
+
+    def __init__(self, n_agents: int, n_actions: int, state_dim: int, hidden_dim: int):
+        super().__init__()
+        self.action_fc, self.q_fc = nn.Linear(n_agents * n_actions, hidden_dim), nn.Linear(2 * hidden_dim, hidden_dim)
+        self.q_out, self.v_out = nn.Linear(hidden_dim, 1), nn.Linear(2 * hidden_dim, 1)
+        self.v_state, self.v_feat = nn.Linear(state_dim, hidden_dim), nn.Linear(hidden_dim, hidden_dim)
+        self.register_buffer("offsets", torch.arange(n_agents) * n_actions, persistent=False)
+
+    def q_jt(self, f_sum, actions):
+        """f_sum (B, H), actions (B, N) long -> Q_jt (B,); Linear(one-hot joint action) = sum of N weight columns."""
+        a = F.embedding(actions + self.offsets, self.action_fc.weight.t()).sum(-2) + self.action_fc.bias
+        return self.q_out(F.relu(self.q_fc(torch.cat([F.relu(a), f_sum], -1)))).squeeze(-1)
+
+    def v_tot(self, state, f_sum):
+        return self.v_out(torch.cat([F.relu(self.v_state(state)), F.relu(self.v_feat(f_sum))], -1)).squeeze(-1)
+
+
+def qtran_losses(q_sum_greedy, q_jt_greedy, q_sum_taken, q_jt_taken, v_tot):
+    """Eq. (12)-(13), batch means; q_sum = sum_i Q_i(h_i, a_i) at the greedy a_bar / taken a. Q_jt enters
+    detached (Q-hat), so L_opt and L_nopt train the agents and V_tot only."""
+    opt = q_sum_greedy - q_jt_greedy.detach() + v_tot  # Eq. (12)
+    nopt = torch.clamp(q_sum_taken - q_jt_taken.detach() + v_tot, max=0.0)  # Eq. (13)
+    return (opt**2).mean(), (nopt**2).mean()
+
+
+def masked_argmax(q, avail):
+    """argmax over available actions only (unavailable actions never chosen)."""
+    return q.masked_fill(~avail, -float("inf")).argmax(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Histories and replay
+# ---------------------------------------------------------------------------------------------
+class History:
+    """The acting window of E parallel episodes: the last W (obs, previous action) pairs, padded
+    at the front with zero observations and previous-action index 0 (also the t=0 previous action)."""
+
+    def __init__(self, n_envs, window, n_agents, obs_dim):
+        self.obs = np.zeros((window, n_envs, n_agents, obs_dim), dtype=np.float32)
+        self.prev_a = np.zeros((window, n_envs, n_agents), dtype=np.int64)
+
+    def reset(self, obs):
+        self.obs[:] = 0.0
+        self.prev_a[:] = 0
+        self.obs[-1] = obs
+
+    def push(self, obs, prev_actions):
+        self.obs = np.roll(self.obs, -1, axis=0)
+        self.prev_a = np.roll(self.prev_a, -1, axis=0)
+        self.obs[-1], self.prev_a[-1] = obs, prev_actions
+
+    def tensors(self, device):
+        return torch.from_numpy(self.obs).to(device), torch.from_numpy(self.prev_a).to(device)
+
+
+class ReplayBuffer:
+    """Each transition (o, s, avail, a, r, o', s', avail', terminated, truncated) is stored once, with its
+    step index t in the episode; the window ending at t and the one ending at t+1 are gathered at
+    sample time. The last transition of every episode is stored with its truncation flag."""
+
+    def __init__(self, capacity, n_agents, obs_dim, state_dim, n_actions, window):
+        self.capacity, self.window, self.ptr, self.size = capacity, window, 0, 0
+        self.obs = np.zeros((capacity, n_agents, obs_dim), dtype=np.float32)
+        self.next_obs = np.zeros_like(self.obs)
+        self.state = np.zeros((capacity, state_dim), dtype=np.float32)
+        self.next_state = np.zeros_like(self.state)
+        self.actions = np.zeros((capacity, n_agents), dtype=np.int64)
+        self.next_avail = np.zeros((capacity, n_agents, n_actions), dtype=bool)
+        self.avail = np.zeros_like(self.next_avail)  # at h: masks L_opt's greedy a_bar
+        self.reward = np.zeros(capacity, dtype=np.float32)
+        self.terminated = np.zeros(capacity, dtype=np.float32)
+        self.truncated = np.zeros(capacity, dtype=np.float32)
+        self.t = np.zeros(capacity, dtype=np.int64)
+        # Cache of Q_tot(h', a_bar'; theta-): theta- only changes at the hard copy, so a value
+        # computed once per target period equals recomputing it at every update.
+        self.next_value = np.zeros(capacity, dtype=np.float32)
+        self.value_version = np.full(capacity, -1, dtype=np.int64)
+
+    def add(self, obs, state, actions, reward, next_obs, next_state, next_avail, terminated, truncated, t, avail):
+        i = self.ptr
+        self.avail[i] = avail
+        self.obs[i], self.state[i], self.actions[i], self.reward[i] = obs, state, actions, reward
+        self.next_obs[i], self.next_state[i], self.next_avail[i] = next_obs, next_state, next_avail
+        self.terminated[i], self.truncated[i], self.t[i], self.value_version[i] = terminated, truncated, t, -1
+        self.ptr = (i + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size, rng):
+        """Uniform over stored transitions whose window is intact: once the buffer wraps, the
+        W oldest slots may have lost the start of their window (W-1 earlier observations plus the
+        previous action before the first of them) and are skipped."""
+        if self.size < self.capacity:
+            return rng.integers(0, self.size, batch_size)
+        return (self.ptr + rng.integers(self.window, self.capacity, batch_size)) % self.capacity
+
+    def windows(self, idx):
+        """Current windows (ending at t) and next windows (ending at t+1) of slots idx:
+        obs (W, B, N, obs_dim) and previous actions (W, B, N), both pairs."""
+        d = np.arange(1 - self.window, 1)  # offsets -(W-1) .. 0
+        src = (idx[None, :] + d[:, None]) % self.capacity  # (W, B)
+        tau = self.t[idx][None, :] + d[:, None]  # time step of each window position
+        obs_w = np.where((tau >= 0)[..., None, None], self.obs[src], 0.0).astype(np.float32)
+        prev_w = np.where((tau >= 1)[..., None], self.actions[(src - 1) % self.capacity], 0)
+        next_obs_w = np.concatenate([obs_w[1:], self.next_obs[idx][None]], 0)
+        next_prev_w = np.concatenate([prev_w[1:], self.actions[idx][None]], 0)
+        return obs_w, prev_w, next_obs_w, next_prev_w
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    run_name = args.run_name or f"building__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    writer = SummaryWriter(run_dir)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+
+    # Seeding: python, numpy, torch and the environment (configs, days, exploration) from one --seed
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True)
+    rng = np.random.default_rng(args.seed)
+    device = torch.device(args.device)
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+
+    # Environment: one env per training config (GroupDR's groups, paper F.2: env_1..env_5), built
+    # once. env_6 is refused by parse_configs unless --allow-env6.
+    est = load_estimator_module()
+    train_configs = est.parse_configs(args.train_configs, args.allow_env6, "--train-configs")
+    train_envs = make_train_envs(train_configs)
+    env = train_envs[train_configs[0]]
+    N, A = env.n_agents, env.n_actions
+    episode_steps = min(args.episode_steps or env.episode_limit, env.episode_limit)
+    day_lo, day_hi = est.parse_days(args.train_days)
+
+    # GroupDR stage 1: the frozen reward estimator r_hat_k(s, a, t), one head per estimator config
+    try:
+        estimator, estimator_ckpt = est.load_estimator(args.estimator_checkpoint, N, A, env.state_dim, device)
+    except est.EstimatorError as e:
+        envs.fail(f"--estimator-checkpoint: {e}")
+    print(f"estimator {args.estimator_checkpoint}: heads {','.join(estimator_ckpt['configs'])}, time t/"
+          f"{estimator_ckpt['time_norm']:g}; training episodes from {','.join(train_configs)}", flush=True)
+
+    # Alg. 4 l.3-4: Q_i, Q_jt and V_tot with parameters theta, target theta- = theta
+    q_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params).to(device)
+    optimizer = torch.optim.RMSprop(q_network.parameters(), lr=args.learning_rate, foreach=True)
+    qtran = QTranNetworks(N, A, env.state_dim, args.hidden_dim).to(device)
+    # Paper F.2: agents RMSprop 5e-4, QTRAN networks Adam 1e-3: two optimisers, one backward of L (l.17)
+    qtran_optimizer = torch.optim.Adam(qtran.parameters(), lr=args.qtran_learning_rate, foreach=True)
+    params = list(q_network.parameters()) + list(qtran.parameters())
+    target_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    target_qtran = QTranNetworks(N, A, env.state_dim, args.hidden_dim).to(device)
+    target_qtran.load_state_dict(qtran.state_dict())
+    target_version = 0
+
+    # Alg. 4 l.2: replay buffer D
+    rb = ReplayBuffer(args.buffer_size, N, env.obs_dim, env.state_dim, A, args.window)
+    history = History(1, args.window, N, env.obs_dim)
+
+    @torch.no_grad()
+    def target_values(idx):
+        """Q_jt(h', a_bar'; theta-), a_bar'_i = argmax_{a available} Q_i(h'_i, a; theta-) (Alg. 4 l.12-13).
+        Exact to cache: the target agents AND the target Q_jt change only at the hard copy."""
+        _, _, next_obs_w, next_prev_w = rb.windows(idx)
+        q_next, f_next = target_network.greedy_q(torch.from_numpy(next_obs_w).to(device),
+                                                 torch.from_numpy(next_prev_w).to(device), with_features=True)
+        a_bar = masked_argmax(q_next, torch.from_numpy(rb.next_avail[idx]).to(device))  # Alg. 4 l.12
+        return target_qtran.q_jt(f_next.sum(1), a_bar).cpu().numpy()
+
+    start_time = stretch_time = time.time()
+    global_step, n_updates, recent = 0, 0, []
+    stretch_steps = stretch_updates = 0
+    update_time = 0.0  # seconds spent in gradient steps since the last progress line
+    for episode in range(args.total_episodes):  # Alg. 4 l.5
+        # GroupDR (paper F.2): each episode comes from a training environment picked uniformly
+        env = train_envs[train_configs[int(rng.integers(len(train_configs)))]]
+        day = int(rng.integers(day_lo, day_hi))
+        obs, state, avail = env.reset(day)  # Alg. 4 l.6
+        history.reset(obs[None])
+        episode_return = 0.0
+        for t in range(episode_steps):  # Alg. 4 l.7
+            # Alg. 4 l.8: each agent picks its action epsilon-greedily (masked to available actions)
+            epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, global_step)
+            with torch.no_grad():
+                q = q_network.greedy_q(*history.tensors(device))[0]
+            greedy = masked_argmax(q, torch.from_numpy(avail).to(device)).cpu().numpy()
+            random_actions = np.argmax(rng.random((N, A)) * avail, axis=1)  # uniform over available
+            coins = rng.random(1).repeat(N) if args.single_coin else rng.random(N)
+            actions = np.where(coins < epsilon, random_actions, greedy)
+
+            # Alg. 4 l.9: step the joint action
+            next_obs, next_state, next_avail, reward, terminated, truncated, info = env.step(actions)
+            truncated = truncated or t == episode_steps - 1
+            episode_return += reward
+            # Alg. 4 l.10: store (h, a, r, h'); windows are rebuilt from single transitions
+            rb.add(obs, state, actions, reward, next_obs, next_state, next_avail, terminated, truncated, t, avail)
+            history.push(next_obs[None], actions[None])
+            obs, state, avail = next_obs, next_state, next_avail
+            global_step += 1
+
+            if global_step > args.learning_starts and global_step % args.train_frequency == 0:
+                update_start = time.perf_counter()
+                idx = rb.sample(args.batch_size, rng)  # Alg. 4 l.11
+                stale = rb.value_version[idx] != target_version
+                if stale.any():
+                    rb.next_value[idx[stale]] = target_values(idx[stale])
+                    rb.value_version[idx[stale]] = target_version
+                obs_w, prev_w, _, _ = rb.windows(idx)
+                q, feats = q_network(torch.from_numpy(obs_w).to(device), torch.from_numpy(prev_w).to(device), True)
+                actions_b = torch.from_numpy(rb.actions[idx]).to(device)
+                q_taken = q.gather(-1, actions_b.unsqueeze(-1)).squeeze(-1)
+                f_sum = feats.sum(1)  # sum over agents of their last LSTM outputs
+                q_tot = qtran.q_jt(f_sum, actions_b)  # Q_jt(h, a; theta) of Alg. 4 l.14
+                v_tot = qtran.v_tot(torch.from_numpy(rb.state[idx]).to(device), f_sum)
+                avail_b = torch.from_numpy(rb.avail[idx]).to(device)
+                q_greedy = q.masked_fill(~avail_b, -float("inf")).max(-1).values  # Q_i(h_i, a_bar_i), a_bar greedy
+                with torch.no_grad():
+                    q_jt_greedy = qtran.q_jt(f_sum, masked_argmax(q, avail_b))  # Q-hat_jt(h, a_bar) of Eq. (12)
+                    next_v = torch.from_numpy(rb.next_value[idx]).to(device)  # l.12-13 (cached)
+                    r_b = torch.from_numpy(rb.reward[idx]).to(device)  # observed reward: logged only
+                    terminated_b = torch.from_numpy(rb.terminated[idx]).to(device)  # truncation bootstraps
+                    # GroupDR: r_tilde = min_k r_hat_k(s_t, a_t, t), per sample, from the stored s, a, t
+                    state_b, t_b = torch.from_numpy(rb.state[idx]).to(device), torch.from_numpy(rb.t[idx]).to(device)
+                    r_tilde = est.worst_case_reward(estimator, state_b, actions_b, t_b)
+                    y = groupdr_target(r_tilde, next_v, terminated_b, args.gamma)  # l.13 with r -> r_tilde
+                td_loss = F.mse_loss(q_tot, y)  # Alg. 4 l.14
+                opt_loss, nopt_loss = qtran_losses(q_greedy.sum(-1), q_jt_greedy, q_taken.sum(-1), q_tot, v_tot)  # l.15-16
+                optimizer.zero_grad()
+                qtran_optimizer.zero_grad()
+                (td_loss + args.lambda_opt * opt_loss + args.lambda_nopt * nopt_loss).backward()  # Alg. 4 l.17
+                if args.max_grad_norm > 0:  # one clip over agents + QTRAN networks
+                    grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True)
+                else:
+                    grad_norm = torch.zeros(())
+                optimizer.step()
+                qtran_optimizer.step()
+                n_updates += 1
+                update_time += time.perf_counter() - update_start
+                if n_updates % 100 == 0:
+                    writer.add_scalar("losses/td_loss", td_loss.item(), global_step)
+                    writer.add_scalar("losses/opt_loss", opt_loss.item(), global_step)
+                    writer.add_scalar("losses/nopt_loss", nopt_loss.item(), global_step)
+                    writer.add_scalar("losses/q_taken_mean", q_taken.mean().item(), global_step)
+                    writer.add_scalar("losses/target_mean", y.mean().item(), global_step)
+                    writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
+                    writer.add_scalar("losses/r_tilde_mean", r_tilde.mean().item(), global_step)
+                    writer.add_scalar("losses/reward_mean", r_b.mean().item(), global_step)
+                    writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+                    writer.add_scalar("charts/epsilon", epsilon, global_step)
+
+            if global_step % args.target_network_frequency == 0:  # Alg. 4 l.18: theta- <- theta
+                target_network.load_state_dict(q_network.state_dict())
+                target_qtran.load_state_dict(qtran.state_dict())
+                target_version += 1
+            if terminated or truncated:
+                break
+
+        writer.add_scalar("charts/episodic_return", episode_return, global_step)
+        writer.add_scalar("charts/normalised_return", envs.normalised_return(episode_return), global_step)
+        recent.append(episode_return)
+        if (episode + 1) % args.log_every == 0 or episode + 1 == args.total_episodes:
+            now = time.time()
+            left = (now - start_time) / (episode + 1) * (args.total_episodes - episode - 1)
+            n_up = n_updates - stretch_updates
+            print(f"episode {episode + 1}/{args.total_episodes} | return {np.mean(recent):.1f} | epsilon {epsilon:.3f} "
+                  f"| SPS {(global_step - stretch_steps) / (now - stretch_time):.0f} "
+                  f"| updates/s {n_up / (now - stretch_time):.1f} | update {1000 * update_time / max(n_up, 1):.2f} ms "
+                  f"| left {left / 60:.1f} min", flush=True)
+            recent, stretch_time, stretch_steps, stretch_updates, update_time = [], now, global_step, n_updates, 0.0
+
+    if args.save_model:  # weights, args and env config, written atomically
+        path = os.path.join(run_dir, "model.pt")
+        checkpoint = {
+            "format": "drigm-checkpoint-v1",
+            "algo": os.path.basename(__file__)[: -len(".py")],  # eval.py imports algos/<algo>.py
+            "args": vars(args),
+            "env": {"env": "building", "config": ",".join(train_configs), "n_agents": N, "n_actions": A,
+                    "obs_dim": env.obs_dim, "state_dim": env.state_dim},
+            "estimator_configs": estimator_ckpt["configs"],
+            "q_network": q_network.state_dict(),
+            "joint": qtran.state_dict(),  # Q_jt and V_tot
+        }
+        torch.save(checkpoint, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        print(f"model saved to {path}")
+    writer.close()

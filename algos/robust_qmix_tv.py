@@ -1,0 +1,582 @@
+"""Robust QMIX with a total-variation (TV) uncertainty set: paper Algorithm 6, one file.
+
+    python algos/robust_qmix_tv.py --rho 0.2 --env building
+
+Q_tot(h, a) = f_theta((Q_i(h_i, a_i))_i, s), a mixer monotone in every Q_i (Eq. 11), is trained towards the robust target of
+Eq. (16): y = r + gamma * (1 - rho) * eta - gamma * [eta - Q_tot(h', a_bar'; theta-)]_+, where the dual
+network eta_xi(s, a) minimises Eq. (17) on its own minibatch. Docs: docs/qmix.md (usage, metrics, details).
+"""
+
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import envs  # noqa: E402  (environment plumbing shared by all scripts)
+import eval as evaluation  # noqa: E402  (StarCraft win-rate evaluation during training)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    run_name: str = ""
+    """run folder under runs/ (default: {env}__{exp_name}__{seed}__{unix time})"""
+    seed: int = 1
+    """seed of python, numpy, torch and the environment (training days, exploration)"""
+    device: str = "cpu"
+    """torch device (cpu or cuda)"""
+    torch_threads: int = 0
+    """torch intra-op threads (0 = torch's default; 1 is fastest on a 2-core machine)"""
+    save_model: bool = False
+    """save weights, args and env config to runs/{run_name}/model.pt"""
+    log_every: int = 10
+    """print a progress line every this many episodes"""
+
+    # Environment
+    env: str = "building"
+    """task: building (SustainGym), smax (JaxMARL 3s_vs_5z) or smac (StarCraft II)"""
+    train_config: str = ""
+    """building config env_1..env_6 (paper Table 3) or StarCraft map (default: env_1 / 3s_vs_5z)"""
+    train_days: str = "0:200"
+    """building: day-of-year range [a, b) a training episode is drawn from (paper: days 0-199)"""
+    episode_steps: int = 0
+    """cap on steps per episode, a time limit (0 = the env's own limit, 288 for building)"""
+    total_steps: int = 0
+    """also stop after this many env steps (0 = no limit; StarCraft default 1,000,000)"""
+    eval_every: int = 10_000
+    """StarCraft: evaluate every this many env steps, clean and noisy (paper Sec. 5.2); 0 = never"""
+    eval_episodes: int = 32
+    """StarCraft: greedy episodes per evaluation"""
+    eval_sigma: float = 0.75
+    """StarCraft: std of the test-time N(0, sigma^2) noise on enemy positions"""
+
+    # Algorithm (paper F.2 defaults)
+    total_episodes: int = 600
+    """number of training episodes E (Alg. 6 l.6)"""
+    rho: float = 0.2
+    """TV radius in (0, 1] (Eq. 9; the paper's best QMIX-TV: 0.2)"""
+    worst_value: str = "zero"
+    """min V in Eq. (29): zero (Assumption 1/2, exactly Alg. 6) or batch-min (general operator)"""
+    gamma: float = 0.997
+    """discount factor (F.1: 1/(1-gamma) = 288)"""
+    learning_rate: float = 5e-4
+    """learning rate of the one optimiser over the agent networks and the mixer"""
+    buffer_size: int = 10_000
+    """replay capacity in transitions"""
+    batch_size: int = 64
+    """transitions per gradient step"""
+    train_frequency: int = 2
+    """one gradient step every this many env steps"""
+    learning_starts: int = 64
+    """env steps before the first gradient step (paper silent: once a batch is stored)"""
+    target_network_frequency: int = 25_000
+    """env steps between hard copies theta- <- theta (Alg. 6 l.22)"""
+    start_e: float = 1.0
+    """initial epsilon"""
+    end_e: float = 0.01
+    """final epsilon"""
+    exploration_steps: int = 120_000
+    """env steps over which epsilon decays linearly"""
+    single_coin: bool = False
+    """one epsilon coin for all agents (released code) instead of one per agent (Alg. 6 l.9)"""
+    hidden_dim: int = 64
+    """width of the agent MLP and LSTM"""
+    window: int = 8
+    """history window: the last this many (obs, previous action) pairs"""
+    max_grad_norm: float = 10.0
+    """gradient-norm clip (not in the paper; released code uses 10); 0 disables"""
+    share_params: bool = False
+    """one DRQN for all agents with an agent-id input (pymarl style) instead of one per agent"""
+    optimizer: str = "rmsprop"
+    """rmsprop (paper F.2) or adam (the released QMIX code), one optimiser over agents and mixer"""
+    mixing_embed_dim: int = 32
+    """width of the mixer's hidden layer and of its state-value head V(s) (paper F.2, released code)"""
+    dual_learning_rate: float = 1e-3
+    """Adam learning rate of the dual network eta_xi (paper F.2)"""
+    dual_hidden_dim: int = 64
+    """width of the dual network's layers"""
+    dual_loss: str = "linear"
+    """linear (Eq. 17) or squared (released code: the mean of the square of Eq. 17's term)"""
+    eta_clamp: bool = True
+    """clamp eta to Eq. (10)'s [0, 2/(rho(1-gamma))] in the dual loss and the target (released code: never)"""
+
+
+# StarCraft: where the paper is silent, SMAC-literature values (pymarl) replace the building
+# defaults of fields left at their default.
+STARCRAFT_DEFAULTS = dict(gamma=0.99, end_e=0.05, exploration_steps=50_000, buffer_size=50_000,
+                          target_network_frequency=10_000, total_episodes=1_000_000, total_steps=1_000_000)
+
+
+def check_args(args: Args) -> None:
+    """One clear line naming the flag for every bad input, then exit != 0."""
+    if not 0.0 < args.rho <= 1.0:
+        envs.fail(f"--rho must be in (0, 1] for the TV uncertainty set (got {args.rho})")
+    if args.dual_loss not in ("linear", "squared"):
+        envs.fail(f"--dual-loss must be one of linear, squared (got '{args.dual_loss}')")
+    if args.worst_value not in ("zero", "batch-min"):
+        envs.fail(f"--worst-value must be one of zero, batch-min (got '{args.worst_value}')")
+    if args.optimizer not in ("rmsprop", "adam"):
+        envs.fail(f"--optimizer must be one of rmsprop, adam (got '{args.optimizer}')")
+    try:
+        envs.check_env_args(args.env, args.train_config or envs.default_config(args.env))
+    except envs.EnvArgError as e:
+        envs.fail(str(e))
+    lo, _, hi = args.train_days.partition(":")
+    if not (lo.isdigit() and hi.isdigit() and int(lo) < int(hi)):
+        envs.fail(f"--train-days must look like a:b with integers a < b (got '{args.train_days}')")
+    for flag, value in [("--total-episodes", args.total_episodes), ("--batch-size", args.batch_size),
+                        ("--buffer-size", args.buffer_size), ("--window", args.window),
+                        ("--mixing-embed-dim", args.mixing_embed_dim)]:
+        if value < 1:
+            envs.fail(f"{flag} must be >= 1 (got {value})")
+
+
+def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
+    slope = (end_e - start_e) / duration
+    return max(slope * t + start_e, end_e)
+
+
+# ---------------------------------------------------------------------------------------------
+# Robust TD target and dual network (TV: Eq. 10, 16, 17, 29)
+# ---------------------------------------------------------------------------------------------
+def eta_bounds(next_value, gamma, rho, worst_value="zero"):
+    """Eq. (10): eta in [0, 2/(rho(1-gamma))]; batch-min: [m, m + 2/(rho(1-gamma))], m = min V' of the batch."""
+    lo = next_value.min() if worst_value == "batch-min" else next_value.new_zeros(())
+    return lo, lo + 2.0 / (rho * (1.0 - gamma))
+
+
+def robust_target(reward, next_value, eta, terminated, gamma, rho, worst_value="zero"):
+    """Alg. 6 l.19, Eq. (16): y = r + gamma * (1 - rho) * eta - gamma * [eta - Q_tot(h', a_bar'; theta-)]_+.
+
+    worst_value="zero" is the paper's operator, derived under Assumption 1/2 (min V = 0).
+    worst_value="batch-min" is Eq. (29) without that assumption, min V estimated by m, the smallest
+    next-state value in the batch; with eta' = eta - m >= 0: y = r + gamma * (m + (1 - rho) * eta'
+    - [eta' - (V' - m)]_+). A terminated transition has no next state: y = r."""
+    m = next_value.min() if worst_value == "batch-min" else 0.0
+    bootstrap = m + (1.0 - rho) * (eta - m) - F.relu(eta - next_value)
+    return reward + gamma * (1.0 - terminated) * bootstrap
+
+
+def dual_loss(eta, next_value, rho, worst_value="zero", kind="linear", weight=None, raw_eta=None):
+    """Alg. 6 l.13, Eq. (17): mean([eta - V']_+ - (1 - rho) * eta), V' = Q_tot(h', a_bar'; theta-) (= max_a'
+    by DrIGM). The minimiser is the (1 - rho)-quantile of V' given (s, a); robust_target then equals
+    r + gamma * min E_P[V'] over TV(P, P0) = 0.5 * ||P - P0||_1 <= rho (tests/test_robust_operators.py).
+    batch-min: (1 - rho) * (eta - m), robust_target's shift. kind="squared": the released code's mean of
+    the SQUARE of the term (not a dual any more). weight: per-transition weights (0: terminated).
+    raw_eta: the unclamped output when eta is clamped (Eq. 10); it is pulled back into the range by
+    (raw_eta - eta)^2 (our addition: the clamp has no gradient, so an output past a bound, e.g. after an
+    Adam overshoot, would stay there)."""
+    m = next_value.min() if worst_value == "batch-min" else 0.0
+    term = F.relu(eta - next_value) - (1.0 - rho) * (eta - m)
+    term = term**2 if kind == "squared" else term
+    if raw_eta is not None:
+        term = term + (raw_eta - eta.detach()) ** 2
+    weight = torch.ones_like(term) if weight is None else weight
+    return (weight * term).sum() / weight.sum().clamp(min=1e-12)
+
+
+class DualNetwork(nn.Module):
+    """eta_xi(s, a) (paper F.2 "Dual networks", as released; input (s_t, a_t)): ReLU(Linear(s)) and
+    ReLU(Linear(onehot(a_1)..onehot(a_N))) concatenated -> Linear -> ReLU -> Linear -> scalar."""
+
+    def __init__(self, state_dim: int, n_agents: int, n_actions: int, hidden_dim: int):
+        super().__init__()
+        self.state_fc, self.action_fc = nn.Linear(state_dim, hidden_dim), nn.Linear(n_agents * n_actions, hidden_dim)
+        self.fc, self.out = nn.Linear(2 * hidden_dim, hidden_dim), nn.Linear(hidden_dim, 1)
+        self.register_buffer("offsets", torch.arange(n_agents) * n_actions, persistent=False)
+
+    def forward(self, state, actions):
+        """state (B, S), actions (B, N) long -> eta (B,); Linear(one-hot joint action) = sum of N weight columns."""
+        a = F.embedding(actions + self.offsets, self.action_fc.weight.t()).sum(-2) + self.action_fc.bias
+        return self.out(F.relu(self.fc(torch.cat([F.relu(self.state_fc(state)), F.relu(a)], -1)))).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Agent network: one DRQN per agent, exactly as released (paper F.2 "Robust individual Q-networks")
+# ---------------------------------------------------------------------------------------------
+class DRQN(nn.Module):
+    """Linear(obs + onehot(prev action) [+ onehot(agent id)], 64) -> ReLU -> LSTM(64, 64) -> last
+    output -> ReLU -> Linear(64, n_actions), run over a history window from a zero LSTM state.
+    Parameter names are the released ones (fc1, lstm, fc_out) so its checkpoints load as they are."""
+
+    def __init__(self, obs_dim: int, n_actions: int, hidden_dim: int, n_ids: int = 0):
+        super().__init__()
+        self.obs_dim, self.n_actions = obs_dim, n_actions
+        self.fc1 = nn.Linear(obs_dim + n_actions + n_ids, hidden_dim)
+        self.lstm = nn.LSTM(hidden_dim, hidden_dim)
+        self.fc_out = nn.Linear(hidden_dim, n_actions)
+
+    def features(self, obs_w, prev_a_w, agent_id=None):
+        """obs_w (W, M, obs_dim), prev_a_w (W, M) long -> last LSTM output (M, hidden)."""
+        w = self.fc1.weight
+        # fc1 on [obs, onehot(a_prev)] computed as obs-part + a column lookup: the same numbers.
+        x = F.linear(obs_w, w[:, : self.obs_dim], self.fc1.bias)
+        x = x + F.embedding(prev_a_w, w[:, self.obs_dim : self.obs_dim + self.n_actions].t())
+        if agent_id is not None:
+            x = x + F.embedding(agent_id, w[:, self.obs_dim + self.n_actions :].t())
+        out, _ = self.lstm(F.relu(x))  # zero initial state for every window
+        return out[-1]
+
+    def forward(self, obs_w, prev_a_w, agent_id=None):
+        return self.fc_out(F.relu(self.features(obs_w, prev_a_w, agent_id)))
+
+
+class QNetworks(nn.Module):
+    """The N agents' Q_i(h_i, .): per-agent DRQNs (default) or one shared DRQN (--share-params)."""
+
+    def __init__(self, n_agents, obs_dim, n_actions, hidden_dim, share_params=False):
+        super().__init__()
+        self.n_agents, self.share_params = n_agents, share_params
+        n_nets, n_ids = (1, n_agents) if share_params else (n_agents, 0)
+        self.agents = nn.ModuleList(DRQN(obs_dim, n_actions, hidden_dim, n_ids) for _ in range(n_nets))
+        self.register_buffer("ids", torch.arange(n_agents), persistent=False)
+
+    def forward(self, obs_w, prev_a_w):
+        """obs_w (W, B, N, obs_dim), prev_a_w (W, B, N) -> Q-values (B, N, n_actions)."""
+        W, B, N = prev_a_w.shape
+        if self.share_params:
+            ids = self.ids.expand(W, B, N).reshape(W, B * N)
+            q = self.agents[0](obs_w.reshape(W, B * N, -1), prev_a_w.reshape(W, B * N), ids)
+            return q.view(B, N, -1)
+        return torch.stack([net(obs_w[:, :, i], prev_a_w[:, :, i]) for i, net in enumerate(self.agents)], 1)
+
+    @torch.no_grad()
+    def greedy_q(self, obs_w, prev_a_w):
+        """forward() for acting, without N small LSTM calls: the per-agent weights are stacked and
+        all agents run in one batched recurrence (torch.bmm). Same numbers (tested to 1e-6)."""
+        if self.share_params:
+            return self(obs_w, prev_a_w)
+        W, B, N = prev_a_w.shape
+        nets, O, A = self.agents, self.agents[0].obs_dim, self.agents[0].n_actions
+        stack = lambda get: torch.stack([get(net) for net in nets])  # noqa: E731
+        w1, b1 = stack(lambda n: n.fc1.weight), stack(lambda n: n.fc1.bias)  # (N, H, O+A), (N, H)
+        w_ih, w_hh = stack(lambda n: n.lstm.weight_ih_l0), stack(lambda n: n.lstm.weight_hh_l0)
+        b = stack(lambda n: n.lstm.bias_ih_l0 + n.lstm.bias_hh_l0)  # (N, 4H)
+        obs = obs_w.permute(2, 0, 1, 3).reshape(N, W * B, O)
+        prev = prev_a_w.permute(2, 0, 1).reshape(N, W * B)
+        cols = w1[:, :, O : O + A].transpose(1, 2)  # (N, A, H): one-hot columns
+        x = torch.baddbmm(b1.unsqueeze(1), obs, w1[:, :, :O].transpose(1, 2)) + cols[self.ids[:, None], prev]
+        gates_x = torch.baddbmm(b.unsqueeze(1), F.relu(x), w_ih.transpose(1, 2)).view(N, W, B, -1)
+        h = c = torch.zeros(N, B, w_hh.shape[2], device=obs.device)
+        for t in range(W):  # PyTorch LSTM gate order: input, forget, cell, output
+            i, f, g, o = torch.baddbmm(gates_x[:, t], h, w_hh.transpose(1, 2)).chunk(4, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        w_out, b_out = stack(lambda n: n.fc_out.weight), stack(lambda n: n.fc_out.bias)
+        return torch.baddbmm(b_out.unsqueeze(1), F.relu(h), w_out.transpose(1, 2)).transpose(0, 1)
+
+
+class QMixer(nn.Module):
+    """f_theta of Eq. (11) (paper F.2 "Mixing networks", as released): hypernetworks on the state s give
+    w1 = |Linear(s)| (N x E), b1 = Linear(s), w2 = |Linear(s)| (E) and V(s) = Linear-ReLU-Linear;
+    Q_tot = ELU(q @ w1 + b1) @ w2 + V(s). |.| makes every weight on q non-negative: dQ_tot/dQ_i >= 0."""
+
+    def __init__(self, n_agents: int, state_dim: int, embed_dim: int = 32):
+        super().__init__()
+        self.n_agents, self.embed_dim = n_agents, embed_dim
+        self.hyper_w1 = nn.Linear(state_dim, n_agents * embed_dim)
+        self.hyper_b1 = nn.Linear(state_dim, embed_dim)
+        self.hyper_w2 = nn.Linear(state_dim, embed_dim)
+        self.hyper_v = nn.Sequential(nn.Linear(state_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, 1))
+
+    def forward(self, q, state):
+        """q (B, N) per-agent Q-values, state (B, state_dim) -> Q_tot (B,)."""
+        w1 = self.hyper_w1(state).abs().view(-1, self.n_agents, self.embed_dim)
+        hidden = F.elu(torch.bmm(q.unsqueeze(1), w1) + self.hyper_b1(state).unsqueeze(1))  # (B, 1, E)
+        w2 = self.hyper_w2(state).abs().unsqueeze(-1)  # (B, E, 1)
+        return (torch.bmm(hidden, w2).squeeze(-1) + self.hyper_v(state)).squeeze(-1)
+
+
+def masked_argmax(q, avail):
+    """argmax over available actions only (unavailable actions never chosen)."""
+    return q.masked_fill(~avail, -float("inf")).argmax(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Histories and replay
+# ---------------------------------------------------------------------------------------------
+class History:
+    """The acting window of E parallel episodes: the last W (obs, previous action) pairs, padded
+    at the front with zero observations and previous-action index 0 (also the t=0 previous action)."""
+
+    def __init__(self, n_envs, window, n_agents, obs_dim):
+        self.obs = np.zeros((window, n_envs, n_agents, obs_dim), dtype=np.float32)
+        self.prev_a = np.zeros((window, n_envs, n_agents), dtype=np.int64)
+
+    def reset(self, obs):
+        self.obs[:] = 0.0
+        self.prev_a[:] = 0
+        self.obs[-1] = obs
+
+    def push(self, obs, prev_actions):
+        self.obs = np.roll(self.obs, -1, axis=0)
+        self.prev_a = np.roll(self.prev_a, -1, axis=0)
+        self.obs[-1], self.prev_a[-1] = obs, prev_actions
+
+    def tensors(self, device):
+        return torch.from_numpy(self.obs).to(device), torch.from_numpy(self.prev_a).to(device)
+
+
+class ReplayBuffer:
+    """Each transition (o, s, a, r, o', s', avail', terminated, truncated) is stored once, with its
+    step index t in the episode; the window ending at t and the one ending at t+1 are gathered at
+    sample time. The last transition of every episode is stored with its truncation flag."""
+
+    def __init__(self, capacity, n_agents, obs_dim, state_dim, n_actions, window):
+        self.capacity, self.window, self.ptr, self.size = capacity, window, 0, 0
+        self.obs = np.zeros((capacity, n_agents, obs_dim), dtype=np.float32)
+        self.next_obs = np.zeros_like(self.obs)
+        self.state = np.zeros((capacity, state_dim), dtype=np.float32)
+        self.next_state = np.zeros_like(self.state)
+        self.actions = np.zeros((capacity, n_agents), dtype=np.int64)
+        self.next_avail = np.zeros((capacity, n_agents, n_actions), dtype=bool)
+        self.reward = np.zeros(capacity, dtype=np.float32)
+        self.terminated = np.zeros(capacity, dtype=np.float32)
+        self.truncated = np.zeros(capacity, dtype=np.float32)
+        self.t = np.zeros(capacity, dtype=np.int64)
+        # Cache of Q_tot(h', a_bar'; theta-): theta- only changes at the hard copy, so a value
+        # computed once per target period equals recomputing it at every update.
+        self.next_value = np.zeros(capacity, dtype=np.float32)
+        self.value_version = np.full(capacity, -1, dtype=np.int64)
+
+    def add(self, obs, state, actions, reward, next_obs, next_state, next_avail, terminated, truncated, t):
+        i = self.ptr
+        self.obs[i], self.state[i], self.actions[i], self.reward[i] = obs, state, actions, reward
+        self.next_obs[i], self.next_state[i], self.next_avail[i] = next_obs, next_state, next_avail
+        self.terminated[i], self.truncated[i], self.t[i], self.value_version[i] = terminated, truncated, t, -1
+        self.ptr = (i + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size, rng):
+        """Uniform over stored transitions whose window is intact: once the buffer wraps, the
+        W oldest slots may have lost the start of their window (W-1 earlier observations plus the
+        previous action before the first of them) and are skipped."""
+        if self.size < self.capacity:
+            return rng.integers(0, self.size, batch_size)
+        return (self.ptr + rng.integers(self.window, self.capacity, batch_size)) % self.capacity
+
+    def windows(self, idx):
+        """Current windows (ending at t) and next windows (ending at t+1) of slots idx:
+        obs (W, B, N, obs_dim) and previous actions (W, B, N), both pairs."""
+        d = np.arange(1 - self.window, 1)  # offsets -(W-1) .. 0
+        src = (idx[None, :] + d[:, None]) % self.capacity  # (W, B)
+        tau = self.t[idx][None, :] + d[:, None]  # time step of each window position
+        obs_w = np.where((tau >= 0)[..., None, None], self.obs[src], 0.0).astype(np.float32)
+        prev_w = np.where((tau >= 1)[..., None], self.actions[(src - 1) % self.capacity], 0)
+        next_obs_w = np.concatenate([obs_w[1:], self.next_obs[idx][None]], 0)
+        next_prev_w = np.concatenate([prev_w[1:], self.actions[idx][None]], 0)
+        return obs_w, prev_w, next_obs_w, next_prev_w
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    args.train_config = args.train_config or envs.default_config(args.env)
+    starcraft = args.env in envs.STARCRAFT_ENV_IDS
+    for key, value in STARCRAFT_DEFAULTS.items() if starcraft else ():
+        if getattr(args, key) == getattr(Args, key):
+            setattr(args, key, value)
+    run_name = args.run_name or f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    writer = SummaryWriter(run_dir)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+
+    # Seeding: python, numpy, torch and the environment (days, exploration) from one --seed
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True)
+    rng = np.random.default_rng(args.seed)
+    device = torch.device(args.device)
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+
+    # Environment
+    env = envs.make_env(args.env, args.train_config, seed=args.seed)
+    N, A = env.n_agents, env.n_actions
+    episode_steps = min(args.episode_steps or env.episode_limit, env.episode_limit)
+    day_lo, day_hi = (int(x) for x in args.train_days.split(":"))
+
+    # Alg. 6 l.3-5: Q_i and mixer f with parameters theta, target theta- = theta
+    q_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params).to(device)
+    mixer = QMixer(N, env.state_dim, args.mixing_embed_dim).to(device)
+    params = list(q_network.parameters()) + list(mixer.parameters())
+    # One optimiser over agents and mixer: RMSprop in the paper (F.2), Adam in the released QMIX code
+    opt_class = torch.optim.RMSprop if args.optimizer == "rmsprop" else torch.optim.Adam
+    optimizer = opt_class(params, lr=args.learning_rate, foreach=True)
+    target_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    target_mixer = QMixer(N, env.state_dim, args.mixing_embed_dim).to(device)
+    target_mixer.load_state_dict(mixer.state_dict())
+    target_version = 0
+    # Alg. 6 l.4: dual network eta_xi with parameters xi, its own Adam (paper F.2)
+    dual_network = DualNetwork(env.state_dim, N, A, args.dual_hidden_dim).to(device)
+    dual_optimizer = torch.optim.Adam(dual_network.parameters(), lr=args.dual_learning_rate, foreach=True)
+
+    # Alg. 6 l.2: replay buffer D
+    rb = ReplayBuffer(args.buffer_size, N, env.obs_dim, env.state_dim, A, args.window)
+    history = History(1, args.window, N, env.obs_dim)
+
+    @torch.no_grad()
+    def target_values(idx):
+        """Q_tot(h', a_bar'; theta-) = f_theta-((max_{a available} Q_i(h'_i, a; theta-))_i, s') (Alg. 6 l.16, l.18).
+        Exact to cache: the target agents AND the target mixer change only at the hard copy."""
+        _, _, next_obs_w, next_prev_w = rb.windows(idx)
+        q_next = target_network.greedy_q(torch.from_numpy(next_obs_w).to(device), torch.from_numpy(next_prev_w).to(device))
+        avail = torch.from_numpy(rb.next_avail[idx]).to(device)
+        q_bar = q_next.masked_fill(~avail, -float("inf")).max(-1).values  # Q_i(h'_i, a_bar'_i; theta-)
+        return target_mixer(q_bar, torch.from_numpy(rb.next_state[idx]).to(device)).cpu().numpy()
+
+    def dual_eta(idx, next_v):
+        """eta_xi(s, a) of transitions idx: (raw, clamped to Eq. (10)'s range); --no-eta-clamp (released code): raw."""
+        eta = dual_network(torch.from_numpy(rb.state[idx]).to(device), torch.from_numpy(rb.actions[idx]).to(device))
+        return eta, (eta.clamp(*eta_bounds(next_v, args.gamma, args.rho, args.worst_value)) if args.eta_clamp else eta)
+
+    start_time = stretch_time = time.time()
+    global_step, n_updates, recent = 0, 0, []
+    stretch_steps = stretch_updates = 0
+    next_eval = args.eval_every
+    update_time = 0.0  # seconds spent in gradient steps since the last progress line
+    for episode in range(args.total_episodes):  # Alg. 6 l.6
+        day = episode if starcraft else int(rng.integers(day_lo, day_hi))  # StarCraft: episode id
+        obs, state, avail = env.reset(day)  # Alg. 6 l.7
+        history.reset(obs[None])
+        episode_return = 0.0
+        for t in range(episode_steps):  # Alg. 6 l.8
+            # Alg. 6 l.9: each agent picks its action epsilon-greedily (masked to available actions)
+            epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, global_step)
+            with torch.no_grad():
+                q = q_network.greedy_q(*history.tensors(device))[0]
+            greedy = masked_argmax(q, torch.from_numpy(avail).to(device)).cpu().numpy()
+            random_actions = np.argmax(rng.random((N, A)) * avail, axis=1)  # uniform over available
+            coins = rng.random(1).repeat(N) if args.single_coin else rng.random(N)
+            actions = np.where(coins < epsilon, random_actions, greedy)
+
+            # Alg. 6 l.10: step the joint action
+            next_obs, next_state, next_avail, reward, terminated, truncated, info = env.step(actions)
+            truncated = truncated or t == episode_steps - 1
+            episode_return += reward
+            # Alg. 6 l.11: store (h, a, r, h'); windows are rebuilt from single transitions
+            rb.add(obs, state, actions, reward, next_obs, next_state, next_avail, terminated, truncated, t)
+            history.push(next_obs[None], actions[None])
+            obs, state, avail = next_obs, next_state, next_avail
+            global_step += 1
+
+            if global_step > args.learning_starts and global_step % args.train_frequency == 0:
+                update_start = time.perf_counter()
+                # Alg. 6 l.12 and l.15: two independent minibatches, drawn together (the buffer does not
+                # change in between, so this is the same draw) so one call refreshes both caches
+                idx = rb.sample(2 * args.batch_size, rng)
+                stale = rb.value_version[idx] != target_version
+                if stale.any():
+                    rb.next_value[idx[stale]] = target_values(idx[stale])
+                    rb.value_version[idx[stale]] = target_version
+                dual_idx, idx = idx[: args.batch_size], idx[args.batch_size :]
+                dual_v = torch.from_numpy(rb.next_value[dual_idx]).to(device)  # V' = Q_tot(h', a_bar'; theta-)
+                live = 1.0 - torch.from_numpy(rb.terminated[dual_idx]).to(device)  # terminated: no dual term
+                raw_eta, eta = dual_eta(dual_idx, dual_v)
+                d_loss = dual_loss(eta, dual_v, args.rho, args.worst_value, args.dual_loss, live, raw_eta)
+                dual_optimizer.zero_grad()
+                d_loss.backward()  # Alg. 6 l.13
+                dual_optimizer.step()  # Alg. 6 l.14
+                obs_w, prev_w, _, _ = rb.windows(idx)
+                q = q_network(torch.from_numpy(obs_w).to(device), torch.from_numpy(prev_w).to(device))
+                actions_b = torch.from_numpy(rb.actions[idx]).to(device)
+                q_taken = q.gather(-1, actions_b.unsqueeze(-1)).squeeze(-1)
+                q_tot = mixer(q_taken, torch.from_numpy(rb.state[idx]).to(device))  # Alg. 6 l.17: f_theta(Q_i, s)
+                with torch.no_grad():
+                    next_v = torch.from_numpy(rb.next_value[idx]).to(device)  # l.18 (cached)
+                    r_b = torch.from_numpy(rb.reward[idx]).to(device)
+                    terminated_b = torch.from_numpy(rb.terminated[idx]).to(device)  # truncation bootstraps
+                    eta = dual_eta(idx, next_v)[1]  # eta_xi(s, a) of this minibatch, clamped, no gradient
+                    y = robust_target(r_b, next_v, eta, terminated_b, args.gamma, args.rho, args.worst_value)  # l.19
+                td_loss = F.mse_loss(q_tot, y)  # Alg. 6 l.20
+                optimizer.zero_grad()
+                td_loss.backward()  # Alg. 6 l.21
+                if args.max_grad_norm > 0:
+                    grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True)  # agents + mixer
+                else:
+                    grad_norm = torch.zeros(())
+                optimizer.step()
+                n_updates += 1
+                update_time += time.perf_counter() - update_start
+                if n_updates % 100 == 0:
+                    writer.add_scalar("losses/td_loss", td_loss.item(), global_step)
+                    writer.add_scalar("losses/q_taken_mean", q_taken.mean().item(), global_step)
+                    writer.add_scalar("losses/target_mean", y.mean().item(), global_step)
+                    writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
+                    writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+                    writer.add_scalar("charts/epsilon", epsilon, global_step)
+                    writer.add_scalar("robust/eta_mean", eta.mean().item(), global_step)
+                    writer.add_scalar("robust/eta_min", eta.min().item(), global_step)
+                    writer.add_scalar("robust/eta_max", eta.max().item(), global_step)
+                    writer.add_scalar("robust/dual_loss", d_loss.item(), global_step)
+
+            if global_step % args.target_network_frequency == 0:  # Alg. 6 l.22: theta- <- theta
+                target_network.load_state_dict(q_network.state_dict())
+                target_mixer.load_state_dict(mixer.state_dict())
+                target_version += 1
+            if terminated or truncated:
+                break
+
+        writer.add_scalar("charts/episodic_return", episode_return, global_step)
+        if args.env == "building":
+            writer.add_scalar("charts/normalised_return", envs.normalised_return(episode_return), global_step)
+        recent.append(episode_return)
+        if starcraft and args.eval_every and global_step >= next_eval:  # Sec. 5.2, between episodes
+            result = evaluation.evaluate_starcraft(sys.modules[__name__], q_network, env, args.eval_episodes,
+                                                   args.eval_sigma, args.seed, args.window, device)
+            for key, value in result.items():
+                writer.add_scalar(f"eval/{key}", value, global_step)
+            evaluation.append_jsonl(os.path.join(run_dir, "eval.jsonl"), {"step": global_step, **result})
+            print(f"eval at {global_step} steps | win rate clean {result['win_rate_clean']:.3f} "
+                  f"| noisy {result['win_rate_noisy']:.3f}", flush=True)
+            next_eval += args.eval_every
+        if starcraft:
+            writer.add_scalar("charts/battle_won", float(info.get("battle_won", False)), global_step)
+        done_training = episode + 1 == args.total_episodes or 0 < args.total_steps <= global_step
+        if (episode + 1) % args.log_every == 0 or done_training:
+            now = time.time()
+            fraction = max((episode + 1) / args.total_episodes, global_step / args.total_steps if args.total_steps else 0)
+            left = (now - start_time) * (1 - fraction) / fraction
+            n_up = n_updates - stretch_updates
+            print(f"episode {episode + 1}/{args.total_episodes} | return {np.mean(recent):.1f} | epsilon {epsilon:.3f} "
+                  f"| SPS {(global_step - stretch_steps) / (now - stretch_time):.0f} "
+                  f"| updates/s {n_up / (now - stretch_time):.1f} | update {1000 * update_time / max(n_up, 1):.2f} ms "
+                  f"| left {left / 60:.1f} min", flush=True)
+            recent, stretch_time, stretch_steps, stretch_updates, update_time = [], now, global_step, n_updates, 0.0
+        if done_training:
+            break
+
+    if args.save_model:  # weights, args and env config, written atomically
+        path = os.path.join(run_dir, "model.pt")
+        checkpoint = {
+            "format": "drigm-checkpoint-v1",
+            "algo": os.path.basename(__file__)[: -len(".py")],  # eval.py imports algos/<algo>.py
+            "args": vars(args),
+            "env": {"env": args.env, "config": args.train_config, "n_agents": N, "n_actions": A,
+                    "obs_dim": env.obs_dim, "state_dim": env.state_dim},
+            "q_network": q_network.state_dict(),
+            "dual": dual_network.state_dict(),
+            "mixer": mixer.state_dict(),
+        }
+        torch.save(checkpoint, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        print(f"model saved to {path}")
+    writer.close()

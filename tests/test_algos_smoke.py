@@ -1,0 +1,147 @@
+"""End-to-end runs of the five variant scripts (QMIX/QTRAN rho, VDN/QMIX/QTRAN TV) with a tiny budget.
+
+One session fixture starts every run (a few at a time) and the tests read the results:
+* seed 1 twice and seed 2 once, per script: exit 0, progress line, model.pt with the expected keys
+  that load into the script's own classes; same seed -> identical weights (so identical losses at
+  every update) and identical returns, different seed -> different weights;
+* once with the non-default flags (batch-min, squared dual loss, no eta clamp, adam, shared params);
+* eval.py on each checkpoint, when eval.py exists;
+* bad input: one "error:" line naming the flag, exit != 0, no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+from conftest import ROOT, describe, import_file, run_parallel
+
+SCRIPTS = ["robust_qmix_rho", "robust_qtran_rho", "robust_vdn_tv", "robust_qmix_tv", "robust_qtran_tv"]
+EXTRA_KEYS = {"robust_qmix_rho": {"mixer"}, "robust_qtran_rho": {"joint"}, "robust_vdn_tv": {"dual"},
+              "robust_qmix_tv": {"mixer", "dual"}, "robust_qtran_tv": {"joint", "dual"}}
+TINY = ["--total-episodes", "2", "--episode-steps", "20", "--learning-starts", "8", "--batch-size", "8",
+        "--buffer-size", "200", "--torch-threads", "1", "--log-every", "1"]
+VARIANT_FLAGS = {
+    "robust_qmix_rho": ["--worst-value", "batch-min", "--optimizer", "adam", "--rho", "0.1"],
+    "robust_qtran_rho": ["--worst-value", "batch-min", "--share-params", "--rho", "0.1"],
+    "robust_vdn_tv": ["--worst-value", "batch-min", "--dual-loss", "squared", "--no-eta-clamp"],
+    "robust_qmix_tv": ["--worst-value", "batch-min", "--dual-loss", "squared", "--optimizer", "adam", "--rho", "1.0"],
+    "robust_qtran_tv": ["--worst-value", "batch-min", "--no-eta-clamp", "--share-params"],
+}
+BAD_INPUT = {  # script -> [(args, flag the error line must name)]
+    "robust_qmix_rho": [(["--rho", "1.0"], "--rho"), (["--worst-value", "max"], "--worst-value"),
+                        (["--optimizer", "sgd"], "--optimizer")],
+    "robust_qtran_rho": [(["--rho", "-0.1"], "--rho"), (["--worst-value", "max"], "--worst-value")],
+    "robust_vdn_tv": [(["--rho", "0"], "--rho"), (["--dual-loss", "cubic"], "--dual-loss"),
+                      (["--worst-value", "max"], "--worst-value")],
+    "robust_qmix_tv": [(["--rho", "1.5"], "--rho"), (["--dual-loss", "cubic"], "--dual-loss"),
+                       (["--optimizer", "sgd"], "--optimizer")],
+    "robust_qtran_tv": [(["--rho", "0"], "--rho"), (["--worst-value", "max"], "--worst-value"),
+                        (["--dual-loss", "cubic"], "--dual-loss")],
+}
+PROGRESS = re.compile(r"episode (\d+)/(\d+) \| return (-?[\d.]+) \| epsilon [\d.]+ \| SPS \d+ \| updates/s [\d.]+ "
+                      r"\| update [\d.]+ ms \| left [\d.]+ min")
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """Every training run, in parallel: {(script, tag): (proc, run dir)}."""
+    cwd = str(tmp_path_factory.mktemp("smoke"))
+    plan = {}
+    for s in SCRIPTS:
+        plan[(s, "a")] = ["--seed", "1", "--save-model"]
+        plan[(s, "b")] = ["--seed", "1", "--save-model"]
+        plan[(s, "c")] = ["--seed", "2", "--save-model"]
+        plan[(s, "variant")] = ["--seed", "3", "--save-model", *VARIANT_FLAGS[s]]
+    jobs = [(f"algos/{s}.py", [*TINY, *extra, "--run-name", f"{s}_{tag}"], cwd) for (s, tag), extra in plan.items()]
+    procs = run_parallel(jobs, workers=2)
+    return {key: (proc, os.path.join(cwd, "runs", f"{key[0]}_{key[1]}")) for key, proc in zip(plan, procs)}
+
+
+def load(run):
+    proc, run_dir = run
+    assert proc.returncode == 0, describe(proc)
+    path = os.path.join(run_dir, "model.pt")
+    assert os.path.isfile(path), describe(proc)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def tensors(ckpt):
+    return {f"{part}.{k}": v for part in ("q_network", "mixer", "joint", "dual") if part in ckpt for k, v in ckpt[part].items()}
+
+
+def returns(run):
+    return [float(m.group(3)) for m in PROGRESS.finditer(run[0].stdout)]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_smoke_run_and_checkpoint(runs, script):
+    run = runs[(script, "a")]
+    ckpt = load(run)
+    lines = PROGRESS.findall(run[0].stdout)
+    assert [(e, t) for e, t, _ in lines] == [("1", "2"), ("2", "2")], describe(run[0])
+    assert set(ckpt) == {"format", "algo", "args", "env", "q_network"} | EXTRA_KEYS[script]
+    assert ckpt["format"] == "drigm-checkpoint-v1" and ckpt["algo"] == script
+    # the weights load into the script's own classes
+    mod = import_file(f"{script}_under_test", f"algos/{script}.py")
+    a, e = ckpt["args"], ckpt["env"]
+    net = mod.QNetworks(e["n_agents"], e["obs_dim"], e["n_actions"], a["hidden_dim"], a["share_params"])
+    net.load_state_dict(ckpt["q_network"])
+    if "mixer" in ckpt:
+        mod.QMixer(e["n_agents"], e["state_dim"], a["mixing_embed_dim"]).load_state_dict(ckpt["mixer"])
+    if "joint" in ckpt:
+        mod.QTranNetworks(e["n_agents"], e["n_actions"], e["state_dim"], a["hidden_dim"]).load_state_dict(ckpt["joint"])
+    if "dual" in ckpt:
+        mod.DualNetwork(e["state_dim"], e["n_agents"], e["n_actions"], a["dual_hidden_dim"]).load_state_dict(ckpt["dual"])
+    # training moved the weights away from a fresh initialisation of the same seed
+    torch.manual_seed(a["seed"])
+    fresh = mod.QNetworks(e["n_agents"], e["obs_dim"], e["n_actions"], a["hidden_dim"], a["share_params"])
+    assert any(not torch.equal(v, fresh.state_dict()[k]) for k, v in ckpt["q_network"].items())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_same_seed_same_run_different_seed_different_run(runs, script):
+    a, b, c = (tensors(load(runs[(script, tag)])) for tag in "abc")
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "same seed, different weights"
+    assert returns(runs[(script, "a")]) == returns(runs[(script, "b")])
+    assert any(not torch.equal(a[k], c[k]) for k in a), "different seeds, same weights"
+    assert returns(runs[(script, "a")]) != returns(runs[(script, "c")])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_non_default_flags_run(runs, script):
+    ckpt = load(runs[(script, "variant")])
+    assert ckpt["args"]["worst_value"] == "batch-min"
+    assert all(torch.isfinite(v).all() for v in tensors(ckpt).values())
+
+
+def test_eval_reads_every_checkpoint(runs, tmp_path):
+    if not os.path.isfile(os.path.join(ROOT, "eval.py")):
+        pytest.skip("eval.py not written yet")
+    jobs = []
+    for script in SCRIPTS:
+        load(runs[(script, "a")])
+        ckpt = os.path.join(runs[(script, "a")][1], "model.pt")
+        out = str(tmp_path / f"{script}.json")
+        jobs.append(("eval.py", ["--checkpoints", ckpt, "--protocol", "custom", "--configs", "env_1", "--days", "0:2",
+                                 "--episode-steps", "20", "--out", out], str(tmp_path)))
+    for (_, job_args, _), proc in zip(jobs, run_parallel(jobs, workers=2)):
+        assert proc.returncode == 0, describe(proc)
+        assert os.path.isfile(job_args[-1]), describe(proc)
+
+
+def test_bad_input_gives_one_error_line(tmp_path):
+    jobs, expected = [], []
+    for script, cases in BAD_INPUT.items():
+        for args, flag in cases:
+            jobs.append((f"algos/{script}.py", [*args, "--run-name", "never"], str(tmp_path)))
+            expected.append(flag)
+    for proc, flag in zip(run_parallel(jobs, workers=3), expected):
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode != 0, describe(proc)
+        assert "Traceback" not in proc.stderr, describe(proc)
+        assert len(lines) == 1 and lines[0].startswith("error:") and flag in lines[0], describe(proc)
+    assert not os.path.exists(tmp_path / "runs" / "never")  # nothing started

@@ -1,0 +1,238 @@
+"""ReplayBuffer windows of algos/robust_vdn_rho.py against a ground truth kept by the test.
+
+Ground truth for a transition at step t of an episode (window W):
+  current window positions tau = t-W+1 .. t:  obs_tau (zero if tau < 0), prev action a_{tau-1}
+  (index 0 if tau < 1);  next window positions tau = t-W+2 .. t+1, with obs_{t+1} = next_obs_t.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import envs
+
+N, OBS, STATE, A = 6, 5, 10, 200
+
+
+def make_rb(vdn, capacity, window):
+    return vdn.ReplayBuffer(capacity, N, OBS, STATE, A, window)
+
+
+class Truth:
+    """Every transition ever added, by global id, with the episode it belongs to."""
+
+    def __init__(self):
+        self.items = []  # dict(ep, t, obs, action, next_obs)
+
+    def add_synthetic(self, rb, ep, length):
+        for t in range(length):
+            g = len(self.items)
+            obs = (1000.0 * (g + 1) + 10.0 * np.arange(N)[:, None] + np.arange(OBS)[None, :]).astype(np.float32)
+            next_obs = obs + 0.5
+            action = 1 + (7 * g + np.arange(N)) % (A - 1)  # never 0: padding is recognisable
+            last = t == length - 1
+            rb.add(obs, np.full(STATE, g, np.float32), action, -float(g), next_obs, np.full(STATE, g + 0.5, np.float32),
+                   np.ones((N, A), bool), 0.0, float(last), t)
+            self.items.append(dict(ep=ep, t=t, obs=obs, action=action, next_obs=next_obs))
+
+    def windows(self, g, W):
+        it = self.items[g]
+        ep_items = [x for x in self.items if x["ep"] == it["ep"]]
+        t = it["t"]
+        obs_seq = [x["obs"] for x in ep_items[: t + 1]] + [it["next_obs"]]  # obs_0 .. obs_{t+1}
+        act_seq = [x["action"] for x in ep_items[: t + 1]]  # a_0 .. a_t
+
+        def win(end):
+            o = np.stack([obs_seq[tau] if tau >= 0 else np.zeros((N, OBS), np.float32) for tau in range(end - W + 1, end + 1)])
+            p = np.stack([act_seq[tau - 1] if tau >= 1 else np.zeros(N, np.int64) for tau in range(end - W + 1, end + 1)])
+            return o, p
+
+        return (*win(t), *win(t + 1))
+
+
+def check_slot(rb, slot, truth, g, W):
+    got = rb.windows(np.array([slot]))
+    exp = truth.windows(g, W)
+    for name, x, y in zip(("obs_w", "prev_w", "next_obs_w", "next_prev_w"), got, exp):
+        assert x.shape[1] == 1
+        np.testing.assert_array_equal(x[:, 0], y, err_msg=f"{name} of slot {slot} (transition {g})")
+
+
+def test_front_padding_and_first_previous_action(vdn):
+    W = 8
+    rb, truth = make_rb(vdn, 50, W), Truth()
+    truth.add_synthetic(rb, 0, 12)
+    obs_w, prev_w, next_obs_w, next_prev_w = rb.windows(np.arange(12))
+    assert obs_w.shape == (W, 12, N, OBS) and prev_w.shape == (W, 12, N)
+    for t in range(W - 1):  # t = 0..6: the first W-1-t positions are padding
+        pad = W - 1 - t
+        assert (obs_w[:pad, t] == 0).all() and (prev_w[:pad, t] == 0).all()
+        np.testing.assert_array_equal(obs_w[pad:, t], np.stack([truth.items[k]["obs"] for k in range(t + 1)]))
+        assert (obs_w[pad:, t] != 0).all()
+        # first real position: previous action index 0 (t = 0 of the episode)
+        assert (prev_w[pad, t] == 0).all()
+        if t > 0:
+            np.testing.assert_array_equal(prev_w[pad + 1:, t], np.stack([truth.items[k]["action"] for k in range(t)]))
+    assert (prev_w[-1, 0] == 0).all()  # t = 0: previous action is 0
+    assert (obs_w[:, 7] != 0).all() and (prev_w[1:, 7] != 0).all() and (prev_w[0, 7] == 0).all()  # t = 7
+    assert (prev_w[:, 8] != 0).all()  # t = 8: no padding at all
+    for g in range(12):
+        check_slot(rb, g, truth, g, W)
+
+
+def test_next_window_is_shifted_current_window(vdn):
+    W = 8
+    rb, truth = make_rb(vdn, 60, W), Truth()
+    truth.add_synthetic(rb, 0, 15)
+    truth.add_synthetic(rb, 1, 10)
+    idx = np.arange(25)
+    obs_w, prev_w, next_obs_w, next_prev_w = rb.windows(idx)
+    np.testing.assert_array_equal(next_obs_w[:-1], obs_w[1:])
+    np.testing.assert_array_equal(next_prev_w[:-1], prev_w[1:])
+    np.testing.assert_array_equal(next_obs_w[-1], rb.next_obs[idx])
+    np.testing.assert_array_equal(next_prev_w[-1], rb.actions[idx])
+    # within an episode the next window of t is the current window of t+1
+    for g in list(range(14)) + list(range(15, 24)):
+        np.testing.assert_array_equal(next_prev_w[:, g], prev_w[:, g + 1])
+    # ... but not across episodes: episode 1 starts with padding
+    assert (obs_w[:-1, 15] == 0).all() and (prev_w[:, 15] == 0).all()
+    for g in range(25):
+        check_slot(rb, g, truth, g, W)
+
+
+def real_rollout(vdn, rb, history_log, days, steps, seed=0, W=8):
+    """Act through real episodes as the training loop does (History for acting, rb.add for storage);
+    log the History window before acting at every t and after pushing the next observation."""
+    env = envs.make_env("building", "env_1")
+    rng = np.random.default_rng(seed)
+    history = vdn.History(1, W, env.n_agents, env.obs_dim)
+    for day in days:
+        obs, state, avail = env.reset(day)
+        history.reset(obs[None])
+        for t in range(steps):
+            before = (history.obs[:, 0].copy(), history.prev_a[:, 0].copy())
+            actions = rng.integers(0, A, N)
+            next_obs, next_state, next_avail, reward, terminated, truncated, _ = env.step(actions)
+            truncated = truncated or t == steps - 1
+            rb.add(obs, state, actions, reward, next_obs, next_state, next_avail, terminated, truncated, t)
+            history.push(next_obs[None], actions[None])
+            after = (history.obs[:, 0].copy(), history.prev_a[:, 0].copy())
+            history_log.append((before, after, actions, next_obs, reward, truncated))
+            obs, state, avail = next_obs, next_state, next_avail
+            if terminated or truncated:
+                break
+
+
+def test_windows_equal_history_through_real_episodes(vdn):
+    W = 8
+    rb, log = make_rb(vdn, 100, W), []
+    real_rollout(vdn, rb, log, days=[3, 150], steps=13, W=W)
+    assert rb.size == 26
+    for slot, (before, after, *_rest) in enumerate(log):
+        obs_w, prev_w, next_obs_w, next_prev_w = rb.windows(np.array([slot]))
+        np.testing.assert_array_equal(obs_w[:, 0], before[0], err_msg=f"obs window, slot {slot}")
+        np.testing.assert_array_equal(prev_w[:, 0], before[1], err_msg=f"prev-action window, slot {slot}")
+        np.testing.assert_array_equal(next_obs_w[:, 0], after[0], err_msg=f"next obs window, slot {slot}")
+        np.testing.assert_array_equal(next_prev_w[:, 0], after[1], err_msg=f"next prev-action window, slot {slot}")
+    # History itself pads as the paper says: zero obs and previous action 0 at t = 0
+    first = log[0][0]
+    assert (first[0][:-1] == 0).all() and (first[1] == 0).all() and (first[0][-1] != 0).any()
+
+
+def test_final_transition_of_real_episode_is_stored(vdn):
+    """A full 288-step day: the last transition is in the buffer with truncated=1, terminated=0."""
+    rb, log = make_rb(vdn, 300, 8), []
+    real_rollout(vdn, rb, log, days=[77], steps=288)
+    assert rb.size == 288 and len(log) == 288
+    assert rb.t[287] == 287
+    assert rb.truncated[287] == 1.0 and rb.terminated[287] == 0.0
+    assert (rb.truncated[:287] == 0).all() and (rb.terminated[:288] == 0).all()
+    np.testing.assert_array_equal(rb.next_obs[287], log[-1][3])
+    assert rb.reward[287] == np.float32(log[-1][4])
+    _, _, next_obs_w, next_prev_w = rb.windows(np.array([287]))
+    np.testing.assert_array_equal(next_obs_w[:, 0], log[-1][1][0])
+    np.testing.assert_array_equal(next_prev_w[:, 0], log[-1][1][1])
+
+
+def slot_owner(n_added, capacity):
+    """slot -> global id of the transition it holds now."""
+    return {g % capacity: g for g in range(max(0, n_added - capacity), n_added)}
+
+
+def window_intact(truth, g, n_added, capacity, W):
+    """True when every transition the current and next windows of g read is still stored: the
+    window positions back to max(0, t-W+1) and the previous action before the first of them."""
+    t = truth.items[g]["t"]
+    first_needed = g - min(t, W)  # obs from t-W+1, previous action from t-W (if those exist)
+    return first_needed >= n_added - capacity
+
+
+@pytest.mark.parametrize("W,capacity", [(4, 23), (8, 37), (3, 10)])
+def test_sample_after_wrap_never_reads_overwritten_data(vdn, W, capacity):
+    rb, truth = make_rb(vdn, capacity, W), Truth()
+    rng = np.random.default_rng(W)
+    lengths = [5, 12, 3, 17, 9, 20, 6, 11, 14, 8]
+    n_added = 0
+    for ep, length in enumerate(lengths):
+        for _ in range(length):
+            # add one transition at a time and sample after each
+            t = sum(1 for x in truth.items if x["ep"] == ep)
+            g = len(truth.items)
+            obs = (1000.0 * (g + 1) + 10.0 * np.arange(N)[:, None] + np.arange(OBS)[None, :]).astype(np.float32)
+            action = 1 + (7 * g + np.arange(N)) % (A - 1)
+            rb.add(obs, np.zeros(STATE, np.float32), action, 0.0, obs + 0.5, np.zeros(STATE, np.float32),
+                   np.ones((N, A), bool), 0.0, float(t == length - 1), t)
+            truth.items.append(dict(ep=ep, t=t, obs=obs, action=action, next_obs=obs + 0.5))
+            n_added += 1
+            owner = slot_owner(n_added, capacity)
+            idx = rb.sample(400, rng)
+            assert ((0 <= idx) & (idx < capacity)).all()
+            assert set(idx.tolist()) <= set(owner)  # only filled slots
+            for slot in np.unique(idx):
+                g_slot = owner[int(slot)]
+                assert window_intact(truth, g_slot, n_added, capacity, W), (
+                    f"sampled slot {slot} (transition {g_slot}, t={truth.items[g_slot]['t']}) whose window lost data "
+                    f"after the buffer wrapped (n_added={n_added}, capacity={capacity}, W={W})")
+                check_slot(rb, int(slot), truth, g_slot, W)
+            if n_added >= capacity:
+                # sample is not overly strict: every slot but the W oldest can be drawn
+                oldest = {(rb.ptr + k) % capacity for k in range(W)}
+                drawn = set(rb.sample(40 * capacity, rng).tolist())
+                assert set(range(capacity)) - oldest <= drawn
+    assert n_added > 2 * capacity
+
+
+def test_windows_of_all_intact_slots_after_wrap(vdn):
+    """Direct check of windows() on every slot whose data is intact after several wraps."""
+    W, capacity = 8, 30
+    rb, truth = make_rb(vdn, capacity, W), Truth()
+    for ep, length in enumerate([9, 25, 4, 31, 16]):
+        truth.add_synthetic(rb, ep, length)
+    n_added = len(truth.items)
+    for slot, g in slot_owner(n_added, capacity).items():
+        if window_intact(truth, g, n_added, capacity, W):
+            check_slot(rb, slot, truth, g, W)
+
+
+def test_next_value_cache_versions(vdn):
+    """add() marks a (re)written slot as never computed (-1); the training loop's rule
+    stale = value_version[idx] != target_version then recomputes exactly those."""
+    W, capacity = 4, 10
+    rb, truth = make_rb(vdn, capacity, W), Truth()
+    truth.add_synthetic(rb, 0, 6)
+    assert (rb.value_version[:6] == -1).all()
+    # the loop: compute stale slots with version 0 of theta-
+    net = vdn.QNetworks(N, OBS, A, 8)
+    with torch.no_grad():
+        for agent in net.agents:
+            agent.fc_out.weight.zero_()
+            agent.fc_out.bias.copy_(torch.linspace(-1, 0, A))  # max = 0 for every agent
+    idx = np.arange(6)
+    stale = rb.value_version[idx] != 0
+    rb.next_value[idx[stale]] = -1.0
+    rb.value_version[idx[stale]] = 0
+    assert stale.all()
+    assert not (rb.value_version[idx] != 0).any()  # nothing stale until the next hard copy
+    truth.add_synthetic(rb, 1, 7)  # 13 transitions: slots 6..9 new, slots 0..2 overwritten
+    assert rb.value_version.tolist() == [-1, -1, -1, 0, 0, 0, -1, -1, -1, -1]
+    assert (rb.value_version != 1).all()  # a new target version makes every slot stale

@@ -1,0 +1,270 @@
+"""GroupDR baseline (paper F.2): algos/groupdr_estimator.py (stage 1) and algos/groupdr_{vdn,qmix,qtran}.py.
+
+* the estimator's network and fit: it recovers synthetic per-environment reward functions, its
+  first layer is a Linear on [standardised s, one-hot a_1..a_N, t / 288], and r_tilde is the
+  minimum over heads taken per sample;
+* the GroupDR TD target uses r_tilde, never the observed reward, and no rho;
+* end to end with tiny budgets (subprocesses in a tmp cwd): a VDN behaviour policy, the estimator,
+  the three GroupDR scripts, then eval.py on each checkpoint; every training process reports, through
+  envs.BUILD_LOG, that it built env_1..env_5 and never env_6;
+* bad input (missing, garbage, foreign, mismatched estimator checkpoint; env_6 asked for): exit != 0
+  with one stderr line starting with "error:", no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, _subprocess_env, describe, import_file, run_py
+
+TRAIN = ["env_1", "env_2", "env_3", "env_4", "env_5"]
+GROUPDR = ["groupdr_vdn", "groupdr_qmix", "groupdr_qtran"]
+TINY = ["--episode-steps", "20", "--learning-starts", "8", "--batch-size", "8", "--buffer-size", "100",
+        "--torch-threads", "1"]
+
+# One subprocess that runs several repository scripts one after the other, each as __main__ with
+# its own argv (interpreter start-up and the torch/sustaingym imports are paid once, not per stage),
+# and after each prints its exit status and the configs envs.make_env built during it: the
+# scripts' `import envs` is this very module, so envs.BUILD_LOG sees every construction.
+CHAIN = """\
+import json, runpy, sys, traceback
+import envs
+for argv in json.loads(sys.argv[1]):
+    envs.BUILD_LOG.clear()
+    sys.argv = argv
+    code = 0
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    print("RESULT " + json.dumps({"script": argv[0], "rc": code, "built": sorted({c for _, c in envs.BUILD_LOG})}), flush=True)
+    if code:
+        break
+"""
+
+
+@pytest.fixture(scope="module")
+def est():
+    return import_file("groupdr_estimator_under_test", "algos/groupdr_estimator.py")
+
+
+def run_chain(tmp, stages, timeout=240):
+    """stages: [(script, args)] run in order by CHAIN in one subprocess with cwd tmp ->
+    (CompletedProcess, {script name: {"rc": exit status, "built": configs built}})."""
+    wrapper = os.path.join(tmp, "chain.py")
+    with open(wrapper, "w") as f:
+        f.write(CHAIN)
+    argvs = [[os.path.join(ROOT, script), *map(str, args)] for script, args in stages]
+    proc = subprocess.run([sys.executable, wrapper, json.dumps(argvs)], cwd=tmp, capture_output=True, text=True,
+                          timeout=timeout, env=_subprocess_env())
+    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    return proc, {os.path.basename(r["script"])[: -len(".py")]: r for r in results}
+
+
+def assert_one_error_line(proc, *needles):
+    assert proc.returncode != 0, describe(proc)
+    assert "Traceback" not in proc.stderr, describe(proc)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), describe(proc)
+    for needle in needles:
+        assert needle in lines[0], describe(proc)
+
+
+def run_main_in_process(script, args, cwd, monkeypatch, capsys) -> subprocess.CompletedProcess:
+    """ROOT/script as __main__ in this process (no interpreter start-up: a few ms instead of ~2 s of
+    torch import), expecting it to stop through envs.fail. Any other exception propagates, i.e. the
+    process would have printed a traceback. Torch's global settings are restored afterwards."""
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    code = exit_info.value.code
+    return subprocess.CompletedProcess([script, *args], code if isinstance(code, int) else 1, out.out, out.err)
+
+
+# ------------------------------------------ unit tests -----------------------------------------
+
+
+def test_first_layer_is_linear_on_state_onehot_actions_and_t_over_288(est):
+    torch.manual_seed(0)
+    net = est.RewardEstimator(state_dim=3, n_agents=2, n_actions=4, n_heads=2, hidden_dim=8, time_norm=288.0)
+    states = torch.randn(50, 3) * 5 + 20
+    net.set_normalisation(states, torch.randn(50) * 3 - 30)
+    a = torch.randint(0, 4, (7, 2))
+    t = torch.randint(0, 288, (7,))
+    s = states[:7]
+    x = torch.cat([(s - net.state_mean) / net.state_std, torch.nn.functional.one_hot(a, 4).flatten(1).float(),
+                   (t.float() / 288.0)[:, None]], 1)
+    want = net.heads(torch.relu(net.fc2(torch.relu(net.fc1(x))))) * net.reward_std + net.reward_mean
+    torch.testing.assert_close(net(s, a, t), want, rtol=1e-5, atol=1e-4)
+
+
+def test_estimator_fits_synthetic_per_environment_rewards(est):
+    """r_k(s, a, t) = w_k . s + sum_i c_k[i, a_i] + d_k * t / T: linear, different in every k."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    K, D, N, A, T, n = 3, 4, 2, 5, 20, 3000
+    w, c, d = rng.normal(size=(K, D)), rng.normal(size=(K, N, A)), rng.normal(size=K) * 3
+    data = []
+    for k in range(K):
+        s = rng.normal(size=(n, D)).astype(np.float32) * 2 + 10 * k  # each env its own state region
+        a = rng.integers(0, A, (n, N))
+        t = rng.integers(0, T, n)
+        r = s @ w[k] + c[k, np.arange(N), a].sum(-1) + d[k] * t / T - 50
+        data.append({"state": s, "actions": a, "t": t, "reward": r.astype(np.float32)})
+    net = est.RewardEstimator(D, N, A, K, hidden_dim=64, time_norm=T)
+    fit = est.fit_estimator(net, data, steps=1500, batch_size=128, learning_rate=3e-3, val_fraction=0.2, rng=rng)
+    for k in range(K):  # held-out error small against each environment's reward variance
+        assert fit["val_mse"][k] < 0.02 * fit["reward_var"][k], fit
+    # each head answers for its own environment: the others' functions differ
+    s, a, t = (torch.from_numpy(np.asarray(data[0][key][:200])) for key in ("state", "actions", "t"))
+    pred = net(s, a, t)
+    err = (pred - torch.from_numpy(data[0]["reward"][:200])[:, None]).pow(2).mean(0)
+    assert err[0] < 0.05 * err[1:].min(), err
+
+
+def test_worst_case_reward_is_min_over_heads_per_sample(est):
+    """Heads wired to output (s_0, s_1, s_0 + 5): the min must be taken row by row."""
+    net = est.RewardEstimator(state_dim=2, n_agents=2, n_actions=3, n_heads=3, hidden_dim=4, time_norm=288.0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net.fc1.weight[0, 0] = net.fc1.weight[1, 1] = 1.0  # hidden 0 = s_0, hidden 1 = s_1 (s >= 0)
+        net.fc2.weight[0, 0] = net.fc2.weight[1, 1] = 1.0
+        net.heads.weight[0, 0] = net.heads.weight[1, 1] = net.heads.weight[2, 0] = 1.0
+        net.heads.bias[2] = 5.0
+    state = torch.tensor([[1.0, 4.0], [3.0, 2.0], [7.0, 9.0]])
+    actions = torch.zeros(3, 2, dtype=torch.long)
+    t = torch.tensor([0, 100, 287])
+    torch.testing.assert_close(net(state, actions, t), torch.tensor([[1.0, 4.0, 6.0], [3.0, 2.0, 8.0], [7.0, 9.0, 12.0]]))
+    r_tilde = est.worst_case_reward(net, state, actions, t)
+    torch.testing.assert_close(r_tilde, torch.tensor([1.0, 2.0, 7.0]))  # not min of means, not a batch min
+
+
+@pytest.mark.parametrize("name", GROUPDR)
+def test_groupdr_target_uses_r_tilde_and_no_rho(name):
+    mod = import_file(f"{name}_under_test", f"algos/{name}.py")
+    r_tilde, next_v = torch.tensor([-3.0, -1.0]), torch.tensor([-100.0, -50.0])
+    y = mod.groupdr_target(r_tilde, next_v, torch.tensor([0.0, 1.0]), 0.997)
+    torch.testing.assert_close(y, torch.tensor([-3.0 - 99.7, -1.0]))
+    fields = mod.Args.__dataclass_fields__
+    assert "rho" not in fields and "worst_value" not in fields and fields["estimator_checkpoint"].default == ""
+    assert mod.Args().train_configs.split(",") == TRAIN
+    source = open(os.path.join(ROOT, "algos", f"{name}.py")).read()
+    assert "y = groupdr_target(r_tilde, next_v, terminated_b, args.gamma)" in source
+    assert "r_tilde = est.worst_case_reward(estimator, state_b, actions_b, t_b)" in source
+
+
+def test_default_configs_and_env6_refused(est):
+    assert est.parse_configs(est.TRAIN_CONFIGS, allow_env6=False) == TRAIN
+    with pytest.raises(Exception, match="--allow-env6"):
+        est.parse_configs("env_1,env_6", allow_env6=False)
+    assert est.parse_configs("env_1,env_6", allow_env6=True) == ["env_1", "env_6"]
+
+
+# ---------------------------------------- end to end --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Behaviour VDN -> estimator -> the three GroupDR scripts, all tiny, in one tmp cwd."""
+    tmp = str(tmp_path_factory.mktemp("groupdr"))
+    stages = [
+        ("algos/robust_vdn_rho.py", ["--total-episodes", "1", *TINY, "--save-model", "--run-name", "b"]),
+        ("algos/groupdr_estimator.py", ["--behaviour-checkpoint", "runs/b/model.pt", "--episodes-per-config", "2",
+                                        "--parallel-envs", "2", "--episode-steps", "20", "--fit-steps", "20",
+                                        "--fit-batch-size", "16", "--torch-threads", "1", "--run-name", "est"]),
+    ] + [(f"algos/{name}.py", ["--estimator-checkpoint", "runs/est/estimator.pt", "--total-episodes", "2", *TINY,
+                               "--save-model", "--run-name", name]) for name in GROUPDR]
+    proc, results = run_chain(tmp, stages)
+    assert proc.returncode == 0 and len(results) == len(stages), describe(proc)
+    return tmp, proc, results
+
+
+def test_pipeline_trains_on_env_1_to_5_only(pipeline):
+    _, proc, results = pipeline
+    assert all(r["rc"] == 0 for r in results.values()), describe(proc)
+    assert results["robust_vdn_rho"]["built"] == ["env_1"]
+    for name in ["groupdr_estimator", *GROUPDR]:
+        assert results[name]["built"] == TRAIN, (name, results[name])  # every training env built, env_6 never
+    assert "Traceback" not in proc.stderr, describe(proc)
+
+
+def test_estimator_checkpoint_contents(pipeline):
+    tmp, _, _ = pipeline
+    ckpt = torch.load(os.path.join(tmp, "runs/est/estimator.pt"), weights_only=False)
+    assert ckpt["format"] == "drigm-groupdr-estimator-v1"
+    assert ckpt["configs"] == TRAIN and ckpt["time_norm"] == 288.0
+    assert (ckpt["n_agents"], ckpt["n_actions"], ckpt["state_dim"]) == (6, 200, 10)
+    assert ckpt["estimator"]["heads.weight"].shape[0] == 5
+    assert ckpt["behaviour"]["algo"] == "robust_vdn_rho"
+    assert not os.path.exists(os.path.join(tmp, "runs/est/estimator.pt.tmp"))
+
+
+def test_groupdr_checkpoints_evaluate_with_eval_py(pipeline, eval_mod, monkeypatch):
+    """eval.py, unchanged, on each GroupDR checkpoint: in-process one by one (eval.main), then all three
+    in one `python eval.py` process that must exit 0."""
+    tmp, _, _ = pipeline
+    monkeypatch.chdir(tmp)
+    common = ["--protocol", "custom", "--configs", "env_1", "--days", "0:2", "--episode-steps", "20"]
+    for name in GROUPDR:
+        ckpt = torch.load(os.path.join(tmp, "runs", name, "model.pt"), weights_only=False)
+        assert ckpt["format"] == "drigm-checkpoint-v1" and ckpt["algo"] == name
+        assert ckpt["env"]["config"] == ",".join(TRAIN) and ckpt["estimator_configs"] == TRAIN
+        threads = torch.get_num_threads()
+        payload = eval_mod.main(eval_mod.Args(checkpoints=[f"runs/{name}/model.pt"], protocol="custom", configs="env_1",
+                                              days="0:2", episode_steps=20, out=f"results/{name}.json"))
+        torch.set_num_threads(threads)
+        assert len(payload["episodes"]) == 1 and len(payload["episodes"][0]["returns"]) == 2
+    proc = run_py("eval.py", "--checkpoints", *[f"runs/{n}/model.pt" for n in GROUPDR], *common,
+                  "--out", "results/all.json", cwd=tmp)
+    assert proc.returncode == 0, describe(proc)
+    with open(os.path.join(tmp, "results/all.json")) as f:
+        assert [e["checkpoint"] for e in json.load(f)["episodes"]] == [f"runs/{n}/model.pt" for n in GROUPDR]
+
+
+def test_bad_estimator_checkpoints(pipeline, monkeypatch, capsys):
+    tmp, _, _ = pipeline
+    with open(os.path.join(tmp, "garbage.pt"), "wb") as f:
+        f.write(b"this is not a torch file")
+    ckpt = torch.load(os.path.join(tmp, "runs/est/estimator.pt"), weights_only=False)
+    ckpt["n_actions"] = 3
+    torch.save(ckpt, os.path.join(tmp, "mismatched.pt"))
+    cases = [
+        ("groupdr_vdn", [], ["--estimator-checkpoint is required"]),
+        ("groupdr_vdn", ["--estimator-checkpoint", "missing.pt"], ["--estimator-checkpoint", "missing.pt"]),
+        ("groupdr_qmix", ["--estimator-checkpoint", "garbage.pt"], ["--estimator-checkpoint", "cannot read"]),
+        ("groupdr_qtran", ["--estimator-checkpoint", "runs/b/model.pt"], ["--estimator-checkpoint", "not a GroupDR"]),
+        ("groupdr_vdn", ["--estimator-checkpoint", "mismatched.pt"], ["--estimator-checkpoint", "n_actions 3 != 200"]),
+        ("groupdr_vdn", ["--estimator-checkpoint", "runs/est/estimator.pt", "--train-configs", "env_1,env_6"],
+         ["--train-configs", "--allow-env6"]),
+    ]
+    cases += [("groupdr_estimator", ["--configs", "env_1,env_6"], ["--configs", "env_6", "--allow-env6"]),
+              ("groupdr_estimator", [], ["--behaviour-checkpoint", "robust_vdn_rho.py"]),
+              ("groupdr_estimator", ["--behaviour-checkpoint", "garbage.pt"], ["--behaviour-checkpoint", "cannot read"])]
+    for name, args, want in cases:
+        extra = [] if name == "groupdr_estimator" else ["--total-episodes", "1", *TINY]
+        proc = run_main_in_process(f"algos/{name}.py", [*args, *extra], tmp, monkeypatch, capsys)
+        assert_one_error_line(proc, *want)
+    # and once as a real process: exit status != 0, one line, no traceback
+    proc = run_py("algos/groupdr_qmix.py", "--estimator-checkpoint", "mismatched.pt", "--torch-threads", "1", cwd=tmp)
+    assert_one_error_line(proc, "--estimator-checkpoint", "n_actions 3 != 200")
