@@ -130,7 +130,8 @@ def load_checkpoint(path: str, device):
         net.load_state_dict(ckpt["q_network"])
     except (ValueError, RuntimeError, KeyError) as err:
         envs.fail(f"--checkpoints: '{path}' does not match its network: {str(err).splitlines()[0]}")
-    label = f"{ckpt['algo']} rho={a.get('rho')}" + (f" {a['worst_value']}" if a.get("worst_value", "zero") != "zero" else "")
+    label = ckpt["algo"] + (f" rho={a['rho']}" if "rho" in a else "")  # GroupDR has no rho
+    label += f" {a['worst_value']}" if a.get("worst_value", "zero") != "zero" else ""
     return label, module, net.to(device).eval(), e, a
 
 

@@ -21,8 +21,8 @@ script here, the last transition of each day is stored (released: dropped) and t
 from --seed (released: 42).
 """
 
-import json
 import importlib.util
+import json
 import os
 import random
 import sys
@@ -391,6 +391,9 @@ if __name__ == "__main__":
         estimator, estimator_ckpt = est.load_estimator(args.estimator_checkpoint, N, A, env.state_dim, device)
     except est.EstimatorError as e:
         envs.fail(f"--estimator-checkpoint: {e}")
+    if est.HELD_OUT_CONFIG in estimator_ckpt["configs"] and not args.allow_env6:  # env_6 data = training on env_6
+        envs.fail(f"--estimator-checkpoint: its heads include {est.HELD_OUT_CONFIG}, the held-out test config "
+                  "(fitted with --allow-env6); pass --allow-env6 to train with it anyway")
     print(f"estimator {args.estimator_checkpoint}: heads {','.join(estimator_ckpt['configs'])}, time t/"
           f"{estimator_ckpt['time_norm']:g}; training episodes from {','.join(train_configs)}", flush=True)
 

@@ -1,4 +1,5 @@
-"""GroupDR VDN: the group distributionally robust baseline of Liu et al. (2025) (paper F.2), one file.
+"""GroupDR VDN: the group distributionally robust baseline of Liu et al. (2025) (paper Sec. 5.1, F.2),
+one file.
 
     python algos/groupdr_vdn.py --estimator-checkpoint runs/groupdr_estimator/estimator.pt
 
@@ -146,7 +147,7 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
 # GroupDR TD target
 # ---------------------------------------------------------------------------------------------
 def groupdr_target(worst_reward, next_value, terminated, gamma):
-    """y = r_tilde + gamma * Q_tot(h', a_bar'; theta-): the nominal VDN target (Alg. 2 l.15 at rho = 0)
+    """y = r_tilde + gamma * Q_tot(h', a_bar'; theta-): the nominal VDN target (Alg. 2, Eq. 15 at rho = 0)
     with the observed reward replaced by r_tilde = min_k r_hat_k(s, a, t) (paper F.2, GroupDR).
     A terminated transition has no next state: y = r_tilde."""
     return worst_reward + gamma * (1.0 - terminated) * next_value
@@ -346,6 +347,9 @@ if __name__ == "__main__":
         estimator, estimator_ckpt = est.load_estimator(args.estimator_checkpoint, N, A, env.state_dim, device)
     except est.EstimatorError as e:
         envs.fail(f"--estimator-checkpoint: {e}")
+    if est.HELD_OUT_CONFIG in estimator_ckpt["configs"] and not args.allow_env6:  # env_6 data = training on env_6
+        envs.fail(f"--estimator-checkpoint: its heads include {est.HELD_OUT_CONFIG}, the held-out test config "
+                  "(fitted with --allow-env6); pass --allow-env6 to train with it anyway")
     print(f"estimator {args.estimator_checkpoint}: heads {','.join(estimator_ckpt['configs'])}, time t/"
           f"{estimator_ckpt['time_norm']:g}; training episodes from {','.join(train_configs)}", flush=True)
 

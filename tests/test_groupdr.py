@@ -247,6 +247,7 @@ def test_bad_estimator_checkpoints(pipeline, monkeypatch, capsys):
     with open(os.path.join(tmp, "garbage.pt"), "wb") as f:
         f.write(b"this is not a torch file")
     ckpt = torch.load(os.path.join(tmp, "runs/est/estimator.pt"), weights_only=False)
+    torch.save({**ckpt, "configs": ["env_1", "env_2", "env_3", "env_4", "env_6"]}, os.path.join(tmp, "with_env6.pt"))
     ckpt["n_actions"] = 3
     torch.save(ckpt, os.path.join(tmp, "mismatched.pt"))
     cases = [
@@ -257,6 +258,7 @@ def test_bad_estimator_checkpoints(pipeline, monkeypatch, capsys):
         ("groupdr_vdn", ["--estimator-checkpoint", "mismatched.pt"], ["--estimator-checkpoint", "n_actions 3 != 200"]),
         ("groupdr_vdn", ["--estimator-checkpoint", "runs/est/estimator.pt", "--train-configs", "env_1,env_6"],
          ["--train-configs", "--allow-env6"]),
+        ("groupdr_qtran", ["--estimator-checkpoint", "with_env6.pt"], ["--estimator-checkpoint", "env_6", "--allow-env6"]),
     ]
     cases += [("groupdr_estimator", ["--configs", "env_1,env_6"], ["--configs", "env_6", "--allow-env6"]),
               ("groupdr_estimator", [], ["--behaviour-checkpoint", "robust_vdn_rho.py"]),
