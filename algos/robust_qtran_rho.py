@@ -446,7 +446,8 @@ if __name__ == "__main__":
                     rb.next_value[idx[stale]] = target_values(idx[stale])
                     rb.value_version[idx[stale]] = target_version
                 obs_w, prev_w, _, _ = rb.windows(idx)
-                q, feats = q_network(torch.from_numpy(obs_w).to(device), torch.from_numpy(prev_w).to(device), True)
+                q, feats = q_network(torch.from_numpy(obs_w).to(device), torch.from_numpy(prev_w).to(device),
+                                     with_features=True)
                 actions_b = torch.from_numpy(rb.actions[idx]).to(device)
                 q_taken = q.gather(-1, actions_b.unsqueeze(-1)).squeeze(-1)
                 f_sum = feats.sum(1)  # sum over agents of their last LSTM outputs

@@ -123,6 +123,8 @@ def check_args(args: Args) -> None:
                         ("--buffer-size", args.buffer_size), ("--window", args.window)]:
         if value < 1:
             envs.fail(f"{flag} must be >= 1 (got {value})")
+    if args.buffer_size <= args.window:  # sample() skips the W oldest slots once the buffer wraps
+        envs.fail(f"--buffer-size must be larger than --window (got {args.buffer_size} <= {args.window})")
 
 
 def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:

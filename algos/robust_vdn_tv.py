@@ -2,9 +2,10 @@
 
     python algos/robust_vdn_tv.py --rho 0.5 --env building
 
-Q_tot(h, a) = sum_i Q_i(h_i, a_i) (Thm. 2, VDN condition) is trained towards the robust target of
-Eq. (16): y = r + gamma * (1 - rho) * eta - gamma * [eta - Q_tot(h', a_bar'; theta-)]_+, where the dual
-network eta_xi(s, a) minimises Eq. (17) on its own minibatch. Docs: docs/vdn.md (usage, metrics, details).
+Q_tot(h, a) = sum_i Q_i(h_i, a_i) (Thm. 2, VDN condition)
+is trained towards the robust target of Eq. (16): y = r + gamma * (1 - rho) * eta - gamma * [eta - V']_+,
+V' = Q_tot(h', a_bar'; theta-), a_bar'_i = argmax Q_i(h'_i; theta-), with eta = eta_xi(s, a) from a dual
+network trained on Eq. (17) (Alg. 5 l.12-14). Docs: docs/vdn.md (usage, metrics, implementation details).
 """
 
 import json
@@ -162,14 +163,12 @@ def robust_target(reward, next_value, eta, terminated, gamma, rho, worst_value="
 
 
 def dual_loss(eta, next_value, rho, worst_value="zero", kind="linear", weight=None, raw_eta=None):
-    """Alg. 5 l.13, Eq. (17): mean([eta - V']_+ - (1 - rho) * eta), V' = Q_tot(h', a_bar'; theta-) (= max_a'
-    by DrIGM). The minimiser is the (1 - rho)-quantile of V' given (s, a); robust_target then equals
-    r + gamma * min E_P[V'] over TV(P, P0) = 0.5 * ||P - P0||_1 <= rho (tests/test_robust_operators.py).
-    batch-min: (1 - rho) * (eta - m), robust_target's shift. kind="squared": the released code's mean of
-    the SQUARE of the term (not a dual any more). weight: per-transition weights (0: terminated).
-    raw_eta: the unclamped output when eta is clamped (Eq. 10); it is pulled back into the range by
-    (raw_eta - eta)^2 (our addition: the clamp has no gradient, so an output past a bound, e.g. after an
-    Adam overshoot, would stay there)."""
+    """Alg. 5 l.13, Eq. (17): mean([eta - V']_+ - (1 - rho) * eta), V' = Q_tot(h', a_bar'; theta-) (= max_a').
+    Minimiser: the (1 - rho)-quantile of V' given (s, a); robust_target is then r + gamma * min E_P[V'] over
+    0.5 * ||P - P0||_1 <= rho when min V = 0 (batch-min: = m) (tests/test_robust_operators.py). batch-min:
+    (1 - rho) * (eta - m). kind="squared": the released code's mean of the SQUARED term. weight: per
+    transition (0: terminated). raw_eta: the unclamped eta; (raw_eta - eta)^2 pulls it back into Eq. (10)'s
+    range (ours: the clamp has no gradient, so an output pushed past a bound, e.g. by Adam, would stay there)."""
     m = next_value.min() if worst_value == "batch-min" else 0.0
     term = F.relu(eta - next_value) - (1.0 - rho) * (eta - m)
     term = term**2 if kind == "squared" else term
@@ -444,8 +443,7 @@ if __name__ == "__main__":
 
             if global_step > args.learning_starts and global_step % args.train_frequency == 0:
                 update_start = time.perf_counter()
-                # Alg. 5 l.12 and l.15: two independent minibatches, drawn together (the buffer does not
-                # change in between, so this is the same draw) so one call refreshes both caches
+                # Alg. 5 l.12, l.15: the two minibatches, drawn at once (same law) so one call refreshes both caches
                 idx = rb.sample(2 * args.batch_size, rng)
                 stale = rb.value_version[idx] != target_version
                 if stale.any():

@@ -258,6 +258,7 @@ SCRIPT_CASES = {
     "env-foo": (["--env", "foo"], "--env"),
     "train-config-env_9": (["--train-config", "env_9"], "--train-config"),
     "worst-value-foo": (["--worst-value", "foo"], "--worst-value"),
+    "buffer-not-larger-than-window": (["--buffer-size", "8", "--window", "8"], "--buffer-size"),
 }
 EVAL_CASES = ["missing-checkpoint", "garbage-file", "wrong-shape-checkpoint", "wrong-shape-authors-file",
               "protocol-foo", "custom-without-configs"]
