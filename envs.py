@@ -79,6 +79,40 @@ def check_env_args(env_id: str, config: str, flag: str = "--train-config") -> No
         _check_starcraft_config(env_id, config, flag)
 
 
+def check_run_args(args) -> None:
+    """The flags every algos/ script shares: --env, --train-config, --train-days and the sizes.
+    One clear line naming the flag, then exit != 0."""
+    try:
+        check_env_args(args.env, args.train_config or default_config(args.env))
+    except EnvArgError as e:
+        fail(str(e))
+    lo, _, hi = args.train_days.partition(":")
+    if not (lo.isdigit() and hi.isdigit() and int(lo) < int(hi)):
+        fail(f"--train-days must look like a:b with integers a < b (got '{args.train_days}')")
+    for flag, value in [("--total-episodes", args.total_episodes), ("--batch-size", args.batch_size),
+                        ("--buffer-size", args.buffer_size), ("--window", args.window)]:
+        if value < 1:
+            fail(f"{flag} must be >= 1 (got {value})")
+    if args.buffer_size <= args.window:  # sample() skips the W oldest slots once the buffer wraps
+        fail(f"--buffer-size must be larger than --window (got {args.buffer_size} <= {args.window})")
+
+
+# StarCraft: where the paper is silent, SMAC-literature values (pymarl) replace the building
+# defaults of the fields a user left at their default.
+STARCRAFT_DEFAULTS = dict(gamma=0.99, end_e=0.05, exploration_steps=50_000, buffer_size=50_000,
+                          target_network_frequency=10_000, total_episodes=1_000_000, total_steps=1_000_000)
+
+
+def apply_env_defaults(args, defaults) -> bool:
+    """Fill --train-config and, for StarCraft, STARCRAFT_DEFAULTS; returns True for StarCraft."""
+    args.train_config = args.train_config or default_config(args.env)
+    starcraft = args.env in STARCRAFT_ENV_IDS
+    for key, value in STARCRAFT_DEFAULTS.items() if starcraft else ():
+        if getattr(args, key) == getattr(defaults, key):
+            setattr(args, key, value)
+    return starcraft
+
+
 def default_config(env_id: str) -> str:
     """The config a script trains on when --train-config is left at its default."""
     return {"building": "env_1"}.get(env_id, STARCRAFT_DEFAULT_MAP)

@@ -218,6 +218,16 @@ def evaluate_starcraft(module, q_network, task, n_episodes=32, sigma=0.75, noise
     return result
 
 
+def starcraft_eval_round(module, q_network, task, args, step, writer, run_dir, device="cpu") -> None:
+    """Training-time evaluation of the algos/ scripts (Sec. 5.2): clean and noisy win rates to
+    TensorBoard (eval/*), to runs/<run>/eval.jsonl (for --protocol starcraft-curves) and stdout."""
+    result = evaluate_starcraft(module, q_network, task, args.eval_episodes, args.eval_sigma, args.seed, args.window, device)
+    for key, value in result.items():
+        writer.add_scalar(f"eval/{key}", value, step)
+    append_jsonl(os.path.join(run_dir, "eval.jsonl"), {"step": step, **result})
+    print(f"eval at {step} steps | win rate clean {result['win_rate_clean']:.3f} | noisy {result['win_rate_noisy']:.3f}", flush=True)
+
+
 def append_jsonl(path: str, record: dict) -> None:
     """One evaluation point per line (runs/<run>/eval.jsonl), flushed as it is written."""
     with open(path, "a") as f:

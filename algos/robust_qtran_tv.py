@@ -115,12 +115,6 @@ class Args:
     """clamp eta to Eq. (10)'s [0, 2/(rho(1-gamma))] in the dual loss and the target (released code: never)"""
 
 
-# StarCraft: where the paper is silent, SMAC-literature values (pymarl) replace the building
-# defaults of fields left at their default.
-STARCRAFT_DEFAULTS = dict(gamma=0.99, end_e=0.05, exploration_steps=50_000, buffer_size=50_000,
-                          target_network_frequency=10_000, total_episodes=1_000_000, total_steps=1_000_000)
-
-
 def check_args(args: Args) -> None:
     """One clear line naming the flag for every bad input, then exit != 0."""
     if not 0.0 < args.rho <= 1.0:
@@ -129,17 +123,7 @@ def check_args(args: Args) -> None:
         envs.fail(f"--dual-loss must be one of linear, squared (got '{args.dual_loss}')")
     if args.worst_value not in ("zero", "batch-min"):
         envs.fail(f"--worst-value must be one of zero, batch-min (got '{args.worst_value}')")
-    try:
-        envs.check_env_args(args.env, args.train_config or envs.default_config(args.env))
-    except envs.EnvArgError as e:
-        envs.fail(str(e))
-    lo, _, hi = args.train_days.partition(":")
-    if not (lo.isdigit() and hi.isdigit() and int(lo) < int(hi)):
-        envs.fail(f"--train-days must look like a:b with integers a < b (got '{args.train_days}')")
-    for flag, value in [("--total-episodes", args.total_episodes), ("--batch-size", args.batch_size),
-                        ("--buffer-size", args.buffer_size), ("--window", args.window)]:
-        if value < 1:
-            envs.fail(f"{flag} must be >= 1 (got {value})")
+    envs.check_run_args(args)  # --env, --train-config, --train-days, sizes
 
 
 def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
@@ -396,11 +380,7 @@ class ReplayBuffer:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
-    args.train_config = args.train_config or envs.default_config(args.env)
-    starcraft = args.env in envs.STARCRAFT_ENV_IDS
-    for key, value in STARCRAFT_DEFAULTS.items() if starcraft else ():
-        if getattr(args, key) == getattr(Args, key):
-            setattr(args, key, value)
+    starcraft = envs.apply_env_defaults(args, Args)  # StarCraft: SMAC-literature values (envs.py)
     run_name = args.run_name or f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join("runs", run_name)
     writer = SummaryWriter(run_dir)
@@ -475,8 +455,7 @@ if __name__ == "__main__":
         for t in range(episode_steps):  # Alg. 7 l.8
             # Alg. 7 l.9: each agent picks its action epsilon-greedily (masked to available actions)
             epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, global_step)
-            with torch.no_grad():
-                q = q_network.greedy_q(*history.tensors(device))[0]
+            q = q_network.greedy_q(*history.tensors(device))[0]  # no_grad inside
             greedy = masked_argmax(q, torch.from_numpy(avail).to(device)).cpu().numpy()
             random_actions = np.argmax(rng.random((N, A)) * avail, axis=1)  # uniform over available
             coins = rng.random(1).repeat(N) if args.single_coin else rng.random(N)
@@ -530,10 +509,8 @@ if __name__ == "__main__":
                 optimizer.zero_grad()
                 qtran_optimizer.zero_grad()
                 (td_loss + args.lambda_opt * opt_loss + args.lambda_nopt * nopt_loss).backward()  # Alg. 7 l.21
-                if args.max_grad_norm > 0:  # one clip over agents + QTRAN networks
-                    grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True)
-                else:
-                    grad_norm = torch.zeros(())
+                max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")  # inf: only measure
+                grad_norm = nn.utils.clip_grad_norm_(params, max_norm, foreach=True)  # one clip over agents + QTRAN networks
                 optimizer.step()
                 qtran_optimizer.step()
                 n_updates += 1
@@ -547,10 +524,8 @@ if __name__ == "__main__":
                     writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
                     writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
                     writer.add_scalar("charts/epsilon", epsilon, global_step)
-                    writer.add_scalar("robust/eta_mean", eta.mean().item(), global_step)
-                    writer.add_scalar("robust/eta_min", eta.min().item(), global_step)
-                    writer.add_scalar("robust/eta_max", eta.max().item(), global_step)
-                    writer.add_scalar("robust/dual_loss", d_loss.item(), global_step)
+                    for key, value in (("eta_mean", eta.mean()), ("eta_min", eta.min()), ("eta_max", eta.max()), ("dual_loss", d_loss)):
+                        writer.add_scalar(f"robust/{key}", value.item(), global_step)
 
             if global_step % args.target_network_frequency == 0:  # Alg. 7 l.22: theta- <- theta
                 target_network.load_state_dict(q_network.state_dict())
@@ -564,13 +539,7 @@ if __name__ == "__main__":
             writer.add_scalar("charts/normalised_return", envs.normalised_return(episode_return), global_step)
         recent.append(episode_return)
         if starcraft and args.eval_every and global_step >= next_eval:  # Sec. 5.2, between episodes
-            result = evaluation.evaluate_starcraft(sys.modules[__name__], q_network, env, args.eval_episodes,
-                                                   args.eval_sigma, args.seed, args.window, device)
-            for key, value in result.items():
-                writer.add_scalar(f"eval/{key}", value, global_step)
-            evaluation.append_jsonl(os.path.join(run_dir, "eval.jsonl"), {"step": global_step, **result})
-            print(f"eval at {global_step} steps | win rate clean {result['win_rate_clean']:.3f} "
-                  f"| noisy {result['win_rate_noisy']:.3f}", flush=True)
+            evaluation.starcraft_eval_round(sys.modules[__name__], q_network, env, args, global_step, writer, run_dir, device)
             next_eval += args.eval_every
         if starcraft:
             writer.add_scalar("charts/battle_won", float(info.get("battle_won", False)), global_step)
