@@ -435,7 +435,7 @@ if __name__ == "__main__":
                 update_time += time.perf_counter() - update_start
                 if n_updates % 100 == 0:
                     writer.add_scalar("losses/td_loss", td_loss.item(), global_step)
-                    writer.add_scalar("losses/q_taken_mean", q_taken.mean().item(), global_step)
+                    writer.add_scalar("losses/q_taken_mean", q_tot.mean().item(), global_step)  # Q_tot(h, a; theta)
                     writer.add_scalar("losses/target_mean", y.mean().item(), global_step)
                     writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
                     writer.add_scalar("losses/r_tilde_mean", r_tilde.mean().item(), global_step)

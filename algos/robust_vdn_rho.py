@@ -392,7 +392,7 @@ if __name__ == "__main__":
                 update_time += time.perf_counter() - update_start
                 if n_updates % 100 == 0:
                     writer.add_scalar("losses/td_loss", td_loss.item(), global_step)
-                    writer.add_scalar("losses/q_taken_mean", q_taken.mean().item(), global_step)
+                    writer.add_scalar("losses/q_taken_mean", q_tot.mean().item(), global_step)  # Q_tot(h, a; theta)
                     writer.add_scalar("losses/target_mean", y.mean().item(), global_step)
                     writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
                     writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
