@@ -393,7 +393,7 @@ if __name__ == "__main__":
     episode_steps = min(args.episode_steps or env.episode_limit, env.episode_limit)
     day_lo, day_hi = (int(x) for x in args.train_days.split(":"))
 
-    # Alg. 6 l.3-5: Q_i and mixer f with parameters theta, target theta- = theta
+    # Alg. 6 l.3, l.5: Q_i and mixer f with parameters theta, target theta- = theta
     q_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params).to(device)
     mixer = QMixer(N, env.state_dim, args.mixing_embed_dim).to(device)
     params = list(q_network.parameters()) + list(mixer.parameters())

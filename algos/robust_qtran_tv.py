@@ -407,7 +407,7 @@ if __name__ == "__main__":
     episode_steps = min(args.episode_steps or env.episode_limit, env.episode_limit)
     day_lo, day_hi = (int(x) for x in args.train_days.split(":"))
 
-    # Alg. 7 l.3-5: Q_i, Q_jt and V_tot with parameters theta, target theta- = theta
+    # Alg. 7 l.3, l.5: Q_i, Q_jt and V_tot with parameters theta, target theta- = theta
     q_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params).to(device)
     optimizer = torch.optim.RMSprop(q_network.parameters(), lr=args.learning_rate, foreach=True)
     qtran = QTranNetworks(N, A, env.state_dim, args.hidden_dim).to(device)

@@ -364,7 +364,7 @@ if __name__ == "__main__":
     episode_steps = min(args.episode_steps or env.episode_limit, env.episode_limit)
     day_lo, day_hi = (int(x) for x in args.train_days.split(":"))
 
-    # Alg. 5 l.3-5: Q_i with parameters theta, target theta- = theta
+    # Alg. 5 l.3, l.5: Q_i with parameters theta, target theta- = theta
     q_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params).to(device)
     optimizer = torch.optim.RMSprop(q_network.parameters(), lr=args.learning_rate, foreach=True)
     target_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params).to(device)
