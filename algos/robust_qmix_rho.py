@@ -317,6 +317,17 @@ class ReplayBuffer:
         return obs_w, prev_w, next_obs_w, next_prev_w
 
 
+@torch.no_grad()
+def target_values(rb, idx, target_network, target_mixer, device="cpu"):
+    """Q_tot(h', a_bar'; theta-) = f_theta-((max_{a available} Q_i(h'_i, a; theta-))_i, s') (Alg. 3 l.12, l.14).
+    Exact to cache: the target agents AND the target mixer change only at the hard copy."""
+    _, _, next_obs_w, next_prev_w = rb.windows(idx)
+    q_next = target_network.greedy_q(torch.from_numpy(next_obs_w).to(device), torch.from_numpy(next_prev_w).to(device))
+    avail = torch.from_numpy(rb.next_avail[idx]).to(device)
+    q_bar = q_next.masked_fill(~avail, -float("inf")).max(-1).values  # Q_i(h'_i, a_bar'_i; theta-)
+    return target_mixer(q_bar, torch.from_numpy(rb.next_state[idx]).to(device)).cpu().numpy()
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
@@ -364,15 +375,6 @@ if __name__ == "__main__":
     rb = ReplayBuffer(args.buffer_size, N, env.obs_dim, env.state_dim, A, args.window)
     history = History(1, args.window, N, env.obs_dim)
 
-    @torch.no_grad()
-    def target_values(idx):
-        """Q_tot(h', a_bar'; theta-) = f_theta-((max_{a available} Q_i(h'_i, a; theta-))_i, s') (Alg. 3 l.12, l.14).
-        Exact to cache: the target agents AND the target mixer change only at the hard copy."""
-        _, _, next_obs_w, next_prev_w = rb.windows(idx)
-        q_next = target_network.greedy_q(torch.from_numpy(next_obs_w).to(device), torch.from_numpy(next_prev_w).to(device))
-        avail = torch.from_numpy(rb.next_avail[idx]).to(device)
-        q_bar = q_next.masked_fill(~avail, -float("inf")).max(-1).values  # Q_i(h'_i, a_bar'_i; theta-)
-        return target_mixer(q_bar, torch.from_numpy(rb.next_state[idx]).to(device)).cpu().numpy()
 
     start_time = stretch_time = time.time()
     global_step, n_updates, recent = 0, 0, []
@@ -408,7 +410,7 @@ if __name__ == "__main__":
                 idx = rb.sample(args.batch_size, rng)  # Alg. 3 l.11
                 stale = rb.value_version[idx] != target_version
                 if stale.any():
-                    rb.next_value[idx[stale]] = target_values(idx[stale])
+                    rb.next_value[idx[stale]] = target_values(rb, idx[stale], target_network, target_mixer, device)
                     rb.value_version[idx[stale]] = target_version
                 obs_w, prev_w, _, _ = rb.windows(idx)
                 q = q_network(torch.from_numpy(obs_w).to(device), torch.from_numpy(prev_w).to(device))

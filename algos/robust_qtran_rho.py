@@ -331,6 +331,17 @@ class ReplayBuffer:
         return obs_w, prev_w, next_obs_w, next_prev_w
 
 
+@torch.no_grad()
+def target_values(rb, idx, target_network, target_qtran, device="cpu"):
+    """Q_jt(h', a_bar'; theta-), a_bar'_i = argmax_{a available} Q_i(h'_i, a; theta-) (Alg. 4 l.12-13).
+    Exact to cache: the target agents AND the target Q_jt change only at the hard copy."""
+    _, _, next_obs_w, next_prev_w = rb.windows(idx)
+    q_next, f_next = target_network.greedy_q(torch.from_numpy(next_obs_w).to(device),
+                                             torch.from_numpy(next_prev_w).to(device), with_features=True)
+    a_bar = masked_argmax(q_next, torch.from_numpy(rb.next_avail[idx]).to(device))  # Alg. 4 l.12
+    return target_qtran.q_jt(f_next.sum(1), a_bar).cpu().numpy()
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
@@ -378,15 +389,6 @@ if __name__ == "__main__":
     rb = ReplayBuffer(args.buffer_size, N, env.obs_dim, env.state_dim, A, args.window)
     history = History(1, args.window, N, env.obs_dim)
 
-    @torch.no_grad()
-    def target_values(idx):
-        """Q_jt(h', a_bar'; theta-), a_bar'_i = argmax_{a available} Q_i(h'_i, a; theta-) (Alg. 4 l.12-13).
-        Exact to cache: the target agents AND the target Q_jt change only at the hard copy."""
-        _, _, next_obs_w, next_prev_w = rb.windows(idx)
-        q_next, f_next = target_network.greedy_q(torch.from_numpy(next_obs_w).to(device),
-                                                 torch.from_numpy(next_prev_w).to(device), with_features=True)
-        a_bar = masked_argmax(q_next, torch.from_numpy(rb.next_avail[idx]).to(device))  # Alg. 4 l.12
-        return target_qtran.q_jt(f_next.sum(1), a_bar).cpu().numpy()
 
     start_time = stretch_time = time.time()
     global_step, n_updates, recent = 0, 0, []
@@ -422,7 +424,7 @@ if __name__ == "__main__":
                 idx = rb.sample(args.batch_size, rng)  # Alg. 4 l.11
                 stale = rb.value_version[idx] != target_version
                 if stale.any():
-                    rb.next_value[idx[stale]] = target_values(idx[stale])
+                    rb.next_value[idx[stale]] = target_values(rb, idx[stale], target_network, target_qtran, device)
                     rb.value_version[idx[stale]] = target_version
                 obs_w, prev_w, _, _ = rb.windows(idx)
                 q, feats = q_network(torch.from_numpy(obs_w).to(device), torch.from_numpy(prev_w).to(device),

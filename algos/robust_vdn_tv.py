@@ -334,6 +334,15 @@ class ReplayBuffer:
         return obs_w, prev_w, next_obs_w, next_prev_w
 
 
+@torch.no_grad()
+def target_values(rb, idx, target_network, device="cpu"):
+    """Q_tot(h', a_bar'; theta-) = sum_i max_{a available} Q_i(h'_i, a; theta-) (Alg. 5 l.16, l.18)."""
+    _, _, next_obs_w, next_prev_w = rb.windows(idx)
+    q_next = target_network.greedy_q(torch.from_numpy(next_obs_w).to(device), torch.from_numpy(next_prev_w).to(device))
+    avail = torch.from_numpy(rb.next_avail[idx]).to(device)
+    return q_next.masked_fill(~avail, -float("inf")).max(-1).values.sum(-1).cpu().numpy()
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
@@ -378,14 +387,6 @@ if __name__ == "__main__":
     rb = ReplayBuffer(args.buffer_size, N, env.obs_dim, env.state_dim, A, args.window)
     history = History(1, args.window, N, env.obs_dim)
 
-    @torch.no_grad()
-    def target_values(idx):
-        """Q_tot(h', a_bar'; theta-) = sum_i max_{a available} Q_i(h'_i, a; theta-) (Alg. 5 l.16, l.18)."""
-        _, _, next_obs_w, next_prev_w = rb.windows(idx)
-        q_next = target_network.greedy_q(torch.from_numpy(next_obs_w).to(device), torch.from_numpy(next_prev_w).to(device))
-        avail = torch.from_numpy(rb.next_avail[idx]).to(device)
-        return q_next.masked_fill(~avail, -float("inf")).max(-1).values.sum(-1).cpu().numpy()
-
     def dual_eta(idx, next_v):
         """eta_xi(s, a) of transitions idx: (raw, clamped to Eq. (10)'s range); --no-eta-clamp (released code): raw."""
         eta = dual_network(torch.from_numpy(rb.state[idx]).to(device), torch.from_numpy(rb.actions[idx]).to(device))
@@ -426,7 +427,7 @@ if __name__ == "__main__":
                 idx = rb.sample(2 * args.batch_size, rng)
                 stale = rb.value_version[idx] != target_version
                 if stale.any():
-                    rb.next_value[idx[stale]] = target_values(idx[stale])
+                    rb.next_value[idx[stale]] = target_values(rb, idx[stale], target_network, device)
                     rb.value_version[idx[stale]] = target_version
                 dual_idx, idx = idx[: args.batch_size], idx[args.batch_size :]
                 dual_v = torch.from_numpy(rb.next_value[dual_idx]).to(device)  # V' = Q_tot(h', a_bar'; theta-)

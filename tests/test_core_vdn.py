@@ -2,10 +2,9 @@
 
 Every expected number is written out by hand below.
 
-Note: the target max sum_i max_{a available} Q_i(h'_i, a; theta-) lives in a closure inside the
-script's __main__ block (``target_values``), so it is not importable; ``loop_target_values``
-below recomputes exactly what that closure does, from the script's own ReplayBuffer.windows and
-QNetworks.greedy_q, and the acting rule is checked through the script's masked_argmax.
+The target max sum_i max_{a available} Q_i(h'_i, a; theta-) is the script's own module-level
+``target_values`` (the function the training loop caches from), and the acting rule is checked
+through the script's masked_argmax.
 """
 
 import numpy as np
@@ -76,15 +75,6 @@ def bias_only_net(vdn, table):
     return net
 
 
-@torch.no_grad()
-def loop_target_values(rb, target_network, idx):
-    """What the script's target_values closure computes (see module docstring)."""
-    _, _, next_obs_w, next_prev_w = rb.windows(idx)
-    q_next = target_network.greedy_q(torch.from_numpy(next_obs_w), torch.from_numpy(next_prev_w))
-    avail = torch.from_numpy(rb.next_avail[idx])
-    return q_next.masked_fill(~avail, -float("inf")).max(-1).values.sum(-1).cpu().numpy()
-
-
 def filled_buffer(vdn, next_avails, rewards):
     rb = vdn.ReplayBuffer(16, N, OBS, STATE, A, 3)
     rng = np.random.default_rng(0)
@@ -101,7 +91,7 @@ def test_rho0_is_standard_vdn_target(vdn):
     masked[1, 1] = False  # agent 1's best action (-1.0) unavailable -> its max is -2.0
     rb = filled_buffer(vdn, [all_avail, masked], [-1.0, -3.0])
     net = bias_only_net(vdn, Q_TABLE)
-    v = loop_target_values(rb, net, np.array([0, 1]))
+    v = vdn.target_values(rb, np.array([0, 1]), net)
     # sum_i max_a Q_i:  all available: 5 + (-1) = 4;  masked: 2 + (-2) = 0
     assert v.tolist() == pytest.approx([4.0, 0.0], abs=1e-6)
     y = vdn.robust_target(torch.from_numpy(rb.reward[[0, 1]]), torch.from_numpy(v), t([0.0, 0.0]), 0.9, 0.0)
@@ -127,7 +117,7 @@ def test_target_max_never_takes_unavailable_action(vdn):
             av[1, 0] = True
         avails.append(av)
     rb = filled_buffer(vdn, avails, [0.0] * len(avails))
-    v = loop_target_values(rb, net, np.arange(len(avails)))
+    v = vdn.target_values(rb, np.arange(len(avails)), net)
     for k, av in enumerate(avails):
         expected = sum(max(table[i][a] for a in range(A) if av[i, a]) for i in range(N))
         assert v[k] == pytest.approx(expected, abs=1e-6)
