@@ -148,11 +148,8 @@ def robust_target(reward, next_value, eta, terminated, gamma, rho, worst_value="
 
 def dual_loss(eta, next_value, rho, worst_value="zero", kind="linear", weight=None, raw_eta=None):
     """Alg. 5 l.13, Eq. (17): mean([eta - V']_+ - (1 - rho) * eta), V' = Q_tot(h', a_bar'; theta-) (= max_a').
-    Minimiser: the (1 - rho)-quantile of V' given (s, a); robust_target is then r + gamma * min E_P[V'] over
-    0.5 * ||P - P0||_1 <= rho when min V = 0 (batch-min: = m) (tests/test_robust_operators.py). batch-min:
-    (1 - rho) * (eta - m). kind="squared": the released code's mean of the SQUARED term. weight: per
-    transition (0: terminated). raw_eta: the unclamped eta; (raw_eta - eta)^2 pulls it back into Eq. (10)'s
-    range (ours: the clamp has no gradient, so an output pushed past a bound, e.g. by Adam, would stay there)."""
+    batch-min: (1 - rho) * (eta - m). kind="squared": the released code's squared term. weight: 0 for terminated
+    transitions. raw_eta: the unclamped eta; (raw_eta - eta)^2 pulls it back into Eq. (10)'s range (ours)."""
     m = next_value.min() if worst_value == "batch-min" else 0.0
     term = F.relu(eta - next_value) - (1.0 - rho) * (eta - m)
     term = term**2 if kind == "squared" else term
