@@ -113,6 +113,21 @@ def load_algo_module(algo: str):
     return module
 
 
+CHECKPOINT_FORMATS = ("drigm-checkpoint-v1", "drigm-checkpoint-v2")
+
+
+def q_network_state(ckpt: dict, module) -> dict:
+    """A checkpoint's q_network state dict in the current layout. v2: each DRQN parameter stacked
+    over the agents (drqn.fc1_weight (N, 64, 205), ...). v1 (written before 2026-11-21): one module
+    per agent (agents.{k}.fc1.weight, ...), stacked here; a missing key raises KeyError."""
+    state = ckpt["q_network"]
+    if ckpt["format"] != "drigm-checkpoint-v1":
+        return state
+    n_nets = len({key.split(".")[1] for key in state if key.startswith("agents.")})
+    return {f"drqn.{name}": torch.stack([state[f"agents.{k}.{key}"] for k in range(n_nets)])
+            for key, name in module.RELEASED_KEYS.items()}
+
+
 def load_checkpoint(path: str, device):
     """-> (label, module, q_network, env_info, args dict). One error line for any bad file."""
     if not os.path.isfile(path):
@@ -121,13 +136,13 @@ def load_checkpoint(path: str, device):
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         envs.fail(f"--checkpoints: cannot read '{path}' as a torch checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "drigm-checkpoint-v1":
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in CHECKPOINT_FORMATS:
         envs.fail(f"--checkpoints: '{path}' is not a checkpoint written by algos/*.py --save-model")
     a, e = ckpt["args"], ckpt["env"]
     try:
         module = load_algo_module(ckpt["algo"])
         net = module.QNetworks(e["n_agents"], e["obs_dim"], e["n_actions"], a["hidden_dim"], a["share_params"])
-        net.load_state_dict(ckpt["q_network"])
+        net.load_state_dict(q_network_state(ckpt, module))
     except (ValueError, RuntimeError, KeyError) as err:
         envs.fail(f"--checkpoints: '{path}' does not match its network: {str(err).splitlines()[0]}")
     label = ckpt["algo"] + (f" rho={a['rho']}" if "rho" in a else "")  # GroupDR has no rho
@@ -148,7 +163,7 @@ def load_authors_dir(path: str, device):
         f = os.path.join(path, f"agent_{i}_q_network.pt")
         try:
             state = torch.load(f, map_location=device, weights_only=True)
-            net.agents[i].load_state_dict(state)
+            net.drqn.load_agent_state_dict(i, state)
         except FileNotFoundError:
             envs.fail(f"--authors-dir: missing agent_{i}_q_network.pt in '{path}' (found {n} agent files)")
         except Exception as e:  # noqa: BLE001

@@ -42,6 +42,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import envs  # noqa: E402  (environment plumbing shared by all scripts)
+import eval as evaluation  # noqa: E402  (checkpoint formats)
 
 ESTIMATOR_FORMAT = "drigm-groupdr-estimator-v1"
 TRAIN_CONFIGS = "env_1,env_2,env_3,env_4,env_5"  # paper F.2: GroupDR's groups; env_6 is held out
@@ -246,7 +247,7 @@ def load_behaviour(path: str, device):
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # noqa: BLE001
         envs.fail(f"--behaviour-checkpoint: cannot read '{path}' as a torch checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "drigm-checkpoint-v1":
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in evaluation.CHECKPOINT_FORMATS:
         envs.fail(f"--behaviour-checkpoint: '{path}' is not a checkpoint written by algos/*.py --save-model "
                   f"(create one with '{BEHAVIOUR_COMMAND}')")
     a, e = ckpt["args"], ckpt["env"]
@@ -260,7 +261,7 @@ def load_behaviour(path: str, device):
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         net = module.QNetworks(e["n_agents"], e["obs_dim"], e["n_actions"], a["hidden_dim"], a["share_params"])
-        net.load_state_dict(ckpt["q_network"])
+        net.load_state_dict(evaluation.q_network_state(ckpt, module))
     except (ValueError, RuntimeError, KeyError) as err:
         envs.fail(f"--behaviour-checkpoint: '{path}' does not match its network: {str(err).splitlines()[0]}")
     if ckpt["algo"] != "robust_vdn_rho":
@@ -391,6 +392,7 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN-fill of every torch.empty (~1 ms a step)
     rng = np.random.default_rng(args.seed)
     device = torch.device(args.device)
     if args.torch_threads > 0:

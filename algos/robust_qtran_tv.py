@@ -24,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import envs  # noqa: E402  (environment plumbing shared by all scripts)
+import lstm_kernel  # noqa: E402  (the agents' LSTMs in one fused call; same numbers as nn.LSTM)
 import eval as evaluation  # noqa: E402  (StarCraft win-rate evaluation during training)
 
 
@@ -99,6 +100,8 @@ class Args:
     """gradient-norm clip (not in the paper; released code uses 10); 0 disables"""
     share_params: bool = False
     """one DRQN for all agents with an agent-id input (pymarl style) instead of one per agent"""
+    lstm_kernel: bool = True
+    """run the agents' LSTMs in lstm_kernel.py's C++ kernel (same numbers; off: the same equations in torch)"""
     qtran_learning_rate: float = 1e-3
     """Adam learning rate of Q_jt and V_tot (paper F.2); the agents keep RMSprop --learning-rate"""
     lambda_opt: float = 1.0
@@ -184,81 +187,88 @@ class DualNetwork(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Agent network: one DRQN per agent, exactly as released (paper F.2 "Robust individual Q-networks")
 # ---------------------------------------------------------------------------------------------
+RELEASED_KEYS = {  # the released agent_{k}_q_network.pt keys -> our stacked parameters
+    "fc1.weight": "fc1_weight", "fc1.bias": "fc1_bias", "lstm.weight_ih_l0": "lstm_weight_ih",
+    "lstm.weight_hh_l0": "lstm_weight_hh", "lstm.bias_ih_l0": "lstm_bias_ih", "lstm.bias_hh_l0": "lstm_bias_hh",
+    "fc_out.weight": "fc_out_weight", "fc_out.bias": "fc_out_bias",
+}
+
+
 class DRQN(nn.Module):
-    """Linear(obs + onehot(prev action) [+ onehot(agent id)], 64) -> ReLU -> LSTM(64, 64) -> last
-    output -> ReLU -> Linear(64, n_actions), run over a history window from a zero LSTM state.
-    Parameter names are the released ones (fc1, lstm, fc_out) so its checkpoints load as they are."""
+    """K DRQNs, each Linear(obs + onehot(prev action) [+ onehot(agent id)], 64) -> ReLU -> LSTM(64, 64)
+    -> last output -> ReLU -> Linear(64, n_actions), run over a history window from a zero LSTM state.
+    Each parameter is stacked over the K networks (slice [k] = agent k's released tensor), so all K
+    run as batched matrix products and one lstm_kernel call, and the optimiser sees 8 tensors."""
 
-    def __init__(self, obs_dim: int, n_actions: int, hidden_dim: int, n_ids: int = 0):
+    def __init__(self, n_nets: int, obs_dim: int, n_actions: int, hidden_dim: int, n_ids: int = 0, use_kernel=True):
         super().__init__()
-        self.obs_dim, self.n_actions = obs_dim, n_actions
-        self.fc1 = nn.Linear(obs_dim + n_actions + n_ids, hidden_dim)
-        self.lstm = nn.LSTM(hidden_dim, hidden_dim)
-        self.fc_out = nn.Linear(hidden_dim, n_actions)
+        self.obs_dim, self.n_actions, self.use_kernel = obs_dim, n_actions, use_kernel
+        in_dim, H = obs_dim + n_actions + n_ids, hidden_dim
 
-    def features(self, obs_w, prev_a_w, agent_id=None):
-        """obs_w (W, M, obs_dim), prev_a_w (W, M) long -> last LSTM output (M, hidden)."""
-        w = self.fc1.weight
-        # fc1 on [obs, onehot(a_prev)] computed as obs-part + a column lookup: the same numbers.
-        x = F.linear(obs_w, w[:, : self.obs_dim], self.fc1.bias)
-        x = x + F.embedding(prev_a_w, w[:, self.obs_dim : self.obs_dim + self.n_actions].t())
-        if agent_id is not None:
-            x = x + F.embedding(agent_id, w[:, self.obs_dim + self.n_actions :].t())
-        out, _ = self.lstm(F.relu(x))  # zero initial state for every window
-        return out[-1]
+        def param(*shape, fan_in):  # torch.nn's Linear and LSTM init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            return nn.Parameter(torch.empty(n_nets, *shape).uniform_(-(fan_in**-0.5), fan_in**-0.5))
 
-    def forward(self, obs_w, prev_a_w, agent_id=None):
-        return self.fc_out(F.relu(self.features(obs_w, prev_a_w, agent_id)))
+        self.fc1_weight, self.fc1_bias = param(H, in_dim, fan_in=in_dim), param(H, fan_in=in_dim)
+        self.lstm_weight_ih, self.lstm_weight_hh = param(4 * H, H, fan_in=H), param(4 * H, H, fan_in=H)
+        self.lstm_bias_ih, self.lstm_bias_hh = param(4 * H, fan_in=H), param(4 * H, fan_in=H)
+        self.fc_out_weight, self.fc_out_bias = param(n_actions, H, fan_in=H), param(n_actions, fan_in=H)
+
+    def forward(self, obs_w, prev_a_w, agent_ids=None):
+        """obs_w (K, W, M, obs_dim), prev_a_w (K, W, M) long [, agent_ids (M,)] -> Q (K, M, n_actions)
+        and the last LSTM outputs (K, M, hidden)."""
+        K, W, M, O = obs_w.shape
+        A, w1 = self.n_actions, self.fc1_weight
+        # fc1 on [obs, onehot(a_prev) (, onehot(id))] computed as obs part + column lookups: the same numbers
+        x = torch.baddbmm(self.fc1_bias.unsqueeze(1), obs_w.reshape(K, W * M, O), w1[:, :, :O].transpose(1, 2))
+        offsets = A * torch.arange(K, device=x.device).unsqueeze(1)  # row k*A + a of the stacked columns
+        x = x + F.embedding(prev_a_w.reshape(K, W * M) + offsets, w1[:, :, O : O + A].transpose(1, 2).reshape(K * A, -1))
+        if agent_ids is not None:
+            x = x + F.embedding(agent_ids.repeat(W), w1[0, :, O + A :].t())
+        h = lstm_kernel.lstm_last(F.relu(x).view(K, W, M, -1), self.lstm_weight_ih, self.lstm_weight_hh,
+                                  self.lstm_bias_ih + self.lstm_bias_hh, self.use_kernel)  # zero initial state
+        return torch.baddbmm(self.fc_out_bias.unsqueeze(1), F.relu(h), self.fc_out_weight.transpose(1, 2)), h
+
+    def agent_state_dict(self, k: int) -> dict:
+        """Network k in the released per-agent format (agent_{k}_q_network.pt)."""
+        return {key: getattr(self, name)[k].detach().clone() for key, name in RELEASED_KEYS.items()}
+
+    @torch.no_grad()
+    def load_agent_state_dict(self, k: int, state: dict) -> None:
+        """Load a released per-agent state dict into network k (every key and shape checked first)."""
+        for key, name in RELEASED_KEYS.items():
+            if key not in state or state[key].shape != getattr(self, name).shape[1:]:
+                raise RuntimeError(f"{key}: expected shape {tuple(getattr(self, name).shape[1:])}, "
+                                   f"got {tuple(state[key].shape) if key in state else 'nothing'}")
+        for key, name in RELEASED_KEYS.items():
+            getattr(self, name)[k].copy_(state[key])
 
 
 class QNetworks(nn.Module):
     """The N agents' Q_i(h_i, .): per-agent DRQNs (default) or one shared DRQN (--share-params)."""
 
-    def __init__(self, n_agents, obs_dim, n_actions, hidden_dim, share_params=False):
+    def __init__(self, n_agents, obs_dim, n_actions, hidden_dim, share_params=False, use_kernel=True):
         super().__init__()
         self.n_agents, self.share_params = n_agents, share_params
         n_nets, n_ids = (1, n_agents) if share_params else (n_agents, 0)
-        self.agents = nn.ModuleList(DRQN(obs_dim, n_actions, hidden_dim, n_ids) for _ in range(n_nets))
+        self.drqn = DRQN(n_nets, obs_dim, n_actions, hidden_dim, n_ids, use_kernel)
         self.register_buffer("ids", torch.arange(n_agents), persistent=False)
 
     def forward(self, obs_w, prev_a_w, with_features=False):
         """obs_w (W, B, N, obs_dim), prev_a_w (W, B, N) -> Q-values (B, N, n_actions) [and the last LSTM
         outputs (B, N, hidden): the encoder that QTRAN's Q_jt and V_tot share with the agents]."""
         W, B, N = prev_a_w.shape
-        if self.share_params:
-            ids = self.ids.expand(W, B, N).reshape(W, B * N)
-            f = self.agents[0].features(obs_w.reshape(W, B * N, -1), prev_a_w.reshape(W, B * N), ids).view(B, N, -1)
-            q = self.agents[0].fc_out(F.relu(f))
+        if self.share_params:  # one DRQN; the N agents are N*B rows told apart by the id one-hot
+            q, f = self.drqn(obs_w.reshape(1, W, B * N, -1), prev_a_w.reshape(1, W, B * N), self.ids.repeat(B))
+            q, f = q.view(B, N, -1), f.view(B, N, -1)
         else:
-            f = torch.stack([net.features(obs_w[:, :, i], prev_a_w[:, :, i]) for i, net in enumerate(self.agents)], 1)
-            q = torch.stack([net.fc_out(F.relu(f[:, i])) for i, net in enumerate(self.agents)], 1)
+            q, f = self.drqn(obs_w.permute(2, 0, 1, 3), prev_a_w.permute(2, 0, 1))  # agent k sees its own windows
+            q, f = q.transpose(0, 1), f.transpose(0, 1)
         return (q, f) if with_features else q
 
     @torch.no_grad()
     def greedy_q(self, obs_w, prev_a_w, with_features=False):
-        """forward() for acting, without N small LSTM calls: the per-agent weights are stacked and
-        all agents run in one batched recurrence (torch.bmm). Same numbers (tested to 1e-6)."""
-        if self.share_params:
-            return self(obs_w, prev_a_w, with_features)
-        W, B, N = prev_a_w.shape
-        nets, O, A = self.agents, self.agents[0].obs_dim, self.agents[0].n_actions
-        stack = lambda get: torch.stack([get(net) for net in nets])  # noqa: E731
-        w1, b1 = stack(lambda n: n.fc1.weight), stack(lambda n: n.fc1.bias)  # (N, H, O+A), (N, H)
-        w_ih, w_hh = stack(lambda n: n.lstm.weight_ih_l0), stack(lambda n: n.lstm.weight_hh_l0)
-        b = stack(lambda n: n.lstm.bias_ih_l0 + n.lstm.bias_hh_l0)  # (N, 4H)
-        obs = obs_w.permute(2, 0, 1, 3).reshape(N, W * B, O)
-        prev = prev_a_w.permute(2, 0, 1).reshape(N, W * B)
-        cols = w1[:, :, O : O + A].transpose(1, 2)  # (N, A, H): one-hot columns
-        x = torch.baddbmm(b1.unsqueeze(1), obs, w1[:, :, :O].transpose(1, 2)) + cols[self.ids[:, None], prev]
-        gates_x = torch.baddbmm(b.unsqueeze(1), F.relu(x), w_ih.transpose(1, 2)).view(N, W, B, -1)
-        h = c = torch.zeros(N, B, w_hh.shape[2], device=obs.device)
-        for t in range(W):  # PyTorch LSTM gate order: input, forget, cell, output
-            i, f, g, o = torch.baddbmm(gates_x[:, t], h, w_hh.transpose(1, 2)).chunk(4, -1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-        w_out, b_out = stack(lambda n: n.fc_out.weight), stack(lambda n: n.fc_out.bias)
-        q = torch.baddbmm(b_out.unsqueeze(1), F.relu(h), w_out.transpose(1, 2)).transpose(0, 1)
-        return (q, h.transpose(0, 1)) if with_features else q
+        """forward() without gradients: acting and target values."""
+        return self(obs_w, prev_a_w, with_features)
 
 
 class QTranNetworks(nn.Module):
@@ -404,6 +414,7 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN-fill of every torch.empty (~1 ms a step)
     rng = np.random.default_rng(args.seed)
     device = torch.device(args.device)
     if args.torch_threads > 0:
@@ -416,13 +427,13 @@ if __name__ == "__main__":
     day_lo, day_hi = (int(x) for x in args.train_days.split(":"))
 
     # Alg. 7 l.3, l.5: Q_i, Q_jt and V_tot with parameters theta, target theta- = theta
-    q_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params).to(device)
+    q_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.lstm_kernel).to(device)
     optimizer = torch.optim.RMSprop(q_network.parameters(), lr=args.learning_rate, foreach=True)
     qtran = QTranNetworks(N, A, env.state_dim, args.hidden_dim).to(device)
     # Paper F.2: agents RMSprop 5e-4, QTRAN networks Adam 1e-3: two optimisers, one backward of L (l.21)
     qtran_optimizer = torch.optim.Adam(qtran.parameters(), lr=args.qtran_learning_rate, foreach=True)
     params = list(q_network.parameters()) + list(qtran.parameters())
-    target_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params).to(device)
+    target_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.lstm_kernel).to(device)
     target_network.load_state_dict(q_network.state_dict())
     target_qtran = QTranNetworks(N, A, env.state_dim, args.hidden_dim).to(device)
     target_qtran.load_state_dict(qtran.state_dict())
@@ -558,7 +569,7 @@ if __name__ == "__main__":
     if args.save_model:  # weights, args and env config, written atomically
         path = os.path.join(run_dir, "model.pt")
         checkpoint = {
-            "format": "drigm-checkpoint-v1",
+            "format": "drigm-checkpoint-v2",  # v2: DRQN parameters stacked over agents
             "algo": os.path.basename(__file__)[: -len(".py")],  # eval.py imports algos/<algo>.py
             "args": vars(args),
             "env": {"env": args.env, "config": args.train_config, "n_agents": N, "n_actions": A,

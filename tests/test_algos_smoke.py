@@ -85,7 +85,7 @@ def test_smoke_run_and_checkpoint(runs, script):
     lines = PROGRESS.findall(run[0].stdout)
     assert [(e, t) for e, t, _ in lines] == [("1", "2"), ("2", "2")], describe(run[0])
     assert set(ckpt) == {"format", "algo", "args", "env", "q_network"} | EXTRA_KEYS[script]
-    assert ckpt["format"] == "drigm-checkpoint-v1" and ckpt["algo"] == script
+    assert ckpt["format"] == "drigm-checkpoint-v2" and ckpt["algo"] == script
     # the weights load into the script's own classes
     mod = import_file(f"{script}_under_test", f"algos/{script}.py")
     a, e = ckpt["args"], ckpt["env"]

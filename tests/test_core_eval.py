@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import envs
-from conftest import run_py
+from conftest import import_file, run_py
 
 SCRIPT = "algos/robust_vdn_rho.py"
 EVAL = "eval.py"
@@ -30,6 +30,7 @@ TRAIN_ARGS = ["--total-episodes", "4", "--episode-steps", "30", "--learning-star
 N_EPISODES, EPISODE_STEPS = 4, 30
 TRAIN_SEEDS = {"seed1a": 1, "seed2": 2, "seed1b": 1}  # the two eval needs first
 EVAL_ARGS = ["--protocol", "custom", "--configs", "env_1", "--days", "0:3", "--episode-steps", "20"]
+RELEASED_KEYS = import_file("vdn_keys_for_eval_tests", SCRIPT).RELEASED_KEYS  # released key -> stacked name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,12 +130,26 @@ def test_training_smoke_and_atomic_save(trained, sp):
         assert len(progress_returns(p.stdout)) == N_EPISODES, sp.describe(p)
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir))
     ckpt = load_ckpt(trained["seed1a"]["model"])
-    assert ckpt["format"] == "drigm-checkpoint-v1" and ckpt["algo"] == "robust_vdn_rho"
+    assert ckpt["format"] == "drigm-checkpoint-v2" and ckpt["algo"] == "robust_vdn_rho"
     assert ckpt["env"] == {"env": "building", "config": "env_1", "n_agents": 6, "n_actions": 200,
                            "obs_dim": 5, "state_dim": 10}
     assert ckpt["args"]["seed"] == 1 and ckpt["args"]["rho"] == 0.0 and ckpt["args"]["episode_steps"] == 30
-    assert tuple(ckpt["q_network"]["agents.0.fc1.weight"].shape) == (64, 205)
-    assert len(ckpt["q_network"]) == 6 * 8
+    assert tuple(ckpt["q_network"]["drqn.fc1_weight"].shape) == (6, 64, 205)
+    assert len(ckpt["q_network"]) == 8
+
+
+def test_v1_checkpoint_still_loads(trained, eval_mod, tmp_path):
+    """Checkpoints of the first layout (one module per agent, agents.{k}.fc1.weight ...) load into
+    the stacked network with the very same weights."""
+    ckpt = load_ckpt(trained["seed1a"]["model"])
+    v2 = ckpt["q_network"]
+    ckpt["format"] = "drigm-checkpoint-v1"
+    ckpt["q_network"] = {f"agents.{k}.{key}": v2[f"drqn.{name}"][k].clone()
+                         for k in range(6) for key, name in RELEASED_KEYS.items()}
+    torch.save(ckpt, tmp_path / "v1.pt")
+    _, _, net, _, _ = eval_mod.load_checkpoint(str(tmp_path / "v1.pt"), torch.device("cpu"))
+    for key, value in v2.items():
+        torch.testing.assert_close(net.state_dict()[key], value, atol=0, rtol=0)
 
 
 def test_training_changes_the_weights(trained, vdn):
@@ -277,7 +292,7 @@ def eval_case(name, d, model):
         return ["--checkpoints", path, *custom, *small], "--checkpoints"
     if name == "wrong-shape-checkpoint":
         ckpt = load_ckpt(model)
-        ckpt["q_network"]["agents.2.fc_out.weight"] = torch.zeros(199, 64)
+        ckpt["q_network"]["drqn.fc_out_weight"] = torch.zeros(6, 199, 64)
         path = os.path.join(d, "wrong_shape.pt")
         torch.save(ckpt, path)
         return ["--checkpoints", path, *custom, *small], "--checkpoints"
@@ -286,7 +301,7 @@ def eval_case(name, d, model):
         adir = os.path.join(d, "authors")
         os.makedirs(adir, exist_ok=True)
         for i in range(6):
-            sd = {k[len(f"agents.{i}."):]: v for k, v in q.items() if k.startswith(f"agents.{i}.")}
+            sd = {key: q[f"drqn.{name}"][i] for key, name in RELEASED_KEYS.items()}
             if i == 4:
                 sd["fc1.weight"] = torch.zeros(64, 204)  # one input column short
             torch.save(sd, os.path.join(adir, f"agent_{i}_q_network.pt"))

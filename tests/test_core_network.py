@@ -56,15 +56,10 @@ def authors_dict(ref: RefAgent) -> dict:
     }
 
 
-def copy_into(dst: nn.Module, ref: RefAgent):
-    """Copy reference weights into one of the script's DRQNs, parameter by parameter."""
-    with torch.no_grad():
-        dst.fc1.weight.copy_(ref.fc1.weight)
-        dst.fc1.bias.copy_(ref.fc1.bias)
-        for k in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
-            getattr(dst.lstm, k).copy_(getattr(ref.lstm, k))
-        dst.fc_out.weight.copy_(ref.fc_out.weight)
-        dst.fc_out.bias.copy_(ref.fc_out.bias)
+def copy_into(net, k: int, ref: RefAgent):
+    """Load reference agent ``ref`` into network k of a script's QNetworks, through the released
+    per-agent format (the loader eval.py uses for the authors' checkpoints)."""
+    net.drqn.load_agent_state_dict(k, authors_dict(ref))
 
 
 def random_windows(B, seed):
@@ -93,7 +88,7 @@ def qnet(vdn, refs):
     torch.manual_seed(99)  # different init: only the copy can make it agree
     net = vdn.QNetworks(N, OBS, A, H, share_params=False)
     for i, r in enumerate(refs):
-        copy_into(net.agents[i], r)
+        copy_into(net, i, r)
     return net
 
 
@@ -102,13 +97,51 @@ def ref_q(refs, obs, prev):
         return torch.stack([refs[i](ref_input(obs[:, :, i], prev[:, :, i])) for i in range(N)], 1)
 
 
-def test_state_dict_keys_are_authors_format(vdn):
+def test_state_dict_is_stacked_authors_format(vdn):
+    """Each parameter is stacked over the agents; slice k is agent k's released tensor."""
     net = vdn.QNetworks(N, OBS, A, H)
-    sd = net.state_dict()
-    for i in range(N):
-        own = {k[len(f"agents.{i}."):]: tuple(v.shape) for k, v in sd.items() if k.startswith(f"agents.{i}.")}
-        assert own == AUTHORS_SHAPES
-    assert len(sd) == N * len(AUTHORS_SHAPES)
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    assert len(sd) == len(AUTHORS_SHAPES)
+    for key, name in vdn.RELEASED_KEYS.items():
+        assert tuple(sd[f"drqn.{name}"].shape) == (N, *AUTHORS_SHAPES[key])
+    for k in range(N):
+        own = net.drqn.agent_state_dict(k)
+        assert {key: tuple(v.shape) for key, v in own.items()} == AUTHORS_SHAPES
+        torch.testing.assert_close(own["lstm.weight_hh_l0"], net.drqn.lstm_weight_hh[k], atol=0, rtol=0)
+    bad = dict(net.drqn.agent_state_dict(0), **{"fc1.weight": torch.zeros(H, OBS + A - 1)})
+    with pytest.raises(RuntimeError, match="fc1.weight"):
+        net.drqn.load_agent_state_dict(0, bad)
+    with pytest.raises(RuntimeError, match="fc_out.bias"):
+        net.drqn.load_agent_state_dict(0, {k: v for k, v in net.drqn.agent_state_dict(1).items() if k != "fc_out.bias"})
+    torch.testing.assert_close(net.drqn.fc1_weight[0], sd["drqn.fc1_weight"][0], atol=0, rtol=0)  # nothing half-loaded
+
+
+def test_init_matches_torch_nn_ranges(vdn):
+    """Default init as nn.Linear / nn.LSTM: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), per agent."""
+    torch.manual_seed(0)
+    d = vdn.QNetworks(N, OBS, A, H).drqn
+    for p, fan_in in [(d.fc1_weight, OBS + A), (d.fc1_bias, OBS + A), (d.lstm_weight_ih, H),
+                      (d.lstm_bias_hh, H), (d.fc_out_weight, H), (d.fc_out_bias, H)]:
+        bound = fan_in**-0.5
+        assert p.abs().max() <= bound and p.abs().max() > 0.9 * bound
+    assert not torch.equal(d.fc_out_weight[0], d.fc_out_weight[1])  # agents initialised independently
+
+
+def test_kernel_and_torch_paths_agree_with_gradients(vdn, refs):
+    """lstm_kernel's C++ path and the plain-torch path give the same Q-values and gradients."""
+    obs, prev = random_windows(16, 11)
+    taken = torch.randint(0, A, (16, N, 1), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for use_kernel in (True, False):
+        net = vdn.QNetworks(N, OBS, A, H, use_kernel=use_kernel)
+        for i, r in enumerate(refs):
+            copy_into(net, i, r)
+        q = net(obs, prev)
+        torch.testing.assert_close(q.detach(), ref_q(refs, obs, prev), atol=1e-5, rtol=0)
+        q.gather(-1, taken).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("B,seed", [(1, 0), (7, 1), (32, 2)])
@@ -164,7 +197,7 @@ def test_authors_dir_agent_order(eval_mod, refs, tmp_path):
         torch.save(authors_dict(refs[i]), os.path.join(tmp_path, f"agent_{i}_q_network.pt"))
     _, _, net, _, _ = eval_mod.load_authors_dir(str(tmp_path), torch.device("cpu"))
     for i in range(N):
-        torch.testing.assert_close(net.agents[i].fc_out.bias, refs[i].fc_out.bias, atol=0, rtol=0)
+        torch.testing.assert_close(net.drqn.fc_out_bias[i], refs[i].fc_out.bias, atol=0, rtol=0)
 
 
 def test_shared_params_equals_one_module_with_agent_id(vdn):
@@ -174,8 +207,8 @@ def test_shared_params_equals_one_module_with_agent_id(vdn):
         ref.fc1.weight.mul_(3.0)  # make the id columns matter clearly
     torch.manual_seed(8)
     net = vdn.QNetworks(N, OBS, A, H, share_params=True)
-    assert len(net.agents) == 1 and tuple(net.agents[0].fc1.weight.shape) == (H, OBS + A + N)
-    copy_into(net.agents[0], ref)
+    assert tuple(net.drqn.fc1_weight.shape) == (1, H, OBS + A + N)
+    copy_into(net, 0, ref)
     obs, prev = random_windows(5, 7)
     obs[:, :, 1] = obs[:, :, 0]  # agents 0 and 1 see the same history: only the id differs
     prev[:, :, 1] = prev[:, :, 0]

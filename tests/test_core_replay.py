@@ -224,9 +224,8 @@ def test_next_value_cache_versions(vdn):
     # the loop: compute stale slots with version 0 of theta-
     net = vdn.QNetworks(N, OBS, A, 8)
     with torch.no_grad():
-        for agent in net.agents:
-            agent.fc_out.weight.zero_()
-            agent.fc_out.bias.copy_(torch.linspace(-1, 0, A))  # max = 0 for every agent
+        net.drqn.fc_out_weight.zero_()
+        net.drqn.fc_out_bias.copy_(torch.linspace(-1, 0, A).expand(N, A))  # max = 0 for every agent
     idx = np.arange(6)
     stale = rb.value_version[idx] != 0
     rb.next_value[idx[stale]] = -1.0

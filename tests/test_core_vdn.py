@@ -69,9 +69,8 @@ Q_TABLE = [[1.0, 5.0, 2.0, -3.0],
 def bias_only_net(vdn, table):
     net = vdn.QNetworks(N, OBS, A, 8)
     with torch.no_grad():
-        for agent, row in zip(net.agents, table):
-            agent.fc_out.weight.zero_()
-            agent.fc_out.bias.copy_(torch.tensor(row))
+        net.drqn.fc_out_weight.zero_()
+        net.drqn.fc_out_bias.copy_(torch.tensor(table))  # agent k's Q-values are row k
     return net
 
 

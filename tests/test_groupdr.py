@@ -228,7 +228,7 @@ def test_groupdr_checkpoints_evaluate_with_eval_py(pipeline, eval_mod, monkeypat
     common = ["--protocol", "custom", "--configs", "env_1", "--days", "0:2", "--episode-steps", "20"]
     for name in GROUPDR:
         ckpt = torch.load(os.path.join(tmp, "runs", name, "model.pt"), weights_only=False)
-        assert ckpt["format"] == "drigm-checkpoint-v1" and ckpt["algo"] == name
+        assert ckpt["format"] == "drigm-checkpoint-v2" and ckpt["algo"] == name
         assert ckpt["env"]["config"] == ",".join(TRAIN) and ckpt["estimator_configs"] == TRAIN
         threads = torch.get_num_threads()
         payload = eval_mod.main(eval_mod.Args(checkpoints=[f"runs/{name}/model.pt"], protocol="custom", configs="env_1",
