@@ -90,6 +90,7 @@ static void bwd(int W, int M, int I, int H, const T* dh_last, const T* x, const 
                 T* db, T* dh, T* dc, const T* zero) {
   const int G = 4 * H;
   for (int k = 0; k < M * H; ++k) { dh[k] = dh_last[k]; dc[k] = T(0); }
+  for (int j = 0; j < G; ++j) db[j] = T(0);
   for (int t = W - 1; t >= 0; --t) {
     for (int r = 0; r < M; ++r) {
       const T* gr = acts + ((int64_t)t * M + r) * G;
@@ -107,6 +108,7 @@ static void bwd(int W, int M, int I, int H, const T* dh_last, const T* x, const 
         dgr[2 * H + j] = dcv * gi * (T(1) - gg * gg);
         dgr[3 * H + j] = dhv * tv * go * (T(1) - go);
         dcr[j] = dcv * gf;
+        db[j] += dgr[j]; db[H + j] += dgr[H + j]; db[2 * H + j] += dgr[2 * H + j]; db[3 * H + j] += dgr[3 * H + j];
       }
     }
     if (t > 0) mm(false, false, M, H, G, dg + (int64_t)t * M * G, G, whh, H, T(0), dh, H);  // dh_{t-1}
@@ -114,12 +116,6 @@ static void bwd(int W, int M, int I, int H, const T* dh_last, const T* x, const 
   mm(true, false, G, I, W * M, dg, G, x, I, T(0), dwih, I);
   mm(true, false, G, H, (W - 1) * M, dg + (int64_t)M * G, G, hs, H, T(0), dwhh, H);
   mm(false, false, W * M, I, G, dg, G, wih, I, T(0), dx, I);
-  for (int j = 0; j < G; ++j) db[j] = T(0);
-  for (int k = 0; k < W * M; ++k) {
-    const T* row = dg + (int64_t)k * G;
-#pragma omp simd
-    for (int j = 0; j < G; ++j) db[j] += row[j];
-  }
 }
 
 template <typename T> static T* p(at::Tensor& t, int64_t k) { return t.data_ptr<T>() + k * (t.numel() / t.size(0)); }
