@@ -116,16 +116,20 @@ def load_algo_module(algo: str):
 CHECKPOINT_FORMATS = ("drigm-checkpoint-v1", "drigm-checkpoint-v2")
 
 
-def q_network_state(ckpt: dict, module) -> dict:
-    """A checkpoint's q_network state dict in the current layout. v2: each DRQN parameter stacked
-    over the agents (drqn.fc1_weight (N, 64, 205), ...). v1 (written before 2026-11-21): one module
-    per agent (agents.{k}.fc1.weight, ...), stacked here; a missing key raises KeyError."""
+def load_q_network(net, ckpt: dict) -> None:
+    """A checkpoint's weights into net. v2: each DRQN parameter stacked over the agents. v1 (written
+    before 2026-11-21): one module per agent (agents.{k}.fc1.weight, ...), loaded agent by agent
+    through the released per-agent format. Raises RuntimeError / KeyError on any mismatch."""
     state = ckpt["q_network"]
     if ckpt["format"] != "drigm-checkpoint-v1":
-        return state
-    n_nets = len({key.split(".")[1] for key in state if key.startswith("agents.")})
-    return {f"drqn.{name}": torch.stack([state[f"agents.{k}.{key}"] for k in range(n_nets)])
-            for key, name in module.RELEASED_KEYS.items()}
+        net.load_state_dict(state)
+        return
+    n_nets = net.drqn.fc1_bias.shape[0]
+    if {key.split(".")[1] for key in state if key.startswith("agents.")} != {str(k) for k in range(n_nets)}:
+        raise RuntimeError(f"expected agents.0 .. agents.{n_nets - 1} in a v1 checkpoint")
+    for k in range(n_nets):
+        prefix = f"agents.{k}."
+        net.drqn.load_agent_state_dict(k, {key[len(prefix) :]: v for key, v in state.items() if key.startswith(prefix)})
 
 
 def load_checkpoint(path: str, device):
@@ -142,7 +146,7 @@ def load_checkpoint(path: str, device):
     try:
         module = load_algo_module(ckpt["algo"])
         net = module.QNetworks(e["n_agents"], e["obs_dim"], e["n_actions"], a["hidden_dim"], a["share_params"])
-        net.load_state_dict(q_network_state(ckpt, module))
+        load_q_network(net, ckpt)
     except (ValueError, RuntimeError, KeyError) as err:
         envs.fail(f"--checkpoints: '{path}' does not match its network: {str(err).splitlines()[0]}")
     label = ckpt["algo"] + (f" rho={a['rho']}" if "rho" in a else "")  # GroupDR has no rho

@@ -261,7 +261,7 @@ def load_behaviour(path: str, device):
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         net = module.QNetworks(e["n_agents"], e["obs_dim"], e["n_actions"], a["hidden_dim"], a["share_params"])
-        net.load_state_dict(evaluation.q_network_state(ckpt, module))
+        evaluation.load_q_network(net, ckpt)
     except (ValueError, RuntimeError, KeyError) as err:
         envs.fail(f"--behaviour-checkpoint: '{path}' does not match its network: {str(err).splitlines()[0]}")
     if ckpt["algo"] != "robust_vdn_rho":

@@ -181,18 +181,13 @@ class DualNetwork(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Agent network: one DRQN per agent, exactly as released (paper F.2 "Robust individual Q-networks")
 # ---------------------------------------------------------------------------------------------
-RELEASED_KEYS = {  # the released agent_{k}_q_network.pt keys -> our stacked parameters
-    "fc1.weight": "fc1_weight", "fc1.bias": "fc1_bias", "lstm.weight_ih_l0": "lstm_weight_ih",
-    "lstm.weight_hh_l0": "lstm_weight_hh", "lstm.bias_ih_l0": "lstm_bias_ih", "lstm.bias_hh_l0": "lstm_bias_hh",
-    "fc_out.weight": "fc_out_weight", "fc_out.bias": "fc_out_bias",
-}
-
-
 class DRQN(nn.Module):
     """K DRQNs, each Linear(obs + onehot(prev action) [+ onehot(agent id)], 64) -> ReLU -> LSTM(64, 64)
     -> last output -> ReLU -> Linear(64, n_actions), run over a history window from a zero LSTM state.
-    Each parameter is stacked over the K networks (slice [k] = agent k's released tensor), so all K
-    run as batched matrix products and one lstm_kernel call, and the optimiser sees 8 tensors."""
+    Every parameter is stacked over the K networks, so all K run as batched matrix products and one
+    lstm_kernel call. fc1's weight is kept as its obs columns (K, H, obs) and its one-hot columns
+    as the rows of a lookup table (K, n_actions [+ n_ids], H); agent_state_dict(k) reassembles
+    network k in the released format (agent_{k}_q_network.pt)."""
 
     def __init__(self, n_nets: int, obs_dim: int, n_actions: int, hidden_dim: int, n_ids: int = 0, use_kernel=True):
         super().__init__()
@@ -202,7 +197,8 @@ class DRQN(nn.Module):
         def param(*shape, fan_in):  # torch.nn's Linear and LSTM init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
             return nn.Parameter(torch.empty(n_nets, *shape).uniform_(-(fan_in**-0.5), fan_in**-0.5))
 
-        self.fc1_weight, self.fc1_bias = param(H, in_dim, fan_in=in_dim), param(H, fan_in=in_dim)
+        self.fc1_obs, self.fc1_table = param(H, obs_dim, fan_in=in_dim), param(n_actions + n_ids, H, fan_in=in_dim)
+        self.fc1_bias = param(H, fan_in=in_dim)
         self.lstm_weight_ih, self.lstm_weight_hh = param(4 * H, H, fan_in=H), param(4 * H, H, fan_in=H)
         self.lstm_bias_ih, self.lstm_bias_hh = param(4 * H, fan_in=H), param(4 * H, fan_in=H)
         self.fc_out_weight, self.fc_out_bias = param(n_actions, H, fan_in=H), param(n_actions, fan_in=H)
@@ -211,30 +207,37 @@ class DRQN(nn.Module):
         """obs_w (K, W, M, obs_dim), prev_a_w (K, W, M) long [, agent_ids (M,)] -> Q (K, M, n_actions)
         and the last LSTM outputs (K, M, hidden)."""
         K, W, M, O = obs_w.shape
-        A, w1 = self.n_actions, self.fc1_weight
-        # fc1 on [obs, onehot(a_prev) (, onehot(id))] computed as obs part + column lookups: the same numbers
-        x = torch.baddbmm(self.fc1_bias.unsqueeze(1), obs_w.reshape(K, W * M, O), w1[:, :, :O].transpose(1, 2))
-        offsets = A * torch.arange(K, device=x.device).unsqueeze(1)  # row k*A + a of the stacked columns
-        x = x + F.embedding(prev_a_w.reshape(K, W * M) + offsets, w1[:, :, O : O + A].transpose(1, 2).reshape(K * A, -1))
+        table = self.fc1_table.reshape(-1, self.fc1_table.shape[-1])  # network k's row r at k * rows + r
+        rows = self.fc1_table.shape[1] * torch.arange(K, device=obs_w.device).unsqueeze(1)
+        # fc1 on [obs, onehot(a_prev) (, onehot(id))] = obs columns + the one-hot columns looked up: same numbers
+        x = torch.baddbmm(self.fc1_bias.unsqueeze(1), obs_w.reshape(K, W * M, O), self.fc1_obs.transpose(1, 2))
+        x = x + F.embedding(prev_a_w.reshape(K, W * M) + rows, table)
         if agent_ids is not None:
-            x = x + F.embedding(agent_ids.repeat(W), w1[0, :, O + A :].t())
+            x = x + F.embedding(self.n_actions + agent_ids.repeat(W), table)
         h = lstm_kernel.lstm_last(F.relu(x).view(K, W, M, -1), self.lstm_weight_ih, self.lstm_weight_hh,
                                   self.lstm_bias_ih + self.lstm_bias_hh, self.use_kernel)  # zero initial state
         return torch.baddbmm(self.fc_out_bias.unsqueeze(1), F.relu(h), self.fc_out_weight.transpose(1, 2)), h
 
     def agent_state_dict(self, k: int) -> dict:
-        """Network k in the released per-agent format (agent_{k}_q_network.pt)."""
-        return {key: getattr(self, name)[k].detach().clone() for key, name in RELEASED_KEYS.items()}
+        """Network k in the released per-agent format (agent_{k}_q_network.pt keys and shapes)."""
+        state = {"fc1.weight": torch.cat([self.fc1_obs[k], self.fc1_table[k].t()], 1), "fc1.bias": self.fc1_bias[k],
+                 "lstm.weight_ih_l0": self.lstm_weight_ih[k], "lstm.weight_hh_l0": self.lstm_weight_hh[k],
+                 "lstm.bias_ih_l0": self.lstm_bias_ih[k], "lstm.bias_hh_l0": self.lstm_bias_hh[k],
+                 "fc_out.weight": self.fc_out_weight[k], "fc_out.bias": self.fc_out_bias[k]}
+        return {key: value.detach().clone() for key, value in state.items()}
 
     @torch.no_grad()
     def load_agent_state_dict(self, k: int, state: dict) -> None:
         """Load a released per-agent state dict into network k (every key and shape checked first)."""
-        for key, name in RELEASED_KEYS.items():
-            if key not in state or state[key].shape != getattr(self, name).shape[1:]:
-                raise RuntimeError(f"{key}: expected shape {tuple(getattr(self, name).shape[1:])}, "
+        for key, value in self.agent_state_dict(k).items():
+            if key not in state or state[key].shape != value.shape:
+                raise RuntimeError(f"{key}: expected shape {tuple(value.shape)}, "
                                    f"got {tuple(state[key].shape) if key in state else 'nothing'}")
-        for key, name in RELEASED_KEYS.items():
-            getattr(self, name)[k].copy_(state[key])
+        self.fc1_obs[k].copy_(state["fc1.weight"][:, : self.obs_dim])
+        self.fc1_table[k].copy_(state["fc1.weight"][:, self.obs_dim :].t())
+        for key in ("fc1.bias", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_ih_l0", "lstm.bias_hh_l0",
+                    "fc_out.weight", "fc_out.bias"):
+            getattr(self, key.replace(".", "_").replace("_l0", ""))[k].copy_(state[key])
 
 
 class QNetworks(nn.Module):

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import envs
-from conftest import import_file, run_py
+from conftest import run_py
 
 SCRIPT = "algos/robust_vdn_rho.py"
 EVAL = "eval.py"
@@ -30,7 +30,6 @@ TRAIN_ARGS = ["--total-episodes", "4", "--episode-steps", "30", "--learning-star
 N_EPISODES, EPISODE_STEPS = 4, 30
 TRAIN_SEEDS = {"seed1a": 1, "seed2": 2, "seed1b": 1}  # the two eval needs first
 EVAL_ARGS = ["--protocol", "custom", "--configs", "env_1", "--days", "0:3", "--episode-steps", "20"]
-RELEASED_KEYS = import_file("vdn_keys_for_eval_tests", SCRIPT).RELEASED_KEYS  # released key -> stacked name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,18 +133,21 @@ def test_training_smoke_and_atomic_save(trained, sp):
     assert ckpt["env"] == {"env": "building", "config": "env_1", "n_agents": 6, "n_actions": 200,
                            "obs_dim": 5, "state_dim": 10}
     assert ckpt["args"]["seed"] == 1 and ckpt["args"]["rho"] == 0.0 and ckpt["args"]["episode_steps"] == 30
-    assert tuple(ckpt["q_network"]["drqn.fc1_weight"].shape) == (6, 64, 205)
-    assert len(ckpt["q_network"]) == 8
+    assert tuple(ckpt["q_network"]["drqn.fc1_obs"].shape) == (6, 64, 5)
+    assert tuple(ckpt["q_network"]["drqn.fc1_table"].shape) == (6, 200, 64)
+    assert len(ckpt["q_network"]) == 9
 
 
-def test_v1_checkpoint_still_loads(trained, eval_mod, tmp_path):
+def test_v1_checkpoint_still_loads(trained, vdn, eval_mod, tmp_path):
     """Checkpoints of the first layout (one module per agent, agents.{k}.fc1.weight ...) load into
     the stacked network with the very same weights."""
     ckpt = load_ckpt(trained["seed1a"]["model"])
     v2 = ckpt["q_network"]
+    net = vdn.QNetworks(6, 5, 200, 64)
+    net.load_state_dict(v2)
     ckpt["format"] = "drigm-checkpoint-v1"
-    ckpt["q_network"] = {f"agents.{k}.{key}": v2[f"drqn.{name}"][k].clone()
-                         for k in range(6) for key, name in RELEASED_KEYS.items()}
+    ckpt["q_network"] = {f"agents.{k}.{key}": v for k in range(6) for key, v in net.drqn.agent_state_dict(k).items()}
+    assert tuple(ckpt["q_network"]["agents.0.fc1.weight"].shape) == (64, 205) and len(ckpt["q_network"]) == 48
     torch.save(ckpt, tmp_path / "v1.pt")
     _, _, net, _, _ = eval_mod.load_checkpoint(str(tmp_path / "v1.pt"), torch.device("cpu"))
     for key, value in v2.items():
@@ -301,7 +303,10 @@ def eval_case(name, d, model):
         adir = os.path.join(d, "authors")
         os.makedirs(adir, exist_ok=True)
         for i in range(6):
-            sd = {key: q[f"drqn.{name}"][i] for key, name in RELEASED_KEYS.items()}
+            sd = {"fc1.weight": torch.cat([q["drqn.fc1_obs"][i], q["drqn.fc1_table"][i].t()], 1),
+                  **{key: q["drqn." + key.replace(".", "_").replace("_l0", "")][i] for key in
+                     ("fc1.bias", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_ih_l0", "lstm.bias_hh_l0",
+                      "fc_out.weight", "fc_out.bias")}}
             if i == 4:
                 sd["fc1.weight"] = torch.zeros(64, 204)  # one input column short
             torch.save(sd, os.path.join(adir, f"agent_{i}_q_network.pt"))

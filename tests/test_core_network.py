@@ -101,26 +101,29 @@ def test_state_dict_is_stacked_authors_format(vdn):
     """Each parameter is stacked over the agents; slice k is agent k's released tensor."""
     net = vdn.QNetworks(N, OBS, A, H)
     sd = {k: v.clone() for k, v in net.state_dict().items()}
-    assert len(sd) == len(AUTHORS_SHAPES)
-    for key, name in vdn.RELEASED_KEYS.items():
-        assert tuple(sd[f"drqn.{name}"].shape) == (N, *AUTHORS_SHAPES[key])
+    assert len(sd) == len(AUTHORS_SHAPES) + 1  # fc1.weight kept as obs columns + one-hot table
+    assert tuple(sd["drqn.fc1_obs"].shape) == (N, H, OBS) and tuple(sd["drqn.fc1_table"].shape) == (N, A, H)
+    for key in AUTHORS_SHAPES:
+        if key != "fc1.weight":
+            assert tuple(sd["drqn." + key.replace(".", "_").replace("_l0", "")].shape) == (N, *AUTHORS_SHAPES[key])
     for k in range(N):
         own = net.drqn.agent_state_dict(k)
         assert {key: tuple(v.shape) for key, v in own.items()} == AUTHORS_SHAPES
         torch.testing.assert_close(own["lstm.weight_hh_l0"], net.drqn.lstm_weight_hh[k], atol=0, rtol=0)
+        torch.testing.assert_close(own["fc1.weight"][:, OBS + 7], net.drqn.fc1_table[k, 7], atol=0, rtol=0)
     bad = dict(net.drqn.agent_state_dict(0), **{"fc1.weight": torch.zeros(H, OBS + A - 1)})
     with pytest.raises(RuntimeError, match="fc1.weight"):
         net.drqn.load_agent_state_dict(0, bad)
     with pytest.raises(RuntimeError, match="fc_out.bias"):
         net.drqn.load_agent_state_dict(0, {k: v for k, v in net.drqn.agent_state_dict(1).items() if k != "fc_out.bias"})
-    torch.testing.assert_close(net.drqn.fc1_weight[0], sd["drqn.fc1_weight"][0], atol=0, rtol=0)  # nothing half-loaded
+    torch.testing.assert_close(net.drqn.fc1_obs[0], sd["drqn.fc1_obs"][0], atol=0, rtol=0)  # nothing half-loaded
 
 
 def test_init_matches_torch_nn_ranges(vdn):
     """Default init as nn.Linear / nn.LSTM: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), per agent."""
     torch.manual_seed(0)
     d = vdn.QNetworks(N, OBS, A, H).drqn
-    for p, fan_in in [(d.fc1_weight, OBS + A), (d.fc1_bias, OBS + A), (d.lstm_weight_ih, H),
+    for p, fan_in in [(d.fc1_obs, OBS + A), (d.fc1_table, OBS + A), (d.fc1_bias, OBS + A), (d.lstm_weight_ih, H),
                       (d.lstm_bias_hh, H), (d.fc_out_weight, H), (d.fc_out_bias, H)]:
         bound = fan_in**-0.5
         assert p.abs().max() <= bound and p.abs().max() > 0.9 * bound
@@ -207,7 +210,7 @@ def test_shared_params_equals_one_module_with_agent_id(vdn):
         ref.fc1.weight.mul_(3.0)  # make the id columns matter clearly
     torch.manual_seed(8)
     net = vdn.QNetworks(N, OBS, A, H, share_params=True)
-    assert tuple(net.drqn.fc1_weight.shape) == (1, H, OBS + A + N)
+    assert tuple(net.drqn.fc1_table.shape) == (1, A + N, H)
     copy_into(net, 0, ref)
     obs, prev = random_windows(5, 7)
     obs[:, :, 1] = obs[:, :, 0]  # agents 0 and 1 see the same history: only the id differs
