@@ -54,6 +54,23 @@ static void mm(bool ta, bool tb, int M, int N, int K, const double* A, int lda, 
   const char a = tb ? 'T' : 'N', b = ta ? 'T' : 'N'; const double one = 1.0;
   dgemm_(&a, &b, &N, &M, &K, &one, B, &ldb, A, &lda, &beta, C, &ldc);
 }
+// A few rows times a transposed matrix (acting: one window per agent): plain dot products, which
+// beat a BLAS call's fixed cost at this size. C (M x N) = A (M x K) B^T + beta C, beta 0 or 1.
+template <typename T>
+static void small_mm_nt(int M, int N, int K, const T* A, int lda, const T* B, int ldb, T beta, T* C, int ldc) {
+  for (int r = 0; r < M; ++r)
+    for (int n = 0; n < N; ++n) {
+      T s = T(0);
+#pragma omp simd reduction(+ : s)
+      for (int k = 0; k < K; ++k) s += A[(int64_t)r * lda + k] * B[(int64_t)n * ldb + k];
+      C[(int64_t)r * ldc + n] = beta == T(0) ? s : C[(int64_t)r * ldc + n] + s;
+    }
+}
+template <typename T>
+static void mm_nt(int M, int N, int K, const T* A, int lda, const T* B, int ldb, T beta, T* C, int ldc) {
+  if (M <= 2) small_mm_nt(M, N, K, A, lda, B, ldb, beta, C, ldc);
+  else mm(false, true, M, N, K, A, lda, B, ldb, beta, C, ldc);
+}
 template <typename T> static inline T sigm(T v) { return T(1) / (T(1) + std::exp(-v)); }
 
 // One agent. x (W, M, I); gates in PyTorch's order i, f, g, o. acts holds the gate activations,
@@ -62,10 +79,10 @@ template <typename T>
 static void fwd(int W, int M, int I, int H, const T* x, const T* wih, const T* whh, const T* b,
                 T* acts, T* cs, T* tcs, T* hs, const T* zero) {
   const int G = 4 * H;
-  mm(false, true, W * M, G, I, x, I, wih, I, T(0), acts, G);  // x_t W_ih^T for all t at once
+  mm_nt(W * M, G, I, x, I, wih, I, T(0), acts, G);  // x_t W_ih^T for all t at once
   for (int t = 0; t < W; ++t) {
     T* g = acts + (int64_t)t * M * G;
-    if (t > 0) mm(false, true, M, G, H, hs + (int64_t)(t - 1) * M * H, H, whh, H, T(1), g, G);  // + h_{t-1} W_hh^T
+    if (t > 0) mm_nt(M, G, H, hs + (int64_t)(t - 1) * M * H, H, whh, H, T(1), g, G);  // + h_{t-1} W_hh^T
     for (int r = 0; r < M; ++r) {
       T* gr = g + (int64_t)r * G;
       const int64_t o = ((int64_t)t * M + r) * H;

@@ -333,6 +333,16 @@ class ReplayBuffer:
             return rng.integers(0, self.size, batch_size)
         return (self.ptr + rng.integers(self.window, self.capacity, batch_size)) % self.capacity
 
+    def stale(self, idx, version, newest=32):
+        """Slots among idx without a cached target value for theta- version `version`; if there are
+        any, the stale ones among the `newest` latest slots join them: one larger target pass instead
+        of many tiny ones (each value is still computed once per target period)."""
+        todo = idx[self.value_version[idx] != version]
+        if len(todo):
+            recent = (self.ptr - 1 - np.arange(min(newest, self.size))) % self.capacity
+            todo = np.union1d(todo, recent[self.value_version[recent] != version])
+        return todo
+
     def windows(self, idx):
         """Current windows (ending at t) and next windows (ending at t+1) of slots idx:
         obs (W, B, N, obs_dim) and previous actions (W, B, N), both pairs."""
@@ -438,10 +448,10 @@ if __name__ == "__main__":
                 update_start = time.perf_counter()
                 # Alg. 5 l.12, l.15: the two minibatches, drawn at once (same law) so one call refreshes both caches
                 idx = rb.sample(2 * args.batch_size, rng)
-                stale = rb.value_version[idx] != target_version
-                if stale.any():
-                    rb.next_value[idx[stale]] = target_values(rb, idx[stale], target_network, device)
-                    rb.value_version[idx[stale]] = target_version
+                todo = rb.stale(idx, target_version)  # no cached value for this theta- yet
+                if len(todo):
+                    rb.next_value[todo] = target_values(rb, todo, target_network, device)
+                    rb.value_version[todo] = target_version
                 dual_idx, idx = idx[: args.batch_size], idx[args.batch_size :]
                 dual_v = torch.from_numpy(rb.next_value[dual_idx]).to(device)  # V' = Q_tot(h', a_bar'; theta-)
                 live = 1.0 - torch.from_numpy(rb.terminated[dual_idx]).to(device)  # terminated: no dual term

@@ -235,3 +235,19 @@ def test_next_value_cache_versions(vdn):
     truth.add_synthetic(rb, 1, 7)  # 13 transitions: slots 6..9 new, slots 0..2 overwritten
     assert rb.value_version.tolist() == [-1, -1, -1, 0, 0, 0, -1, -1, -1, -1]
     assert (rb.value_version != 1).all()  # a new target version makes every slot stale
+
+
+def test_stale_joins_the_newest_stale_slots(vdn):
+    """rb.stale(idx, v): the sampled slots without a value for version v, plus (only when there are
+    any) the stale slots among the newest ones; nothing when every sampled slot is fresh."""
+    W, capacity = 4, 10
+    rb, truth = make_rb(vdn, capacity, W), Truth()
+    truth.add_synthetic(rb, 0, 6)  # slots 0..5, all never computed
+    assert rb.stale(np.array([1, 4]), 0, newest=2).tolist() == [1, 4, 5]  # + newest stale 4, 5
+    rb.value_version[[1, 4, 5]] = 0
+    assert rb.stale(np.array([1, 4, 5]), 0, newest=3).tolist() == []  # all fresh: no call at all
+    assert rb.stale(np.array([0, 5]), 0, newest=3).tolist() == [0, 3]  # newest are 3, 4, 5; 4, 5 fresh
+    truth.add_synthetic(rb, 1, 7)  # wraps: ptr is 3, newest slots 2, 1, 0 (overwritten: stale again)
+    rb.value_version[:] = 1
+    rb.value_version[[0, 8]] = -1
+    assert rb.stale(np.array([8, 8, 5]), 1, newest=3).tolist() == [0, 8]  # unique, sorted, across the wrap
