@@ -1,0 +1,120 @@
+"""lstm_kernel.py: the agents' LSTMs in one call, against torch.nn.LSTM.
+
+Both implementations (the C++ kernel and the plain-torch reference) must give nn.LSTM's last
+output and gradients for every agent, including the small-batch path used when acting (M <= 2),
+the shared-network case (K = 1) and float64 (gradcheck). If the kernel cannot be built the
+module must say so in one line and fall back to the reference.
+"""
+
+import pytest
+import torch
+
+import lstm_kernel
+
+needs_kernel = pytest.mark.skipif(lstm_kernel.kernel() is None, reason="C++ kernel could not be built here")
+
+
+def lstms_and_stacked(K, I, H, dtype=torch.float32, seed=0):
+    """K independent nn.LSTM(I, H) and their weights stacked as lstm_last takes them."""
+    torch.manual_seed(seed)
+    mods = [torch.nn.LSTM(I, H).to(dtype) for _ in range(K)]
+    with torch.no_grad():  # larger than default init so that saturation and sign changes happen
+        for m in mods:
+            for p in m.parameters():
+                p.uniform_(-0.6, 0.6)
+    stack = lambda name: torch.stack([getattr(m, name) for m in mods]).detach().clone().requires_grad_()  # noqa: E731
+    w_ih, w_hh = stack("weight_ih_l0"), stack("weight_hh_l0")
+    b_ih, b_hh = stack("bias_ih_l0"), stack("bias_hh_l0")
+    return mods, w_ih, w_hh, b_ih, b_hh
+
+
+def nn_reference(mods, x):
+    """Last output of each nn.LSTM on its own window x[k] (W, M, I), zero initial state."""
+    return torch.stack([m(x[k])[0][-1] for k, m in enumerate(mods)])
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize("K,W,M,I,H", [(6, 8, 64, 64, 64), (6, 8, 1, 64, 64), (3, 8, 2, 16, 8), (1, 8, 24, 64, 64),
+                                       (2, 1, 5, 7, 3), (4, 3, 9, 5, 6)])
+def test_forward_and_gradients_equal_nn_lstm(use_kernel, K, W, M, I, H):
+    if use_kernel and lstm_kernel.kernel() is None:
+        pytest.skip("C++ kernel could not be built here")
+    mods, w_ih, w_hh, b_ih, b_hh = lstms_and_stacked(K, I, H, seed=K * 100 + M)
+    g = torch.Generator().manual_seed(M)
+    x = (torch.randn(K, W, M, I, generator=g) * 2).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    out_grad = torch.randn(K, M, H, generator=g)
+
+    expected = nn_reference(mods, x_ref)
+    (expected * out_grad).sum().backward()
+    h = lstm_kernel.lstm_last(x, w_ih, w_hh, b_ih + b_hh, use_kernel=use_kernel)
+    (h * out_grad).sum().backward()
+
+    assert h.shape == (K, M, H)
+    torch.testing.assert_close(h, expected, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=2e-5, rtol=1e-4)
+    for name, stacked in [("weight_ih_l0", w_ih), ("weight_hh_l0", w_hh), ("bias_ih_l0", b_ih), ("bias_hh_l0", b_hh)]:
+        ref_grad = torch.stack([getattr(m, name).grad for m in mods])
+        torch.testing.assert_close(stacked.grad, ref_grad, atol=2e-5, rtol=1e-4)
+
+
+@needs_kernel
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w_ih = (torch.randn(2, 12, 5, dtype=torch.float64, generator=g) * 0.5).requires_grad_()
+    w_hh = (torch.randn(2, 12, 3, dtype=torch.float64, generator=g) * 0.5).requires_grad_()
+    b = (torch.randn(2, 12, dtype=torch.float64, generator=g) * 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: lstm_kernel.lstm_last(*a), (x, w_ih, w_hh, b))
+
+
+@needs_kernel
+def test_kernel_is_deterministic_and_agents_independent():
+    mods, w_ih, w_hh, b_ih, b_hh = lstms_and_stacked(4, 16, 8)
+    x = torch.randn(4, 8, 10, 16)
+    with torch.no_grad():
+        a = lstm_kernel.lstm_last(x, w_ih, w_hh, b_ih + b_hh)
+        b = lstm_kernel.lstm_last(x, w_ih, w_hh, b_ih + b_hh)
+        x2 = x.clone()
+        x2[2] += 1.0  # change agent 2's windows only
+        c = lstm_kernel.lstm_last(x2, w_ih, w_hh, b_ih + b_hh)
+    assert torch.equal(a, b)
+    assert torch.equal(a[[0, 1, 3]], c[[0, 1, 3]]) and not torch.allclose(a[2], c[2])
+
+
+def test_fallback_when_the_kernel_cannot_be_built(monkeypatch, capsys):
+    """A failed build prints one line naming the reason and the fallback; results are unchanged."""
+    import torch.utils.cpp_extension as cpp
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.setattr(lstm_kernel, "_kernel", None)
+    monkeypatch.setattr(cpp, "load_inline", no_compiler)
+    monkeypatch.setattr(cpp, "_get_build_directory", lambda name, verbose: "/nonexistent")
+    assert lstm_kernel.kernel() is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lstm_kernel: C++ kernel unavailable (") and "command not found" in err[-1]
+    assert "pure-torch" in err[-1]
+    mods, w_ih, w_hh, b_ih, b_hh = lstms_and_stacked(2, 6, 4)
+    x = torch.randn(2, 5, 3, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(lstm_kernel.lstm_last(x, w_ih, w_hh, b_ih + b_hh), nn_reference(mods, x),
+                                   atol=2e-6, rtol=1e-5)
+    assert lstm_kernel.kernel() is None and capsys.readouterr().err == ""  # warned once only
+
+
+def test_keep_freed_memory_stops_page_faults():
+    """After keep_freed_memory() (run at import), a freed 4 MB buffer is reused instead of being
+    handed back to the OS and faulted in again on the next allocation."""
+    import resource
+
+    if not lstm_kernel.keep_freed_memory():
+        pytest.skip("not glibc")
+    for _ in range(3):
+        torch.ones(1 << 20)  # warm up: 4 MB allocated, touched, freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        torch.ones(1 << 20)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < 20 * 1024 / 10, faults  # handed back each time: ~1,000 faults (4 KB pages) per round
