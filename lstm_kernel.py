@@ -4,8 +4,8 @@ Every algos/ script runs, for each agent k = 1..K, one LSTM(H, H) over the windo
 shape (W, M, H) from a zero state and keeps the last output h_W. That is plumbing, like nn.LSTM
 itself; the algorithm (DRQN, mixers, robust targets) stays in the scripts.
 
-    lstm_last(x, w_ih, w_hh, b) -> h_W        x (K, W, M, I), w_ih (K, 4H, I), w_hh (K, 4H, H),
-                                              b (K, 4H) = b_ih + b_hh, h_W (K, M, H)
+    lstm_last(x, w_ih, w_hh, b_ih, b_hh) -> h_W    x (K, W, M, I), w_ih (K, 4H, I), w_hh (K, 4H, H),
+                                                  b_ih, b_hh (K, 4H), h_W (K, M, H)
 
 Two implementations of the same numbers (tests/test_lstm_kernel.py: against nn.LSTM to 1e-5 in
 float32, gradcheck in float64):
@@ -137,8 +137,9 @@ static void bwd(int W, int M, int I, int H, const T* dh_last, const T* x, const 
 
 template <typename T> static T* p(at::Tensor& t, int64_t k) { return t.data_ptr<T>() + k * (t.numel() / t.size(0)); }
 
-std::vector<at::Tensor> forward(at::Tensor x, at::Tensor w_ih, at::Tensor w_hh, at::Tensor b) {
-  x = x.contiguous(); w_ih = w_ih.contiguous(); w_hh = w_hh.contiguous(); b = b.contiguous();
+std::vector<at::Tensor> forward(at::Tensor x, at::Tensor w_ih, at::Tensor w_hh, at::Tensor b_ih, at::Tensor b_hh) {
+  x = x.contiguous(); w_ih = w_ih.contiguous(); w_hh = w_hh.contiguous();
+  auto b = (b_ih + b_hh).contiguous();
   const int K = x.size(0), W = x.size(1), M = x.size(2), I = x.size(3), H = w_hh.size(2);
   auto o = x.options();
   auto acts = at::empty({K, W, M, 4 * H}, o), cs = at::empty({K, W, M, H}, o);
@@ -173,7 +174,7 @@ std::vector<at::Tensor> backward(at::Tensor dh_last, at::Tensor x, at::Tensor w_
 #undef ARGS
     }
   });
-  return {dx, dwih, dwhh, db};
+  return {dx, dwih, dwhh, db, db};
 }
 """
 
@@ -228,8 +229,8 @@ def kernel():
 
 class _LSTMLast(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_ih, w_hh, b):
-        h_last, *saved = kernel().forward(x, w_ih, w_hh, b)
+    def forward(ctx, x, w_ih, w_hh, b_ih, b_hh):
+        h_last, *saved = kernel().forward(x, w_ih, w_hh, b_ih, b_hh)
         ctx.save_for_backward(x, w_ih, w_hh, *saved)
         return h_last
 
@@ -239,10 +240,10 @@ class _LSTMLast(torch.autograd.Function):
         return tuple(kernel().backward(dh_last, x, w_ih, w_hh, acts, cs, tcs, hs))
 
 
-def reference_lstm_last(x, w_ih, w_hh, b):
+def reference_lstm_last(x, w_ih, w_hh, b_ih, b_hh):
     """nn.LSTM's equations for K agents at once (gate order i, f, g, o), from a zero state."""
     K, W, M, _ = x.shape
-    gates_x = torch.baddbmm(b.unsqueeze(1), x.reshape(K, W * M, -1), w_ih.transpose(1, 2)).view(K, W, M, -1)
+    gates_x = torch.baddbmm((b_ih + b_hh).unsqueeze(1), x.reshape(K, W * M, -1), w_ih.transpose(1, 2)).view(K, W, M, -1)
     h = c = x.new_zeros(K, M, w_hh.shape[2])
     for t in range(W):
         i, f, g, o = torch.baddbmm(gates_x[:, t], h, w_hh.transpose(1, 2)).chunk(4, -1)
@@ -251,8 +252,8 @@ def reference_lstm_last(x, w_ih, w_hh, b):
     return h
 
 
-def lstm_last(x, w_ih, w_hh, b, use_kernel: bool = True):
+def lstm_last(x, w_ih, w_hh, b_ih, b_hh, use_kernel: bool = True):
     """Last output h_W (K, M, H) of K LSTMs over windows x (K, W, M, I) from a zero state."""
     if use_kernel and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and kernel():
-        return _LSTMLast.apply(x, w_ih, w_hh, b)
-    return reference_lstm_last(x, w_ih, w_hh, b)
+        return _LSTMLast.apply(x, w_ih, w_hh, b_ih, b_hh)
+    return reference_lstm_last(x, w_ih, w_hh, b_ih, b_hh)

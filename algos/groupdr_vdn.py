@@ -180,20 +180,20 @@ class DRQN(nn.Module):
         self.lstm_weight_ih, self.lstm_weight_hh = param(4 * H, H, fan_in=H), param(4 * H, H, fan_in=H)
         self.lstm_bias_ih, self.lstm_bias_hh = param(4 * H, fan_in=H), param(4 * H, fan_in=H)
         self.fc_out_weight, self.fc_out_bias = param(n_actions, H, fan_in=H), param(n_actions, fan_in=H)
+        self.register_buffer("rows", (n_actions + n_ids) * torch.arange(n_nets).unsqueeze(1), persistent=False)
 
     def forward(self, obs_w, prev_a_w, agent_ids=None):
         """obs_w (K, W, M, obs_dim), prev_a_w (K, W, M) long [, agent_ids (M,)] -> Q (K, M, n_actions)
         and the last LSTM outputs (K, M, hidden)."""
         K, W, M, O = obs_w.shape
-        table = self.fc1_table.reshape(-1, self.fc1_table.shape[-1])  # network k's row r at k * rows + r
-        rows = self.fc1_table.shape[1] * torch.arange(K, device=obs_w.device).unsqueeze(1)
+        table = self.fc1_table.reshape(-1, self.fc1_table.shape[-1])  # network k's row r is row self.rows[k] + r
         # fc1 on [obs, onehot(a_prev) (, onehot(id))] = obs columns + the one-hot columns looked up: same numbers
         x = torch.baddbmm(self.fc1_bias.unsqueeze(1), obs_w.reshape(K, W * M, O), self.fc1_obs.transpose(1, 2))
-        x = x + F.embedding(prev_a_w.reshape(K, W * M) + rows, table)
+        x = x + table.index_select(0, (prev_a_w.reshape(K, W * M) + self.rows).reshape(-1)).view(K, W * M, -1)
         if agent_ids is not None:
-            x = x + F.embedding(self.n_actions + agent_ids.repeat(W), table)
+            x = x + table.index_select(0, self.n_actions + agent_ids.repeat(W)).view(K, W * M, -1)
         h = lstm_kernel.lstm_last(F.relu(x).view(K, W, M, -1), self.lstm_weight_ih, self.lstm_weight_hh,
-                                  self.lstm_bias_ih + self.lstm_bias_hh, self.use_kernel)  # zero initial state
+                                  self.lstm_bias_ih, self.lstm_bias_hh, self.use_kernel)  # zero initial state
         return torch.baddbmm(self.fc_out_bias.unsqueeze(1), F.relu(h), self.fc_out_weight.transpose(1, 2)), h
 
     def agent_state_dict(self, k: int) -> dict:
@@ -381,7 +381,7 @@ if __name__ == "__main__":
 
     # Alg. 2 l.3-4: Q_i with parameters theta, target theta- = theta
     q_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.lstm_kernel).to(device)
-    optimizer = torch.optim.RMSprop(q_network.parameters(), lr=args.learning_rate, foreach=True)
+    optimizer = torch.optim.RMSprop(q_network.parameters(), lr=args.learning_rate)
     target_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.lstm_kernel).to(device)
     target_network.load_state_dict(q_network.state_dict())
     target_version = 0

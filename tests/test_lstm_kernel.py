@@ -47,7 +47,7 @@ def test_forward_and_gradients_equal_nn_lstm(use_kernel, K, W, M, I, H):
 
     expected = nn_reference(mods, x_ref)
     (expected * out_grad).sum().backward()
-    h = lstm_kernel.lstm_last(x, w_ih, w_hh, b_ih + b_hh, use_kernel=use_kernel)
+    h = lstm_kernel.lstm_last(x, w_ih, w_hh, b_ih, b_hh, use_kernel=use_kernel)
     (h * out_grad).sum().backward()
 
     assert h.shape == (K, M, H)
@@ -64,8 +64,9 @@ def test_gradcheck_float64():
     x = torch.randn(2, 4, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
     w_ih = (torch.randn(2, 12, 5, dtype=torch.float64, generator=g) * 0.5).requires_grad_()
     w_hh = (torch.randn(2, 12, 3, dtype=torch.float64, generator=g) * 0.5).requires_grad_()
-    b = (torch.randn(2, 12, dtype=torch.float64, generator=g) * 0.5).requires_grad_()
-    assert torch.autograd.gradcheck(lambda *a: lstm_kernel.lstm_last(*a), (x, w_ih, w_hh, b))
+    b_ih = (torch.randn(2, 12, dtype=torch.float64, generator=g) * 0.5).requires_grad_()
+    b_hh = (torch.randn(2, 12, dtype=torch.float64, generator=g) * 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: lstm_kernel.lstm_last(*a), (x, w_ih, w_hh, b_ih, b_hh))
 
 
 @needs_kernel
@@ -73,11 +74,11 @@ def test_kernel_is_deterministic_and_agents_independent():
     mods, w_ih, w_hh, b_ih, b_hh = lstms_and_stacked(4, 16, 8)
     x = torch.randn(4, 8, 10, 16)
     with torch.no_grad():
-        a = lstm_kernel.lstm_last(x, w_ih, w_hh, b_ih + b_hh)
-        b = lstm_kernel.lstm_last(x, w_ih, w_hh, b_ih + b_hh)
+        a = lstm_kernel.lstm_last(x, w_ih, w_hh, b_ih, b_hh)
+        b = lstm_kernel.lstm_last(x, w_ih, w_hh, b_ih, b_hh)
         x2 = x.clone()
         x2[2] += 1.0  # change agent 2's windows only
-        c = lstm_kernel.lstm_last(x2, w_ih, w_hh, b_ih + b_hh)
+        c = lstm_kernel.lstm_last(x2, w_ih, w_hh, b_ih, b_hh)
     assert torch.equal(a, b)
     assert torch.equal(a[[0, 1, 3]], c[[0, 1, 3]]) and not torch.allclose(a[2], c[2])
 
@@ -99,7 +100,7 @@ def test_fallback_when_the_kernel_cannot_be_built(monkeypatch, capsys):
     mods, w_ih, w_hh, b_ih, b_hh = lstms_and_stacked(2, 6, 4)
     x = torch.randn(2, 5, 3, 6)
     with torch.no_grad():
-        torch.testing.assert_close(lstm_kernel.lstm_last(x, w_ih, w_hh, b_ih + b_hh), nn_reference(mods, x),
+        torch.testing.assert_close(lstm_kernel.lstm_last(x, w_ih, w_hh, b_ih, b_hh), nn_reference(mods, x),
                                    atol=2e-6, rtol=1e-5)
     assert lstm_kernel.kernel() is None and capsys.readouterr().err == ""  # warned once only
 
