@@ -38,7 +38,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import envs  # noqa: E402  (environment plumbing shared by all scripts)
-import lstm_kernel  # noqa: E402  (the agents' LSTMs in one fused call; same numbers as nn.LSTM)
+import fused  # noqa: E402  (C++ kernels: the agents' LSTMs in one call, RMSprop in one pass; same equations)
 
 
 @dataclass
@@ -103,8 +103,8 @@ class Args:
     """gradient-norm clip (not in the paper; released code uses 10); 0 disables"""
     share_params: bool = False
     """one DRQN for all agents with an agent-id input (pymarl style) instead of one per agent"""
-    lstm_kernel: bool = True
-    """run the agents' LSTMs in lstm_kernel.py's C++ kernel (same numbers; off: the same equations in torch)"""
+    fused: bool = True
+    """agents' LSTMs and RMSprop in fused.py's C++ kernels (same equations; --no-fused: plain torch)"""
     qtran_learning_rate: float = 1e-3
     """Adam learning rate of Q_jt and V_tot (paper F.2); the agents keep RMSprop --learning-rate"""
     lambda_opt: float = 1.0
@@ -170,7 +170,7 @@ class DRQN(nn.Module):
     """K DRQNs, each Linear(obs + onehot(prev action) [+ onehot(agent id)], 64) -> ReLU -> LSTM(64, 64)
     -> last output -> ReLU -> Linear(64, n_actions), run over a history window from a zero LSTM state.
     Every parameter is stacked over the K networks, so all K run as batched matrix products and one
-    lstm_kernel call. fc1's weight is kept as its obs columns (K, H, obs) and its one-hot columns
+    fused.lstm_last call. fc1's weight is kept as its obs columns (K, H, obs) and its one-hot columns
     as the rows of a lookup table (K, n_actions [+ n_ids], H); agent_state_dict(k) reassembles
     network k in the released format (agent_{k}_q_network.pt)."""
 
@@ -199,8 +199,8 @@ class DRQN(nn.Module):
         x = x + table.index_select(0, (prev_a_w.reshape(K, W * M) + self.rows).reshape(-1)).view(K, W * M, -1)
         if agent_ids is not None:
             x = x + table.index_select(0, self.n_actions + agent_ids.repeat(W)).view(K, W * M, -1)
-        h = lstm_kernel.lstm_last(F.relu(x).view(K, W, M, -1), self.lstm_weight_ih, self.lstm_weight_hh,
-                                  self.lstm_bias_ih, self.lstm_bias_hh, self.use_kernel)  # zero initial state
+        h = fused.lstm_last(F.relu(x).view(K, W, M, -1), self.lstm_weight_ih, self.lstm_weight_hh,
+                            self.lstm_bias_ih, self.lstm_bias_hh, self.use_kernel)  # zero initial state
         return torch.baddbmm(self.fc_out_bias.unsqueeze(1), F.relu(h), self.fc_out_weight.transpose(1, 2)), h
 
     def agent_state_dict(self, k: int) -> dict:
@@ -422,13 +422,13 @@ if __name__ == "__main__":
           f"{estimator_ckpt['time_norm']:g}; training episodes from {','.join(train_configs)}", flush=True)
 
     # Alg. 4 l.3-4: Q_i, Q_jt and V_tot with parameters theta, target theta- = theta
-    q_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.lstm_kernel).to(device)
-    optimizer = torch.optim.RMSprop(q_network.parameters(), lr=args.learning_rate)
+    q_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.fused).to(device)
+    optimizer = fused.RMSprop(q_network.parameters(), lr=args.learning_rate, use_kernel=args.fused)  # = torch.optim.RMSprop
     qtran = QTranNetworks(N, A, env.state_dim, args.hidden_dim).to(device)
     # Paper F.2: agents RMSprop 5e-4, QTRAN networks Adam 1e-3: two optimisers, one backward of L (l.17)
     qtran_optimizer = torch.optim.Adam(qtran.parameters(), lr=args.qtran_learning_rate, fused=True)
     params = list(q_network.parameters()) + list(qtran.parameters())
-    target_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.lstm_kernel).to(device)
+    target_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.fused).to(device)
     target_network.load_state_dict(q_network.state_dict())
     target_qtran = QTranNetworks(N, A, env.state_dim, args.hidden_dim).to(device)
     target_qtran.load_state_dict(qtran.state_dict())

@@ -131,7 +131,7 @@ def test_init_matches_torch_nn_ranges(vdn):
 
 
 def test_kernel_and_torch_paths_agree_with_gradients(vdn, refs):
-    """lstm_kernel's C++ path and the plain-torch path give the same Q-values and gradients."""
+    """fused's C++ path and the plain-torch path give the same Q-values and gradients."""
     obs, prev = random_windows(16, 11)
     taken = torch.randint(0, A, (16, N, 1), generator=torch.Generator().manual_seed(3))
     grads = []

@@ -1,4 +1,4 @@
-"""lstm_kernel.py: the agents' LSTMs in one call, against torch.nn.LSTM.
+"""fused.py: the agents' LSTMs in one call, against torch.nn.LSTM.
 
 Both implementations (the C++ kernel and the plain-torch reference) must give nn.LSTM's last
 output and gradients for every agent, including the small-batch path used when acting (M <= 2),
@@ -9,9 +9,9 @@ module must say so in one line and fall back to the reference.
 import pytest
 import torch
 
-import lstm_kernel
+import fused
 
-needs_kernel = pytest.mark.skipif(lstm_kernel.kernel() is None, reason="C++ kernel could not be built here")
+needs_kernel = pytest.mark.skipif(fused.kernel() is None, reason="C++ kernel could not be built here")
 
 
 def lstms_and_stacked(K, I, H, dtype=torch.float32, seed=0):
@@ -37,7 +37,7 @@ def nn_reference(mods, x):
 @pytest.mark.parametrize("K,W,M,I,H", [(6, 8, 64, 64, 64), (6, 8, 1, 64, 64), (3, 8, 2, 16, 8), (1, 8, 24, 64, 64),
                                        (2, 1, 5, 7, 3), (4, 3, 9, 5, 6)])
 def test_forward_and_gradients_equal_nn_lstm(use_kernel, K, W, M, I, H):
-    if use_kernel and lstm_kernel.kernel() is None:
+    if use_kernel and fused.kernel() is None:
         pytest.skip("C++ kernel could not be built here")
     mods, w_ih, w_hh, b_ih, b_hh = lstms_and_stacked(K, I, H, seed=K * 100 + M)
     g = torch.Generator().manual_seed(M)
@@ -47,7 +47,7 @@ def test_forward_and_gradients_equal_nn_lstm(use_kernel, K, W, M, I, H):
 
     expected = nn_reference(mods, x_ref)
     (expected * out_grad).sum().backward()
-    h = lstm_kernel.lstm_last(x, w_ih, w_hh, b_ih, b_hh, use_kernel=use_kernel)
+    h = fused.lstm_last(x, w_ih, w_hh, b_ih, b_hh, use_kernel=use_kernel)
     (h * out_grad).sum().backward()
 
     assert h.shape == (K, M, H)
@@ -66,7 +66,7 @@ def test_gradcheck_float64():
     w_hh = (torch.randn(2, 12, 3, dtype=torch.float64, generator=g) * 0.5).requires_grad_()
     b_ih = (torch.randn(2, 12, dtype=torch.float64, generator=g) * 0.5).requires_grad_()
     b_hh = (torch.randn(2, 12, dtype=torch.float64, generator=g) * 0.5).requires_grad_()
-    assert torch.autograd.gradcheck(lambda *a: lstm_kernel.lstm_last(*a), (x, w_ih, w_hh, b_ih, b_hh))
+    assert torch.autograd.gradcheck(lambda *a: fused.lstm_last(*a), (x, w_ih, w_hh, b_ih, b_hh))
 
 
 @needs_kernel
@@ -74,11 +74,11 @@ def test_kernel_is_deterministic_and_agents_independent():
     mods, w_ih, w_hh, b_ih, b_hh = lstms_and_stacked(4, 16, 8)
     x = torch.randn(4, 8, 10, 16)
     with torch.no_grad():
-        a = lstm_kernel.lstm_last(x, w_ih, w_hh, b_ih, b_hh)
-        b = lstm_kernel.lstm_last(x, w_ih, w_hh, b_ih, b_hh)
+        a = fused.lstm_last(x, w_ih, w_hh, b_ih, b_hh)
+        b = fused.lstm_last(x, w_ih, w_hh, b_ih, b_hh)
         x2 = x.clone()
         x2[2] += 1.0  # change agent 2's windows only
-        c = lstm_kernel.lstm_last(x2, w_ih, w_hh, b_ih, b_hh)
+        c = fused.lstm_last(x2, w_ih, w_hh, b_ih, b_hh)
     assert torch.equal(a, b)
     assert torch.equal(a[[0, 1, 3]], c[[0, 1, 3]]) and not torch.allclose(a[2], c[2])
 
@@ -90,19 +90,19 @@ def test_fallback_when_the_kernel_cannot_be_built(monkeypatch, capsys):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Error building extension: c++: command not found")
 
-    monkeypatch.setattr(lstm_kernel, "_kernel", None)
+    monkeypatch.setattr(fused, "_kernel", None)
     monkeypatch.setattr(cpp, "load_inline", no_compiler)
     monkeypatch.setattr(cpp, "_get_build_directory", lambda name, verbose: "/nonexistent")
-    assert lstm_kernel.kernel() is None
+    assert fused.kernel() is None
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("lstm_kernel: C++ kernel unavailable (") and "command not found" in err[-1]
-    assert "pure-torch" in err[-1]
+    assert err[-1].startswith("fused: C++ kernels unavailable (") and "command not found" in err[-1]
+    assert "plain-torch" in err[-1]
     mods, w_ih, w_hh, b_ih, b_hh = lstms_and_stacked(2, 6, 4)
     x = torch.randn(2, 5, 3, 6)
     with torch.no_grad():
-        torch.testing.assert_close(lstm_kernel.lstm_last(x, w_ih, w_hh, b_ih, b_hh), nn_reference(mods, x),
+        torch.testing.assert_close(fused.lstm_last(x, w_ih, w_hh, b_ih, b_hh), nn_reference(mods, x),
                                    atol=2e-6, rtol=1e-5)
-    assert lstm_kernel.kernel() is None and capsys.readouterr().err == ""  # warned once only
+    assert fused.kernel() is None and capsys.readouterr().err == ""  # warned once only
 
 
 def test_keep_freed_memory_stops_page_faults():
@@ -110,7 +110,7 @@ def test_keep_freed_memory_stops_page_faults():
     handed back to the OS and faulted in again on the next allocation."""
     import resource
 
-    if not lstm_kernel.keep_freed_memory():
+    if not fused.keep_freed_memory():
         pytest.skip("not glibc")
     for _ in range(3):
         torch.ones(1 << 20)  # warm up: 4 MB allocated, touched, freed
@@ -119,3 +119,32 @@ def test_keep_freed_memory_stops_page_faults():
         torch.ones(1 << 20)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     assert faults < 20 * 1024 / 10, faults  # handed back each time: ~1,000 faults (4 KB pages) per round
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_rmsprop_equals_torch_rmsprop(use_kernel):
+    """fused.RMSprop follows torch.optim.RMSprop (alpha 0.99, eps 1e-8, lr 5e-4) step for step,
+    on tensors of the agents' shapes, with gradients that vary by orders of magnitude."""
+    if use_kernel and fused.kernel() is None:
+        pytest.skip("C++ kernel could not be built here")
+    g = torch.Generator().manual_seed(0)
+    shapes = [(6, 64, 5), (6, 200, 64), (6, 64), (6, 256, 64), (6, 256), (1, 206, 64)]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt, ref_opt = fused.RMSprop(ours, lr=5e-4, use_kernel=use_kernel), torch.optim.RMSprop(ref, lr=5e-4)
+    for step in range(30):
+        scale = [3.0, 1e-3, 0.1][step % 3]
+        for p, q in zip(ours, ref):
+            p.grad = torch.randn(p.shape, generator=g) * scale
+            q.grad = p.grad.clone()
+        if step == 7:
+            ours[2].grad = ref[2].grad = None  # a parameter without gradient is left alone
+        opt.step()
+        ref_opt.step()
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(opt.state[p]["square_avg"], ref_opt.state[q]["square_avg"], atol=1e-7, rtol=1e-5)
+        assert float(opt.state[p]["step"]) == float(ref_opt.state[q]["step"])
+    assert not torch.equal(ours[0], torch.randn(shapes[0], generator=torch.Generator().manual_seed(0)))  # it moved
+    state = opt.state_dict()["state"][0]
+    assert set(state) == {"step", "square_avg"}  # torch's keys
