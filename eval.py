@@ -116,6 +116,34 @@ def load_algo_module(algo: str):
 CHECKPOINT_FORMATS = ("drigm-checkpoint-v1", "drigm-checkpoint-v2")
 
 
+RELEASED_KEYS = ("fc1.bias", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_ih_l0", "lstm.bias_hh_l0",
+                 "fc_out.weight", "fc_out.bias")  # + fc1.weight = [obs columns | one-hot columns]
+
+
+def _stacked(drqn, key: str):
+    return getattr(drqn, key.replace(".", "_").replace("_l0", ""))  # lstm.weight_ih_l0 -> drqn.lstm_weight_ih
+
+
+def agent_state_dict(drqn, k: int) -> dict:
+    """Network k of a script's stacked DRQN in the released per-agent format (agent_{k}_q_network.pt)."""
+    state = {"fc1.weight": torch.cat([drqn.fc1_obs[k], drqn.fc1_table[k].t()], 1)}
+    state.update({key: _stacked(drqn, key)[k] for key in RELEASED_KEYS})
+    return {key: value.detach().clone() for key, value in state.items()}
+
+
+@torch.no_grad()
+def load_agent_state_dict(drqn, k: int, state: dict) -> None:
+    """A released per-agent state dict into network k of a stacked DRQN (every key and shape checked first)."""
+    for key, value in agent_state_dict(drqn, k).items():
+        if key not in state or state[key].shape != value.shape:
+            raise RuntimeError(f"{key}: expected shape {tuple(value.shape)}, "
+                               f"got {tuple(state[key].shape) if key in state else 'nothing'}")
+    drqn.fc1_obs[k].copy_(state["fc1.weight"][:, : drqn.obs_dim])
+    drqn.fc1_table[k].copy_(state["fc1.weight"][:, drqn.obs_dim :].t())
+    for key in RELEASED_KEYS:
+        _stacked(drqn, key)[k].copy_(state[key])
+
+
 def load_q_network(net, ckpt: dict) -> None:
     """A checkpoint's weights into net. v2: each DRQN parameter stacked over the agents. v1 (written
     before 2026-11-21): one module per agent (agents.{k}.fc1.weight, ...), loaded agent by agent
@@ -129,7 +157,7 @@ def load_q_network(net, ckpt: dict) -> None:
         raise RuntimeError(f"expected agents.0 .. agents.{n_nets - 1} in a v1 checkpoint")
     for k in range(n_nets):
         prefix = f"agents.{k}."
-        net.drqn.load_agent_state_dict(k, {key[len(prefix) :]: v for key, v in state.items() if key.startswith(prefix)})
+        load_agent_state_dict(net.drqn, k, {key[len(prefix) :]: v for key, v in state.items() if key.startswith(prefix)})
 
 
 def load_checkpoint(path: str, device):
@@ -167,7 +195,7 @@ def load_authors_dir(path: str, device):
         f = os.path.join(path, f"agent_{i}_q_network.pt")
         try:
             state = torch.load(f, map_location=device, weights_only=True)
-            net.drqn.load_agent_state_dict(i, state)
+            load_agent_state_dict(net.drqn, i, state)
         except FileNotFoundError:
             envs.fail(f"--authors-dir: missing agent_{i}_q_network.pt in '{path}' (found {n} agent files)")
         except Exception as e:  # noqa: BLE001

@@ -194,8 +194,8 @@ class DRQN(nn.Module):
     -> last output -> ReLU -> Linear(64, n_actions), run over a history window from a zero LSTM state.
     Every parameter is stacked over the K networks, so all K run as batched matrix products and one
     fused.lstm_last call. fc1's weight is kept as its obs columns (K, H, obs) and its one-hot columns
-    as the rows of a lookup table (K, n_actions [+ n_ids], H); agent_state_dict(k) reassembles
-    network k in the released format (agent_{k}_q_network.pt)."""
+    as the rows of a lookup table (K, n_actions [+ n_ids], H); eval.agent_state_dict(drqn, k)
+    gives network k in the released format (agent_{k}_q_network.pt)."""
 
     def __init__(self, n_nets: int, obs_dim: int, n_actions: int, hidden_dim: int, n_ids: int = 0, use_kernel=True):
         super().__init__()
@@ -225,27 +225,6 @@ class DRQN(nn.Module):
         h = fused.lstm_last(F.relu(x).view(K, W, M, -1), self.lstm_weight_ih, self.lstm_weight_hh,
                             self.lstm_bias_ih, self.lstm_bias_hh, self.use_kernel)  # zero initial state
         return torch.baddbmm(self.fc_out_bias.unsqueeze(1), F.relu(h), self.fc_out_weight.transpose(1, 2)), h
-
-    def agent_state_dict(self, k: int) -> dict:
-        """Network k in the released per-agent format (agent_{k}_q_network.pt keys and shapes)."""
-        state = {"fc1.weight": torch.cat([self.fc1_obs[k], self.fc1_table[k].t()], 1), "fc1.bias": self.fc1_bias[k],
-                 "lstm.weight_ih_l0": self.lstm_weight_ih[k], "lstm.weight_hh_l0": self.lstm_weight_hh[k],
-                 "lstm.bias_ih_l0": self.lstm_bias_ih[k], "lstm.bias_hh_l0": self.lstm_bias_hh[k],
-                 "fc_out.weight": self.fc_out_weight[k], "fc_out.bias": self.fc_out_bias[k]}
-        return {key: value.detach().clone() for key, value in state.items()}
-
-    @torch.no_grad()
-    def load_agent_state_dict(self, k: int, state: dict) -> None:
-        """Load a released per-agent state dict into network k (every key and shape checked first)."""
-        for key, value in self.agent_state_dict(k).items():
-            if key not in state or state[key].shape != value.shape:
-                raise RuntimeError(f"{key}: expected shape {tuple(value.shape)}, "
-                                   f"got {tuple(state[key].shape) if key in state else 'nothing'}")
-        self.fc1_obs[k].copy_(state["fc1.weight"][:, : self.obs_dim])
-        self.fc1_table[k].copy_(state["fc1.weight"][:, self.obs_dim :].t())
-        for key in ("fc1.bias", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_ih_l0", "lstm.bias_hh_l0",
-                    "fc_out.weight", "fc_out.bias"):
-            getattr(self, key.replace(".", "_").replace("_l0", ""))[k].copy_(state[key])
 
 
 class QNetworks(nn.Module):

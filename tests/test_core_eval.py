@@ -146,7 +146,7 @@ def test_v1_checkpoint_still_loads(trained, vdn, eval_mod, tmp_path):
     net = vdn.QNetworks(6, 5, 200, 64)
     net.load_state_dict(v2)
     ckpt["format"] = "drigm-checkpoint-v1"
-    ckpt["q_network"] = {f"agents.{k}.{key}": v for k in range(6) for key, v in net.drqn.agent_state_dict(k).items()}
+    ckpt["q_network"] = {f"agents.{k}.{key}": v for k in range(6) for key, v in eval_mod.agent_state_dict(net.drqn, k).items()}
     assert tuple(ckpt["q_network"]["agents.0.fc1.weight"].shape) == (64, 205) and len(ckpt["q_network"]) == 48
     torch.save(ckpt, tmp_path / "v1.pt")
     _, _, net, _, _ = eval_mod.load_checkpoint(str(tmp_path / "v1.pt"), torch.device("cpu"))

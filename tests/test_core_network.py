@@ -13,7 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import import_file
+
 N, OBS, A, H, W = 6, 5, 200, 64, 8
+EVAL = import_file("eval_for_network_tests", "eval.py")  # the released-format converters
 
 # paper-facts: the released per-agent checkpoint format, keys and shapes
 AUTHORS_SHAPES = {
@@ -59,7 +62,7 @@ def authors_dict(ref: RefAgent) -> dict:
 def copy_into(net, k: int, ref: RefAgent):
     """Load reference agent ``ref`` into network k of a script's QNetworks, through the released
     per-agent format (the loader eval.py uses for the authors' checkpoints)."""
-    net.drqn.load_agent_state_dict(k, authors_dict(ref))
+    EVAL.load_agent_state_dict(net.drqn, k, authors_dict(ref))
 
 
 def random_windows(B, seed):
@@ -107,15 +110,15 @@ def test_state_dict_is_stacked_authors_format(vdn):
         if key != "fc1.weight":
             assert tuple(sd["drqn." + key.replace(".", "_").replace("_l0", "")].shape) == (N, *AUTHORS_SHAPES[key])
     for k in range(N):
-        own = net.drqn.agent_state_dict(k)
+        own = EVAL.agent_state_dict(net.drqn, k)
         assert {key: tuple(v.shape) for key, v in own.items()} == AUTHORS_SHAPES
         torch.testing.assert_close(own["lstm.weight_hh_l0"], net.drqn.lstm_weight_hh[k], atol=0, rtol=0)
         torch.testing.assert_close(own["fc1.weight"][:, OBS + 7], net.drqn.fc1_table[k, 7], atol=0, rtol=0)
-    bad = dict(net.drqn.agent_state_dict(0), **{"fc1.weight": torch.zeros(H, OBS + A - 1)})
+    bad = dict(EVAL.agent_state_dict(net.drqn, 0), **{"fc1.weight": torch.zeros(H, OBS + A - 1)})
     with pytest.raises(RuntimeError, match="fc1.weight"):
-        net.drqn.load_agent_state_dict(0, bad)
+        EVAL.load_agent_state_dict(net.drqn, 0, bad)
     with pytest.raises(RuntimeError, match="fc_out.bias"):
-        net.drqn.load_agent_state_dict(0, {k: v for k, v in net.drqn.agent_state_dict(1).items() if k != "fc_out.bias"})
+        EVAL.load_agent_state_dict(net.drqn, 0, {k: v for k, v in EVAL.agent_state_dict(net.drqn, 1).items() if k != "fc_out.bias"})
     torch.testing.assert_close(net.drqn.fc1_obs[0], sd["drqn.fc1_obs"][0], atol=0, rtol=0)  # nothing half-loaded
 
 
