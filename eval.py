@@ -116,6 +116,19 @@ def load_algo_module(algo: str):
 CHECKPOINT_FORMATS = ("drigm-checkpoint-v1", "drigm-checkpoint-v2")
 
 
+def save_checkpoint(run_dir: str, script: str, args, env_info: dict, **parts) -> str:
+    """Write run_dir/model.pt atomically (.tmp, then rename) in the current format (v2: DRQN
+    parameters stacked over agents): algo (the script's name; load_checkpoint imports
+    algos/<algo>.py for the network classes), args, env_info, and parts (modules as state dicts)."""
+    path = os.path.join(run_dir, "model.pt")
+    checkpoint = {"format": CHECKPOINT_FORMATS[-1], "algo": os.path.basename(script)[: -len(".py")],
+                  "args": vars(args), "env": env_info,
+                  **{k: v.state_dict() if isinstance(v, torch.nn.Module) else v for k, v in parts.items()}}
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
 RELEASED_KEYS = ("fc1.bias", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_ih_l0", "lstm.bias_hh_l0",
                  "fc_out.weight", "fc_out.bias")  # + fc1.weight = [obs columns | one-hot columns]
 

@@ -37,6 +37,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import envs  # noqa: E402  (environment plumbing shared by all scripts)
+import eval as evaluation  # noqa: E402  (checkpoint format)
 import fused  # noqa: E402  (C++ kernels: the agents' LSTMs in one call, RMSprop in one pass; same equations)
 
 
@@ -467,18 +468,9 @@ if __name__ == "__main__":
                   f"| left {left / 60:.1f} min", flush=True)
             recent, stretch_time, stretch_steps, stretch_updates, update_time = [], now, global_step, n_updates, 0.0
 
-    if args.save_model:  # weights, args and env config, written atomically
-        path = os.path.join(run_dir, "model.pt")
-        checkpoint = {
-            "format": "drigm-checkpoint-v2",  # v2: DRQN parameters stacked over agents
-            "algo": os.path.basename(__file__)[: -len(".py")],  # eval.py imports algos/<algo>.py
-            "args": vars(args),
-            "env": {"env": "building", "config": ",".join(train_configs), "n_agents": N, "n_actions": A,
-                    "obs_dim": env.obs_dim, "state_dim": env.state_dim},
-            "estimator_configs": estimator_ckpt["configs"],
-            "q_network": q_network.state_dict(),
-        }
-        torch.save(checkpoint, path + ".tmp")
-        os.replace(path + ".tmp", path)
+    if args.save_model:  # weights, args and env config, written atomically (eval.py reads them back)
+        env_info = {"env": "building", "config": ",".join(train_configs), "n_agents": N, "n_actions": A,
+                    "obs_dim": env.obs_dim, "state_dim": env.state_dim}
+        path = evaluation.save_checkpoint(run_dir, __file__, args, env_info, estimator_configs=estimator_ckpt["configs"], q_network=q_network)
         print(f"model saved to {path}")
     writer.close()

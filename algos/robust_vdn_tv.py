@@ -497,18 +497,9 @@ if __name__ == "__main__":
         if done_training:
             break
 
-    if args.save_model:  # weights, args and env config, written atomically
-        path = os.path.join(run_dir, "model.pt")
-        checkpoint = {
-            "format": "drigm-checkpoint-v2",  # v2: DRQN parameters stacked over agents
-            "algo": os.path.basename(__file__)[: -len(".py")],  # eval.py imports algos/<algo>.py
-            "args": vars(args),
-            "env": {"env": args.env, "config": args.train_config, "n_agents": N, "n_actions": A,
-                    "obs_dim": env.obs_dim, "state_dim": env.state_dim},
-            "q_network": q_network.state_dict(),
-            "dual": dual_network.state_dict(),
-        }
-        torch.save(checkpoint, path + ".tmp")
-        os.replace(path + ".tmp", path)
+    if args.save_model:  # weights, args and env config, written atomically (eval.py reads them back)
+        env_info = {"env": args.env, "config": args.train_config, "n_agents": N, "n_actions": A,
+                    "obs_dim": env.obs_dim, "state_dim": env.state_dim}
+        path = evaluation.save_checkpoint(run_dir, __file__, args, env_info, q_network=q_network, dual=dual_network)
         print(f"model saved to {path}")
     writer.close()
