@@ -105,22 +105,6 @@ def test_fallback_when_the_kernel_cannot_be_built(monkeypatch, capsys):
     assert fused.kernel() is None and capsys.readouterr().err == ""  # warned once only
 
 
-def test_keep_freed_memory_stops_page_faults():
-    """After keep_freed_memory() (run at import), a freed 4 MB buffer is reused instead of being
-    handed back to the OS and faulted in again on the next allocation."""
-    import resource
-
-    if not fused.keep_freed_memory():
-        pytest.skip("not glibc")
-    for _ in range(3):
-        torch.ones(1 << 20)  # warm up: 4 MB allocated, touched, freed
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(20):
-        torch.ones(1 << 20)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    assert faults < 20 * 1024 / 10, faults  # handed back each time: ~1,000 faults (4 KB pages) per round
-
-
 @pytest.mark.parametrize("use_kernel", [True, False])
 def test_rmsprop_equals_torch_rmsprop(use_kernel):
     """fused.RMSprop follows torch.optim.RMSprop (alpha 0.99, eps 1e-8, lr 5e-4) step for step,
