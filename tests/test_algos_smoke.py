@@ -6,7 +6,8 @@ One session fixture starts every run (a few at a time) and the tests read the re
 * determinism (QMIX-TV and QTRAN-TV: together every network type: agents, mixer, QTRAN nets, dual):
   seed 1 again -> identical weights (so identical losses at every update) and returns; seed 2 ->
   different weights and returns;
-* once with the non-default flags (batch-min, squared dual loss, no eta clamp, adam, shared params);
+* once with the non-default flags (batch-min, squared dual loss, no eta clamp, adam, shared params,
+  --no-fused: the plain-torch LSTM and RMSprop);
 * eval.py on all five checkpoints (one call), when eval.py exists;
 * bad input: one "error:" line naming the flag, exit != 0, no traceback.
 """
@@ -26,9 +27,9 @@ EXTRA_KEYS = {"robust_qmix_rho": {"mixer"}, "robust_qtran_rho": {"joint"}, "robu
 TINY = ["--total-episodes", "2", "--episode-steps", "20", "--learning-starts", "8", "--batch-size", "8",
         "--buffer-size", "200", "--torch-threads", "1", "--log-every", "1"]
 VARIANT_FLAGS = {
-    "robust_qmix_rho": ["--worst-value", "batch-min", "--optimizer", "adam", "--rho", "0.1"],
+    "robust_qmix_rho": ["--worst-value", "batch-min", "--optimizer", "adam", "--rho", "0.1", "--no-fused"],
     "robust_qtran_rho": ["--worst-value", "batch-min", "--share-params", "--rho", "0.1"],
-    "robust_vdn_tv": ["--worst-value", "batch-min", "--dual-loss", "squared", "--no-eta-clamp"],
+    "robust_vdn_tv": ["--worst-value", "batch-min", "--dual-loss", "squared", "--no-eta-clamp", "--no-fused"],
     "robust_qmix_tv": ["--worst-value", "batch-min", "--dual-loss", "squared", "--optimizer", "adam", "--rho", "1.0"],
     "robust_qtran_tv": ["--worst-value", "batch-min", "--no-eta-clamp", "--share-params"],
 }
