@@ -205,6 +205,7 @@ void rmsprop_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
 }
 """
 
+
 def keep_freed_memory() -> bool:
     """glibc hands every freed block above 128 KB back to the OS, so each gradient step's ~10 MB
     of temporaries page-faults back in (~1,000 faults, ~1 ms a step on this CPU). Raise glibc's
