@@ -101,13 +101,17 @@ class Args:
     window: int = 8
     """history window: the last this many (obs, previous action) pairs"""
     max_grad_norm: float = 10.0
-    """gradient-norm clip (not in the paper; released code uses 10); 0 disables"""
+    """gradient-norm clip, 0 = none (paper silent; released code: 10)"""
+    rmsprop_eps: float = 1e-5
+    """RMSprop epsilon (paper silent; released code: 1e-5, torch's default is 1e-8)"""
     share_params: bool = False
     """one DRQN for all agents with an agent-id input (pymarl style) instead of one per agent"""
     fused: bool = True
     """agents' LSTMs and RMSprop in fused.py's C++ kernels (same equations; --no-fused: plain torch)"""
     qtran_learning_rate: float = 1e-3
     """Adam learning rate of Q_jt and V_tot (paper F.2); the agents keep RMSprop --learning-rate"""
+    optimizer: str = "rmsprop"
+    """rmsprop (paper F.2: RMSprop agents + Adam Q_jt/V) or adam (released: one Adam at --qtran-learning-rate over all)"""
     lambda_opt: float = 1.0
     """weight of L_opt, Eq. (12) (Alg. 4 l.17: 1)"""
     lambda_nopt: float = 1.0
@@ -126,6 +130,8 @@ def load_estimator_module():
 
 def check_args(args: Args) -> None:
     """One clear line naming the flag for every bad input, then exit != 0."""
+    if args.optimizer not in ("rmsprop", "adam"):
+        envs.fail(f"--optimizer must be one of rmsprop, adam (got '{args.optimizer}')")
     if not args.estimator_checkpoint:
         envs.fail("--estimator-checkpoint is required: run stage 1 first, "
                   "python algos/groupdr_estimator.py --behaviour-checkpoint runs/groupdr_behaviour/model.pt "
@@ -237,12 +243,12 @@ class QTranNetworks(nn.Module):
     """QTRAN-base Q_jt(h, a) and V_tot(h) (Son et al. 2019; paper Sec. 4, F.2), both on f(h) = sum_i f_i(h_i),
     the agents' last LSTM outputs summed (encoder shared with the DRQNs: L_td, L_opt, L_nopt all train it):
       Q_jt(h, a) = Linear(H,1)(ReLU(Linear(2H,H)([ReLU(Linear(N*A,H)(onehot(a_1)..onehot(a_N))), f(h)])))
-      V_tot(h)   = Linear(2H,1)([ReLU(Linear(S,H)(s)), ReLU(Linear(H,H)(f(h)))])  (state and f in parallel)"""
+      V_tot(h)   = Linear(H,1)(ReLU(Linear(2H,H)([ReLU(Linear(S,H)(s)), ReLU(Linear(H,H)(f(h)))])))  (as released)"""
 
     def __init__(self, n_agents: int, n_actions: int, state_dim: int, hidden_dim: int):
         super().__init__()
         self.action_fc, self.q_fc = nn.Linear(n_agents * n_actions, hidden_dim), nn.Linear(2 * hidden_dim, hidden_dim)
-        self.q_out, self.v_out = nn.Linear(hidden_dim, 1), nn.Linear(2 * hidden_dim, 1)
+        self.q_out, self.v_fc, self.v_out = nn.Linear(hidden_dim, 1), nn.Linear(2 * hidden_dim, hidden_dim), nn.Linear(hidden_dim, 1)
         self.v_state, self.v_feat = nn.Linear(state_dim, hidden_dim), nn.Linear(hidden_dim, hidden_dim)
         self.register_buffer("offsets", torch.arange(n_agents) * n_actions, persistent=False)
 
@@ -252,7 +258,8 @@ class QTranNetworks(nn.Module):
         return self.q_out(F.relu(self.q_fc(torch.cat([F.relu(a), f_sum], -1)))).squeeze(-1)
 
     def v_tot(self, state, f_sum):
-        return self.v_out(torch.cat([F.relu(self.v_state(state)), F.relu(self.v_feat(f_sum))], -1)).squeeze(-1)
+        v = torch.cat([F.relu(self.v_state(state)), F.relu(self.v_feat(f_sum))], -1)  # paper silent: released V net shape
+        return self.v_out(F.relu(self.v_fc(v))).squeeze(-1)
 
 
 def qtran_losses(q_sum_greedy, q_jt_greedy, q_sum_taken, q_jt_taken, v_tot):
@@ -403,11 +410,13 @@ if __name__ == "__main__":
 
     # Alg. 4 l.3-4: Q_i, Q_jt and V_tot with parameters theta, target theta- = theta
     q_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.fused).to(device)
-    optimizer = fused.RMSprop(q_network.parameters(), lr=args.learning_rate, use_kernel=args.fused)  # = torch.optim.RMSprop
     qtran = QTranNetworks(N, A, env.state_dim, args.hidden_dim).to(device)
-    # Paper F.2: agents RMSprop 5e-4, QTRAN networks Adam 1e-3: two optimisers, one backward of L (l.17)
-    qtran_optimizer = torch.optim.Adam(qtran.parameters(), lr=args.qtran_learning_rate, fused=True)
     params = list(q_network.parameters()) + list(qtran.parameters())
+    if args.optimizer == "rmsprop":  # paper F.2: agents RMSprop 5e-4, QTRAN networks Adam 1e-3; one backward of L (l.17)
+        optimizers = [fused.RMSprop(q_network.parameters(), lr=args.learning_rate, eps=args.rmsprop_eps, use_kernel=args.fused),
+                      torch.optim.Adam(qtran.parameters(), lr=args.qtran_learning_rate, fused=True)]
+    else:  # released code: one Adam (lr --qtran-learning-rate) over agents, Q_jt and V
+        optimizers = [torch.optim.Adam(params, lr=args.qtran_learning_rate, fused=True)]
     target_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.fused).to(device)
     target_network.load_state_dict(q_network.state_dict())
     target_qtran = QTranNetworks(N, A, env.state_dim, args.hidden_dim).to(device)
@@ -486,15 +495,15 @@ if __name__ == "__main__":
                     y = groupdr_target(r_tilde, next_v, terminated_b, args.gamma)  # l.13 with r -> r_tilde
                 td_loss = F.mse_loss(q_tot, y)  # Alg. 4 l.14
                 opt_loss, nopt_loss = qtran_losses(q_greedy.sum(-1), q_jt_greedy, q_taken.sum(-1), q_tot, v_tot)  # l.15-16
-                optimizer.zero_grad()
-                qtran_optimizer.zero_grad()
+                for opt in optimizers:
+                    opt.zero_grad()
                 (td_loss + args.lambda_opt * opt_loss + args.lambda_nopt * nopt_loss).backward()  # Alg. 4 l.17
                 if args.max_grad_norm > 0:  # one clip over agents + QTRAN networks
                     grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True)
                 else:
                     grad_norm = torch.zeros(())
-                optimizer.step()
-                qtran_optimizer.step()
+                for opt in optimizers:
+                    opt.step()
                 n_updates += 1
                 update_time += time.perf_counter() - update_start
                 if n_updates % 100 == 0:

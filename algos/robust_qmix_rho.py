@@ -97,7 +97,9 @@ class Args:
     window: int = 8
     """history window: the last this many (obs, previous action) pairs"""
     max_grad_norm: float = 10.0
-    """gradient-norm clip (not in the paper; released code uses 10); 0 disables"""
+    """gradient-norm clip, 0 = none (paper silent; released code: 10)"""
+    rmsprop_eps: float = 1e-5
+    """RMSprop epsilon (paper silent; released code: 1e-5, torch's default is 1e-8)"""
     share_params: bool = False
     """one DRQN for all agents with an agent-id input (pymarl style) instead of one per agent"""
     fused: bool = True
@@ -221,6 +223,10 @@ class QMixer(nn.Module):
         self.hyper_b1 = nn.Linear(state_dim, embed_dim)
         self.hyper_w2 = nn.Linear(state_dim, embed_dim)
         self.hyper_v = nn.Sequential(nn.Linear(state_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, 1))
+        for layer in self.modules():  # as released (paper silent): every Linear xavier_uniform(gain 0.1), zero bias;
+            if isinstance(layer, nn.Linear):  # torch's default init on the raw state gives Q_tot ~1e3-1e5 at start
+                nn.init.xavier_uniform_(layer.weight, gain=0.1)
+                nn.init.zeros_(layer.bias)
 
     def forward(self, q, state):
         """q (B, N) per-agent Q-values, state (B, state_dim) -> Q_tot (B,)."""
@@ -369,7 +375,7 @@ if __name__ == "__main__":
     params = list(q_network.parameters()) + list(mixer.parameters())
     # One optimiser over agents and mixer: RMSprop in the paper (F.2), Adam in the released QMIX code
     if args.optimizer == "rmsprop":
-        optimizer = fused.RMSprop(params, lr=args.learning_rate, use_kernel=args.fused)  # = torch.optim.RMSprop
+        optimizer = fused.RMSprop(params, lr=args.learning_rate, eps=args.rmsprop_eps, use_kernel=args.fused)  # = torch.optim.RMSprop
     else:
         optimizer = torch.optim.Adam(params, lr=args.learning_rate, fused=True)
     target_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.fused).to(device)

@@ -67,7 +67,7 @@ class Args:
     total_episodes: int = 600
     """number of training episodes E (Alg. 7 l.6)"""
     rho: float = 0.2
-    """TV radius in (0, 1] (Eq. 9; the paper's best QTRAN-TV: 0.2)"""
+    """TV radius in [0, 1] (Eq. 9; the paper's best QTRAN-TV: 0.2)"""
     worst_value: str = "zero"
     """min V in Eq. (29): zero (Assumption 1/2, exactly Alg. 7) or batch-min (general operator)"""
     gamma: float = 0.997
@@ -96,20 +96,26 @@ class Args:
     """width of the agent MLP and LSTM"""
     window: int = 8
     """history window: the last this many (obs, previous action) pairs"""
-    max_grad_norm: float = 10.0
-    """gradient-norm clip (not in the paper; released code uses 10); 0 disables"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip, 0 = none (paper silent; released QTRAN-TV: 1.0, on the Q and the dual update)"""
+    rmsprop_eps: float = 1e-5
+    """RMSprop epsilon (paper silent; released code: 1e-5, torch's default is 1e-8)"""
     share_params: bool = False
     """one DRQN for all agents with an agent-id input (pymarl style) instead of one per agent"""
     fused: bool = True
     """agents' LSTMs and RMSprop in fused.py's C++ kernels (same equations; --no-fused: plain torch)"""
     qtran_learning_rate: float = 1e-3
     """Adam learning rate of Q_jt and V_tot (paper F.2); the agents keep RMSprop --learning-rate"""
+    optimizer: str = "rmsprop"
+    """rmsprop (paper F.2: RMSprop agents + Adam Q_jt/V) or adam (released: one Adam at --qtran-learning-rate over all)"""
     lambda_opt: float = 1.0
     """weight of L_opt, Eq. (12) (Alg. 7 l.21: 1)"""
     lambda_nopt: float = 1.0
     """weight of L_nopt, Eq. (13) (Alg. 7 l.21: 1)"""
     dual_learning_rate: float = 1e-3
     """Adam learning rate of the dual network eta_xi (paper F.2)"""
+    dual_max_grad_norm: float = 1.0
+    """gradient-norm clip of the dual update, 0 = none (paper silent; released QTRAN-TV: 1.0, VDN/QMIX-TV: none)"""
     dual_hidden_dim: int = 64
     """width of the dual network's layers"""
     dual_loss: str = "linear"
@@ -120,12 +126,14 @@ class Args:
 
 def check_args(args: Args) -> None:
     """One clear line naming the flag for every bad input, then exit != 0."""
-    if not 0.0 < args.rho <= 1.0:
-        envs.fail(f"--rho must be in (0, 1] for the TV uncertainty set (got {args.rho})")
+    if not 0.0 <= args.rho <= 1.0:
+        envs.fail(f"--rho must be in [0, 1] for the TV uncertainty set (got {args.rho}; 0 = nominal, the released grid's first value)")
     if args.dual_loss not in ("linear", "squared"):
         envs.fail(f"--dual-loss must be one of linear, squared (got '{args.dual_loss}')")
     if args.worst_value not in ("zero", "batch-min"):
         envs.fail(f"--worst-value must be one of zero, batch-min (got '{args.worst_value}')")
+    if args.optimizer not in ("rmsprop", "adam"):
+        envs.fail(f"--optimizer must be one of rmsprop, adam (got '{args.optimizer}')")
     envs.check_run_args(args)  # --env, --train-config, --train-days, sizes
 
 
@@ -138,9 +146,10 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
 # Robust TD target and dual network (TV: Eq. 10, 16, 17, 29)
 # ---------------------------------------------------------------------------------------------
 def eta_bounds(next_value, gamma, rho, worst_value="zero"):
-    """Eq. (10): eta in [0, 2/(rho(1-gamma))]; batch-min: [m, m + 2/(rho(1-gamma))], m = min V' of the batch."""
+    """Eq. (10): eta in [0, 2/(rho(1-gamma))]; batch-min: [m, m + 2/(rho(1-gamma))], m = min V' of the batch.
+    rho = 0 (the nominal model) leaves eta unbounded above."""
     lo = next_value.min() if worst_value == "batch-min" else next_value.new_zeros(())
-    return lo, lo + 2.0 / (rho * (1.0 - gamma))
+    return lo, lo + (2.0 / (rho * (1.0 - gamma)) if rho > 0 else float("inf"))
 
 
 def robust_target(reward, next_value, eta, terminated, gamma, rho, worst_value="zero"):
@@ -257,12 +266,12 @@ class QTranNetworks(nn.Module):
     """QTRAN-base Q_jt(h, a) and V_tot(h) (Son et al. 2019; paper Sec. 4, F.2), both on f(h) = sum_i f_i(h_i),
     the agents' last LSTM outputs summed (encoder shared with the DRQNs: L_td, L_opt, L_nopt all train it):
       Q_jt(h, a) = Linear(H,1)(ReLU(Linear(2H,H)([ReLU(Linear(N*A,H)(onehot(a_1)..onehot(a_N))), f(h)])))
-      V_tot(h)   = Linear(2H,1)([ReLU(Linear(S,H)(s)), ReLU(Linear(H,H)(f(h)))])  (state and f in parallel)"""
+      V_tot(h)   = Linear(H,1)(ReLU(Linear(2H,H)([ReLU(Linear(S,H)(s)), ReLU(Linear(H,H)(f(h)))])))  (as released)"""
 
     def __init__(self, n_agents: int, n_actions: int, state_dim: int, hidden_dim: int):
         super().__init__()
         self.action_fc, self.q_fc = nn.Linear(n_agents * n_actions, hidden_dim), nn.Linear(2 * hidden_dim, hidden_dim)
-        self.q_out, self.v_out = nn.Linear(hidden_dim, 1), nn.Linear(2 * hidden_dim, 1)
+        self.q_out, self.v_fc, self.v_out = nn.Linear(hidden_dim, 1), nn.Linear(2 * hidden_dim, hidden_dim), nn.Linear(hidden_dim, 1)
         self.v_state, self.v_feat = nn.Linear(state_dim, hidden_dim), nn.Linear(hidden_dim, hidden_dim)
         self.register_buffer("offsets", torch.arange(n_agents) * n_actions, persistent=False)
 
@@ -272,7 +281,8 @@ class QTranNetworks(nn.Module):
         return self.q_out(F.relu(self.q_fc(torch.cat([F.relu(a), f_sum], -1)))).squeeze(-1)
 
     def v_tot(self, state, f_sum):
-        return self.v_out(torch.cat([F.relu(self.v_state(state)), F.relu(self.v_feat(f_sum))], -1)).squeeze(-1)
+        v = torch.cat([F.relu(self.v_state(state)), F.relu(self.v_feat(f_sum))], -1)  # paper silent: released V net shape
+        return self.v_out(F.relu(self.v_fc(v))).squeeze(-1)
 
 
 def qtran_losses(q_sum_greedy, q_jt_greedy, q_sum_taken, q_jt_taken, v_tot):
@@ -420,11 +430,13 @@ if __name__ == "__main__":
 
     # Alg. 7 l.3, l.5: Q_i, Q_jt and V_tot with parameters theta, target theta- = theta
     q_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.fused).to(device)
-    optimizer = fused.RMSprop(q_network.parameters(), lr=args.learning_rate, use_kernel=args.fused)  # = torch.optim.RMSprop
     qtran = QTranNetworks(N, A, env.state_dim, args.hidden_dim).to(device)
-    # Paper F.2: agents RMSprop 5e-4, QTRAN networks Adam 1e-3: two optimisers, one backward of L (l.21)
-    qtran_optimizer = torch.optim.Adam(qtran.parameters(), lr=args.qtran_learning_rate, fused=True)
     params = list(q_network.parameters()) + list(qtran.parameters())
+    if args.optimizer == "rmsprop":  # paper F.2: agents RMSprop 5e-4, QTRAN networks Adam 1e-3; one backward of L (l.21)
+        optimizers = [fused.RMSprop(q_network.parameters(), lr=args.learning_rate, eps=args.rmsprop_eps, use_kernel=args.fused),
+                      torch.optim.Adam(qtran.parameters(), lr=args.qtran_learning_rate, fused=True)]
+    else:  # released code: one Adam (lr --qtran-learning-rate) over agents, Q_jt and V
+        optimizers = [torch.optim.Adam(params, lr=args.qtran_learning_rate, fused=True)]
     target_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.fused).to(device)
     target_network.load_state_dict(q_network.state_dict())
     target_qtran = QTranNetworks(N, A, env.state_dim, args.hidden_dim).to(device)
@@ -445,6 +457,7 @@ if __name__ == "__main__":
 
     start_time = stretch_time = time.time()
     global_step, n_updates, recent = 0, 0, []
+    at_floor, floor_noted = 0.0, False  # share of samples with eta at Eq. (10)'s floor (robust/eta_at_floor)
     stretch_steps = stretch_updates = 0
     next_eval = args.eval_every
     update_time = 0.0  # seconds spent in gradient steps since the last progress line
@@ -487,6 +500,8 @@ if __name__ == "__main__":
                 d_loss = dual_loss(eta, dual_v, args.rho, args.worst_value, args.dual_loss, live, raw_eta)
                 dual_optimizer.zero_grad()
                 d_loss.backward()  # Alg. 7 l.13
+                if args.dual_max_grad_norm > 0:  # not in the paper (released QTRAN-TV: 1.0)
+                    nn.utils.clip_grad_norm_(dual_network.parameters(), args.dual_max_grad_norm, foreach=True)
                 dual_optimizer.step()  # Alg. 7 l.14
                 obs_w, prev_w, _, _ = rb.windows(idx)
                 q, feats = q_network(torch.from_numpy(obs_w).to(device), torch.from_numpy(prev_w).to(device),
@@ -504,16 +519,17 @@ if __name__ == "__main__":
                     r_b = torch.from_numpy(rb.reward[idx]).to(device)
                     terminated_b = torch.from_numpy(rb.terminated[idx]).to(device)  # truncation bootstraps
                     eta = dual_eta(idx, next_v)[1]  # eta_xi(s, a) of this minibatch, clamped, no gradient
+                    at_floor += (eta <= eta_bounds(next_v, args.gamma, args.rho, args.worst_value)[0]).float().mean().item()
                     y = robust_target(r_b, next_v, eta, terminated_b, args.gamma, args.rho, args.worst_value)  # l.17
                 td_loss = F.mse_loss(q_tot, y)  # Alg. 7 l.18
                 opt_loss, nopt_loss = qtran_losses(q_greedy.sum(-1), q_jt_greedy, q_taken.sum(-1), q_tot, v_tot)  # l.19-20
-                optimizer.zero_grad()
-                qtran_optimizer.zero_grad()
+                for opt in optimizers:
+                    opt.zero_grad()
                 (td_loss + args.lambda_opt * opt_loss + args.lambda_nopt * nopt_loss).backward()  # Alg. 7 l.21
                 max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")  # inf: only measure
                 grad_norm = nn.utils.clip_grad_norm_(params, max_norm, foreach=True)  # one clip over agents + QTRAN networks
-                optimizer.step()
-                qtran_optimizer.step()
+                for opt in optimizers:
+                    opt.step()
                 n_updates += 1
                 update_time += time.perf_counter() - update_start
                 if n_updates % 100 == 0:
@@ -527,6 +543,12 @@ if __name__ == "__main__":
                     writer.add_scalar("charts/epsilon", epsilon, global_step)
                     for key, value in (("eta_mean", eta.mean()), ("eta_min", eta.min()), ("eta_max", eta.max()), ("dual_loss", d_loss)):
                         writer.add_scalar(f"robust/{key}", value.item(), global_step)
+                    writer.add_scalar("robust/eta_at_floor", at_floor / 100, global_step)  # over the last 100 updates
+                    if at_floor / 100 > 0.99 and not floor_noted and args.eta_clamp and args.worst_value == "zero":  # once
+                        floor_noted = True
+                        print(f"note: eta sat at its floor for {at_floor:.0f}% of samples over the last 100 updates (env step "
+                              f"{global_step}): here the TV target equals the nominal one; see docs/robust_operators.md", flush=True)
+                    at_floor = 0.0
 
             if global_step % args.target_network_frequency == 0:  # Alg. 7 l.22: theta- <- theta
                 target_network.load_state_dict(q_network.state_dict())

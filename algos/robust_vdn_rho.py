@@ -95,8 +95,10 @@ class Args:
     """width of the agent MLP and LSTM"""
     window: int = 8
     """history window: the last this many (obs, previous action) pairs"""
-    max_grad_norm: float = 10.0
-    """gradient-norm clip (not in the paper; released code uses 10); 0 disables"""
+    max_grad_norm: float = 0.0
+    """gradient-norm clip, 0 = none (paper silent; released VDN: none, QMIX/QTRAN 10, QTRAN-TV 1)"""
+    rmsprop_eps: float = 1e-5
+    """RMSprop epsilon (paper silent; released code: 1e-5, torch's default is 1e-8)"""
     share_params: bool = False
     """one DRQN for all agents with an agent-id input (pymarl style) instead of one per agent"""
     fused: bool = True
@@ -333,7 +335,7 @@ if __name__ == "__main__":
 
     # Alg. 2 l.3-4: Q_i with parameters theta, target theta- = theta
     q_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.fused).to(device)
-    optimizer = fused.RMSprop(q_network.parameters(), lr=args.learning_rate, use_kernel=args.fused)  # = torch.optim.RMSprop
+    optimizer = fused.RMSprop(q_network.parameters(), lr=args.learning_rate, eps=args.rmsprop_eps, use_kernel=args.fused)  # = torch.optim.RMSprop
     target_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.fused).to(device)
     target_network.load_state_dict(q_network.state_dict())
     target_version = 0

@@ -67,7 +67,7 @@ class Args:
     total_episodes: int = 600
     """number of training episodes E (Alg. 5 l.6)"""
     rho: float = 0.5
-    """TV radius in (0, 1] (Eq. 9; the paper's best VDN-TV: 0.5)"""
+    """TV radius in [0, 1] (Eq. 9; the paper's best VDN-TV: 0.5)"""
     worst_value: str = "zero"
     """min V in Eq. (29): zero (Assumption 1/2, exactly Alg. 5) or batch-min (general operator)"""
     gamma: float = 0.997
@@ -96,14 +96,18 @@ class Args:
     """width of the agent MLP and LSTM"""
     window: int = 8
     """history window: the last this many (obs, previous action) pairs"""
-    max_grad_norm: float = 10.0
-    """gradient-norm clip (not in the paper; released code uses 10); 0 disables"""
+    max_grad_norm: float = 0.0
+    """gradient-norm clip, 0 = none (paper silent; released VDN: none, QMIX/QTRAN 10, QTRAN-TV 1)"""
+    rmsprop_eps: float = 1e-5
+    """RMSprop epsilon (paper silent; released code: 1e-5, torch's default is 1e-8)"""
     share_params: bool = False
     """one DRQN for all agents with an agent-id input (pymarl style) instead of one per agent"""
     fused: bool = True
     """agents' LSTMs and RMSprop in fused.py's C++ kernels (same equations; --no-fused: plain torch)"""
     dual_learning_rate: float = 1e-3
     """Adam learning rate of the dual network eta_xi (paper F.2)"""
+    dual_max_grad_norm: float = 0.0
+    """gradient-norm clip of the dual update, 0 = none (paper silent; released: none here, 1.0 in QTRAN-TV)"""
     dual_hidden_dim: int = 64
     """width of the dual network's layers"""
     dual_loss: str = "linear"
@@ -114,8 +118,8 @@ class Args:
 
 def check_args(args: Args) -> None:
     """One clear line naming the flag for every bad input, then exit != 0."""
-    if not 0.0 < args.rho <= 1.0:
-        envs.fail(f"--rho must be in (0, 1] for the TV uncertainty set (got {args.rho})")
+    if not 0.0 <= args.rho <= 1.0:
+        envs.fail(f"--rho must be in [0, 1] for the TV uncertainty set (got {args.rho}; 0 = nominal, the released grid's first value)")
     if args.dual_loss not in ("linear", "squared"):
         envs.fail(f"--dual-loss must be one of linear, squared (got '{args.dual_loss}')")
     if args.worst_value not in ("zero", "batch-min"):
@@ -132,9 +136,10 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
 # Robust TD target and dual network (TV: Eq. 10, 16, 17, 29)
 # ---------------------------------------------------------------------------------------------
 def eta_bounds(next_value, gamma, rho, worst_value="zero"):
-    """Eq. (10): eta in [0, 2/(rho(1-gamma))]; batch-min: [m, m + 2/(rho(1-gamma))], m = min V' of the batch."""
+    """Eq. (10): eta in [0, 2/(rho(1-gamma))]; batch-min: [m, m + 2/(rho(1-gamma))], m = min V' of the batch.
+    rho = 0 (the nominal model) leaves eta unbounded above."""
     lo = next_value.min() if worst_value == "batch-min" else next_value.new_zeros(())
-    return lo, lo + 2.0 / (rho * (1.0 - gamma))
+    return lo, lo + (2.0 / (rho * (1.0 - gamma)) if rho > 0 else float("inf"))
 
 
 def robust_target(reward, next_value, eta, terminated, gamma, rho, worst_value="zero"):
@@ -377,7 +382,7 @@ if __name__ == "__main__":
 
     # Alg. 5 l.3, l.5: Q_i with parameters theta, target theta- = theta
     q_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.fused).to(device)
-    optimizer = fused.RMSprop(q_network.parameters(), lr=args.learning_rate, use_kernel=args.fused)  # = torch.optim.RMSprop
+    optimizer = fused.RMSprop(q_network.parameters(), lr=args.learning_rate, eps=args.rmsprop_eps, use_kernel=args.fused)  # = torch.optim.RMSprop
     target_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.fused).to(device)
     target_network.load_state_dict(q_network.state_dict())
     target_version = 0
@@ -396,6 +401,7 @@ if __name__ == "__main__":
 
     start_time = stretch_time = time.time()
     global_step, n_updates, recent = 0, 0, []
+    at_floor, floor_noted = 0.0, False  # share of samples with eta at Eq. (10)'s floor (robust/eta_at_floor)
     stretch_steps = stretch_updates = 0
     next_eval = args.eval_every
     update_time = 0.0  # seconds spent in gradient steps since the last progress line
@@ -438,6 +444,8 @@ if __name__ == "__main__":
                 d_loss = dual_loss(eta, dual_v, args.rho, args.worst_value, args.dual_loss, live, raw_eta)
                 dual_optimizer.zero_grad()
                 d_loss.backward()  # Alg. 5 l.13
+                if args.dual_max_grad_norm > 0:  # not in the paper (released QTRAN-TV: 1.0)
+                    nn.utils.clip_grad_norm_(dual_network.parameters(), args.dual_max_grad_norm, foreach=True)
                 dual_optimizer.step()  # Alg. 5 l.14
                 obs_w, prev_w, _, _ = rb.windows(idx)
                 q = q_network(torch.from_numpy(obs_w).to(device), torch.from_numpy(prev_w).to(device))
@@ -449,6 +457,7 @@ if __name__ == "__main__":
                     r_b = torch.from_numpy(rb.reward[idx]).to(device)
                     terminated_b = torch.from_numpy(rb.terminated[idx]).to(device)  # truncation bootstraps
                     eta = dual_eta(idx, next_v)[1]  # eta_xi(s, a) of this minibatch, clamped, no gradient
+                    at_floor += (eta <= eta_bounds(next_v, args.gamma, args.rho, args.worst_value)[0]).float().mean().item()
                     y = robust_target(r_b, next_v, eta, terminated_b, args.gamma, args.rho, args.worst_value)  # l.19
                 td_loss = F.mse_loss(q_tot, y)  # Alg. 5 l.20
                 optimizer.zero_grad()
@@ -467,6 +476,12 @@ if __name__ == "__main__":
                     writer.add_scalar("charts/epsilon", epsilon, global_step)
                     for key, value in (("eta_mean", eta.mean()), ("eta_min", eta.min()), ("eta_max", eta.max()), ("dual_loss", d_loss)):
                         writer.add_scalar(f"robust/{key}", value.item(), global_step)
+                    writer.add_scalar("robust/eta_at_floor", at_floor / 100, global_step)  # over the last 100 updates
+                    if at_floor / 100 > 0.99 and not floor_noted and args.eta_clamp and args.worst_value == "zero":  # once
+                        floor_noted = True
+                        print(f"note: eta sat at its floor for {at_floor:.0f}% of samples over the last 100 updates (env step "
+                              f"{global_step}): here the TV target equals the nominal one; see docs/robust_operators.md", flush=True)
+                    at_floor = 0.0
 
             if global_step % args.target_network_frequency == 0:  # Alg. 5 l.22: theta- <- theta
                 target_network.load_state_dict(q_network.state_dict())
