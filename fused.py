@@ -72,7 +72,12 @@ static void mm_nt(int M, int N, int K, const T* A, int lda, const T* B, int ldb,
   if (M <= 2) small_mm_nt(M, N, K, A, lda, B, ldb, beta, C, ldc);
   else mm(false, true, M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
-template <typename T> static inline T sigm(T v) { return T(1) / (T(1) + std::exp(-v)); }
+// -ffast-math assumes no inf/NaN: an exp that overflows (|v| > ~88 in float, e.g. a raw GHI ~1000 times a weight)
+// gives NaN, not 0 or 1. So arguments are clamped where the result is already saturated in float and double:
+// sigm(+-80) and tanh(+-20) equal the limits to the last bit that matters (1 - tanh(20) < 1e-17).
+template <typename T> static inline T clampv(T v, T m) { return v < -m ? -m : (v > m ? m : v); }
+template <typename T> static inline T sigm(T v) { return T(1) / (T(1) + std::exp(-clampv(v, T(80)))); }
+template <typename T> static inline T tanh_(T v) { return std::tanh(clampv(v, T(20))); }
 
 // One agent. x (W, M, I); gates in PyTorch's order i, f, g, o. acts holds the gate activations,
 // cs / tcs the cell state and tanh(cell), hs the outputs, all (W, M, .), for the backward pass.
@@ -92,8 +97,8 @@ static void fwd(int W, int M, int I, int H, const T* x, const T* wih, const T* w
 #pragma omp simd
       for (int j = 0; j < H; ++j) {
         T gi = sigm(gr[j] + b[j]), gf = sigm(gr[H + j] + b[H + j]);
-        T gg = std::tanh(gr[2 * H + j] + b[2 * H + j]), go = sigm(gr[3 * H + j] + b[3 * H + j]);
-        T cv = gf * cp[j] + gi * gg, tv = std::tanh(cv);
+        T gg = tanh_(gr[2 * H + j] + b[2 * H + j]), go = sigm(gr[3 * H + j] + b[3 * H + j]);
+        T cv = gf * cp[j] + gi * gg, tv = tanh_(cv);
         gr[j] = gi; gr[H + j] = gf; gr[2 * H + j] = gg; gr[3 * H + j] = go;
         c[j] = cv; tc[j] = tv; h[j] = go * tv;
       }

@@ -132,3 +132,27 @@ def test_rmsprop_equals_torch_rmsprop(use_kernel):
     assert not torch.equal(ours[0], torch.randn(shapes[0], generator=torch.Generator().manual_seed(0)))  # it moved
     state = opt.state_dict()["state"][0]
     assert set(state) == {"step", "square_avg"}  # torch's keys
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [50.0, 1e3, 1e5])
+def test_saturated_gates_stay_finite_and_equal_nn_lstm(dtype, scale):
+    """Gate pre-activations far outside exp's float range (raw GHI ~1000 on the building task): the kernel
+    is built with -ffast-math, where an overflowing exp gives NaN instead of saturating; it must give
+    nn.LSTM's values (the first release returned NaN here from |pre-activation| ~ 90 on)."""
+    if fused.kernel() is None:
+        pytest.skip("C++ kernel could not be built here")
+    K, W, M, I, H = 2, 8, 5, 16, 8
+    mods, w_ih, w_hh, b_ih, b_hh = lstms_and_stacked(K, I, H, dtype=dtype, seed=7)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(K, W, M, I, generator=g, dtype=dtype) * scale).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    expected = nn_reference(mods, x_ref)
+    expected.sum().backward()
+    h = fused.lstm_last(x, w_ih, w_hh, b_ih, b_hh, use_kernel=True)
+    h.sum().backward()
+    assert torch.isfinite(h).all() and torch.isfinite(x.grad).all() and torch.isfinite(w_ih.grad).all()
+    torch.testing.assert_close(h, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
+    ref_grad = torch.stack([m.weight_ih_l0.grad for m in mods])
+    torch.testing.assert_close(w_ih.grad, ref_grad, atol=1e-5 * scale, rtol=1e-4)

@@ -1,0 +1,273 @@
+"""Run a grid of training runs, evaluate every checkpoint, write docs/results/ and docs/results.md.
+
+    python experiments/sweep.py experiments/paper_tables.toml                 # local pool, one run per core
+    python experiments/sweep.py experiments/paper_tables.toml --backend ray   # a local Ray started for the sweep
+    python experiments/sweep.py experiments/paper_tables.toml --backend ray --address auto   # an existing cluster
+
+A grid file (TOML) lists methods: a script, its flags, rho values and seeds (experiments/paper_tables.toml
+explains the format). Every (method, rho, seed) is one job, run in a subprocess with one torch thread:
+  1. train: python <script> <defaults.flags> <flags> --rho R --seed S --run-name <grid>/<method>__rho<R>__seed<S>
+     (if runs/<run name>/checkpoint.pt exists and model.pt does not, the run continues with --resume);
+  2. evaluate model.pt with eval.py's protocols ([eval] protocols, default paper-tables, climate, season);
+  3. write <results-dir>/<grid>/<run>.json: per-config normalised returns, the training curve, the command.
+Resumable: a job whose result JSON exists is skipped, so a killed sweep started again finishes the grid
+without redoing finished runs. A failed job is recorded in <results-dir>/<grid>/failed/<run>.json with its
+error and the other jobs go on (it is retried on the next start). At the end experiments/report.py writes
+the report (docs/results.md). Each job only needs the repository at the same path and a shared runs/
+folder, so on a Ray cluster the driver collects the small result payloads and writes them itself.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]  # envs, eval; report
+import envs  # noqa: E402  (envs.fail: one error line, exit 2)
+import eval as evaluation  # noqa: E402  (write_json_atomic)
+
+PROTOCOLS = ("paper-tables", "climate", "season", "climate-season")
+CURVE_BIN = 10  # training curve: mean normalised return per this many episodes
+
+
+@dataclass
+class Args:
+    grid: tyro.conf.Positional[str]
+    """the grid file (TOML), e.g. experiments/paper_tables.toml"""
+    backend: str = "local"
+    """local (a pool of subprocesses) or ray"""
+    workers: int = 0
+    """jobs at a time (0 = the number of cores); with Ray, the CPUs of the local Ray started for the sweep"""
+    address: str = ""
+    """ray: address of an existing cluster (e.g. auto or ray://host:10001); empty = start a local Ray"""
+    workdir: str = ROOT
+    """folder whose runs/ holds the training runs (the scripts write runs/<run name>/ under it)"""
+    results_dir: str = os.path.join(ROOT, "docs", "results")
+    """where the per-run result JSON files go (<results-dir>/<grid name>/<run>.json)"""
+    only: str = ""
+    """comma-separated method names to run (default: all methods of the grid)"""
+    report: bool = True
+    """write the report (experiments/report.py) when the grid is done"""
+    dry_run: bool = False
+    """print the jobs and their state, run nothing"""
+
+
+@dataclass
+class Job:
+    grid: str
+    method: str
+    script: str
+    flags: list[str]
+    rho: float
+    seed: int
+    protocols: list[str]
+    eval_steps: int = 0
+    paper: str = ""
+    name: str = field(init=False)
+
+    def __post_init__(self):
+        self.name = f"{self.method}__rho{float(self.rho)!r}__seed{self.seed}"
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.grid}/{self.name}"
+
+    def train_command(self, resume: bool) -> list[str]:
+        cmd = [sys.executable, os.path.join(ROOT, self.script), *self.flags, "--rho", repr(float(self.rho)),
+               "--seed", str(self.seed), "--run-name", self.run_name]
+        return cmd + (["--resume", os.path.join("runs", self.run_name)] if resume else [])
+
+
+def load_grid(path: str) -> tuple[str, list[Job]]:
+    """Grid file -> (grid name, jobs); one error line for anything malformed."""
+    if not os.path.isfile(path):
+        envs.fail(f"grid: no such file '{path}'")
+    try:
+        with open(path, "rb") as f:
+            spec = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        envs.fail(f"grid: '{path}' is not valid TOML ({e})")
+    name = os.path.splitext(os.path.basename(path))[0]
+    defaults, methods = spec.get("defaults", {}), spec.get("methods", {})
+    ev = spec.get("eval", {})
+    protocols = ev.get("protocols", ["paper-tables", "climate", "season"])
+    for p in protocols:
+        if p not in PROTOCOLS:
+            envs.fail(f"grid: [eval] protocols '{p}' is unknown; accepted: {', '.join(PROTOCOLS)}")
+    if not methods:
+        envs.fail(f"grid: '{path}' has no [methods.<name>] tables")
+    jobs = []
+    for method, m in methods.items():
+        for key in ("script", "rho", "seeds"):
+            if key not in m:
+                envs.fail(f"grid: method '{method}' needs '{key}' (script, flags, rho, seeds)")
+        if not os.path.isfile(os.path.join(ROOT, m["script"])):
+            envs.fail(f"grid: method '{method}': no script '{m['script']}'")
+        unknown = set(m) - {"script", "flags", "rho", "seeds", "paper"}
+        if unknown:
+            envs.fail(f"grid: method '{method}': unknown keys {sorted(unknown)}; accepted: script, flags, rho, seeds, paper")
+        flags = [str(x) for x in defaults.get("flags", []) + m.get("flags", [])]
+        for rho in m["rho"]:
+            for seed in m["seeds"]:
+                jobs.append(Job(name, method, m["script"], flags, float(rho), int(seed), protocols,
+                                int(ev.get("episode_steps", 0)), m.get("paper", "")))
+    return name, jobs
+
+
+def training_curve(run_dir: str) -> dict:
+    """charts/normalised_return (building) or charts/episodic_return from TensorBoard, CURVE_BIN-episode means."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    tag = "charts/normalised_return" if "charts/normalised_return" in tags else "charts/episodic_return"
+    events = acc.Scalars(tag) if tag in tags else []
+    values = [e.value for e in events]
+    bins = [values[i : i + CURVE_BIN] for i in range(0, len(values), CURVE_BIN)]
+    return {"tag": tag, "episodes": [min(len(values), (i + 1) * CURVE_BIN) for i in range(len(bins))],
+            "env_steps": [events[min(len(values), (i + 1) * CURVE_BIN) - 1].step for i in range(len(bins))],
+            "mean": [sum(b) / len(b) for b in bins]}
+
+
+def run_job(job: Job, workdir: str) -> dict:
+    """Train (or continue) then evaluate one run; returns the result payload (raises on failure)."""
+    run_dir = os.path.join(workdir, "runs", job.run_name)
+    model, env = os.path.join(run_dir, "model.pt"), dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    start = time.time()
+    if not os.path.isfile(model):
+        resume = os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))
+        cmd = job.train_command(resume)
+        with open(os.path.join(workdir, "runs", job.grid, f"{job.name}.log"), "a") as log:
+            proc = subprocess.run(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if proc.returncode != 0 or not os.path.isfile(model):
+            raise RuntimeError(f"training exited {proc.returncode} (log: runs/{job.grid}/{job.name}.log): "
+                               + _tail(os.path.join(workdir, "runs", job.grid, f"{job.name}.log")))
+    train_seconds = time.time() - start
+    results = {}
+    for protocol in job.protocols:
+        out = os.path.join(run_dir, f"eval_{protocol}.json")
+        cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--checkpoints", model, "--protocol", protocol,
+               "--out", out, "--torch-threads", "1"] + (["--episode-steps", str(job.eval_steps)] if job.eval_steps else [])
+        proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"eval.py --protocol {protocol} exited {proc.returncode}: {(proc.stderr or proc.stdout)[-400:]}")
+        with open(out) as f:
+            payload = json.load(f)
+        results[protocol] = {e["config"]: sum(e["normalised"]) / len(e["normalised"]) for e in payload["episodes"]}
+    with open(os.path.join(run_dir, "args.json")) as f:
+        run_args = json.load(f)
+    return {"grid": job.grid, "method": job.method, "paper": job.paper, "script": job.script, "flags": job.flags,
+            "rho": job.rho, "seed": job.seed, "run_name": job.run_name,
+            "command": " ".join(["python", job.script, *job.flags, "--rho", repr(job.rho), "--seed", str(job.seed)]),
+            "args": run_args, "commit": _git_commit(), "train_seconds": round(train_seconds, 1),
+            "eval_days": payload["days"], "normalised_return": results, "curve": training_curve(run_dir)}
+
+
+def _tail(path: str, n: int = 300) -> str:
+    with open(path, errors="replace") as f:
+        return " | ".join(f.read()[-n:].strip().splitlines()[-3:])
+
+
+def _git_commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+
+
+def main(args: Args) -> int:
+    if args.backend not in ("local", "ray"):
+        envs.fail(f"--backend must be one of local, ray (got '{args.backend}')")
+    if args.workers < 0:
+        envs.fail(f"--workers must be >= 0 (got {args.workers}; 0 = one per core)")
+    grid, jobs = load_grid(args.grid)
+    if args.only:
+        wanted = set(args.only.split(","))
+        missing = wanted - {j.method for j in jobs}
+        if missing:
+            envs.fail(f"--only: no method {sorted(missing)} in {args.grid}; accepted: {', '.join(sorted({j.method for j in jobs}))}")
+        jobs = [j for j in jobs if j.method in wanted]
+    out_dir, failed_dir = os.path.join(args.results_dir, grid), os.path.join(args.results_dir, grid, "failed")
+    os.makedirs(os.path.join(args.workdir, "runs", grid), exist_ok=True)
+    result = {j.name: os.path.join(out_dir, f"{j.name}.json") for j in jobs}
+    todo = [j for j in jobs if not os.path.isfile(result[j.name])]
+    workers = args.workers or os.cpu_count() or 1
+    print(f"grid {grid}: {len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to run "
+          f"({args.backend}, {workers if not args.address else 'cluster'} at a time)", flush=True)
+    for j in todo:
+        state = "resume" if os.path.isfile(os.path.join(args.workdir, "runs", j.run_name, "checkpoint.pt")) else "new"
+        print(f"  {j.name}: {state}" + ("  " + " ".join(j.train_command(state == "resume")[1:]) if args.dry_run else ""))
+    if args.dry_run:
+        return 0
+
+    n_failed, done, durations, started = 0, 0, [], time.time()
+
+    def finished(job: Job, payload: dict | None, error: str | None, seconds: float) -> None:
+        nonlocal n_failed, done
+        done += 1
+        if error is None:
+            evaluation.write_json_atomic(result[job.name], payload)
+            if os.path.isfile(os.path.join(failed_dir, f"{job.name}.json")):
+                os.remove(os.path.join(failed_dir, f"{job.name}.json"))
+            durations.append(seconds)
+            summary = ", ".join(f"{c} {v:.3f}" for c, v in payload["normalised_return"].get("paper-tables", {}).items())
+        else:
+            n_failed += 1
+            evaluation.write_json_atomic(os.path.join(failed_dir, f"{job.name}.json"),
+                                         {"run": job.run_name, "command": " ".join(job.train_command(False)), "error": error})
+            summary = f"FAILED: {error}"
+        running = min(workers, len(todo) - done)
+        eta = (sum(durations) / len(durations)) * (len(todo) - done) / workers / 60 if durations else float("nan")
+        print(f"[{done}/{len(todo)} done, {running} running, {n_failed} failed, {(time.time() - started) / 60:.0f} min, "
+              f"ETA {eta:.0f} min] {job.name} ({seconds / 60:.1f} min): {summary}", flush=True)
+
+    if args.backend == "local":
+        def timed(job):
+            t0 = time.time()
+            try:
+                return run_job(job, args.workdir), None, time.time() - t0
+            except Exception as e:  # noqa: BLE001 - a failed run is recorded, the others continue
+                return None, str(e), time.time() - t0
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(timed, j): j for j in todo}
+            for fut in concurrent.futures.as_completed(futures):
+                finished(futures[fut], *fut.result())
+    else:
+        try:
+            import ray
+        except ImportError:
+            envs.fail("--backend ray needs the ray package (pip install -r requirements.txt)")
+        if args.address:
+            ray.init(address=args.address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        remote = ray.remote(num_cpus=1, max_retries=0)(run_job)
+        refs = {remote.remote(j, args.workdir): (j, time.time()) for j in todo}
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            job, t0 = refs.pop(ready[0])
+            try:
+                finished(job, ray.get(ready[0]), None, time.time() - t0)
+            except Exception as e:  # noqa: BLE001 - ray wraps the job's exception
+                finished(job, None, str(getattr(e, "cause", e)).splitlines()[-1], time.time() - t0)
+        ray.shutdown()
+
+    if args.report:
+        import report
+
+        report.main(report.Args(results=[out_dir], out=os.path.join(os.path.dirname(args.results_dir), "results.md")))
+    print(f"grid {grid}: {len(jobs) - n_failed} of {len(jobs)} runs have results" + (f"; {n_failed} failed, see {failed_dir}" if n_failed else ""))
+    return 1 if n_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(tyro.cli(Args)))
