@@ -225,7 +225,9 @@ def keep_freed_memory() -> bool:
 
 keep_freed_memory()
 _kernel = None  # the built extension, False once building failed
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"]  # vectorised exp/tanh loops
+# -ffast-math: vectorised exp/tanh loops. -mno-recip: but exact sqrt and division: under -ffast-math GCC
+# otherwise computes a vector sqrt as v * rsqrt(v), which is NaN for a denormal v (g ~ 1e-19 in RMSprop).
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-mno-recip", "-fopenmp-simd"]
 
 
 def _cpu_tag() -> str:
