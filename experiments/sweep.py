@@ -55,6 +55,8 @@ class Args:
     """where the per-run result JSON files go (<results-dir>/<grid name>/<run>.json)"""
     only: str = ""
     """comma-separated method names to run (default: all methods of the grid)"""
+    train: bool = True
+    """train runs without model.pt (--no-train: only evaluate the runs that have finished training)"""
     report: bool = True
     """write the report (experiments/report.py) when the grid is done"""
     dry_run: bool = False
@@ -199,11 +201,18 @@ def main(args: Args) -> int:
     os.makedirs(os.path.join(args.workdir, "runs", grid), exist_ok=True)
     result = {j.name: os.path.join(out_dir, f"{j.name}.json") for j in jobs}
     todo = [j for j in jobs if not os.path.isfile(result[j.name])]
+    n_done, n_untrained = len(jobs) - len(todo), 0
+    if not args.train:
+        trained = [j for j in todo if os.path.isfile(os.path.join(args.workdir, "runs", j.run_name, "model.pt"))]
+        todo, n_untrained = trained, len(todo) - len(trained)
     workers = args.workers or os.cpu_count() or 1
-    print(f"grid {grid}: {len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to run "
-          f"({args.backend}, {workers if not args.address else 'cluster'} at a time)", flush=True)
+    print(f"grid {grid}: {len(jobs)} runs, {n_done} already done, {len(todo)} to run"
+          + (f", {n_untrained} not trained yet (--no-train)" if n_untrained else "")
+          + f" ({args.backend}, {workers if not args.address else 'cluster'} at a time)", flush=True)
     for j in todo:
-        state = "resume" if os.path.isfile(os.path.join(args.workdir, "runs", j.run_name, "checkpoint.pt")) else "new"
+        run_dir = os.path.join(args.workdir, "runs", j.run_name)
+        state = ("trained: evaluate" if os.path.isfile(os.path.join(run_dir, "model.pt"))
+                 else "resume" if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")) else "new")
         print(f"  {j.name}: {state}" + ("  " + " ".join(j.train_command(state == "resume")[1:]) if args.dry_run else ""))
     if args.dry_run:
         return 0
@@ -250,6 +259,7 @@ def main(args: Args) -> int:
             ray.init(address=args.address, log_to_driver=False)
         else:
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers get run_job by value
         remote = ray.remote(num_cpus=1, max_retries=0)(run_job)
         refs = {remote.remote(j, args.workdir): (j, time.time()) for j in todo}
         while refs:
