@@ -24,6 +24,7 @@ Building task (SustainGym ``MultiAgentBuildingEnv``, paper Appendix F.1)
   the last sample of the year, so a seed >= 365 is never passed through.
 
 StarCraft tasks (``smax``, ``smac``) implement the same interface; see the bottom of this file.
+So do the cooperative matrix games (``matrix``: ``one-step``, ``two-step``), see "matrix games" below.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import warnings
 
 import numpy as np
 
-ENV_IDS = ("building",)
+ENV_IDS = ("building", "matrix")
 
 # Paper Table 3: config name -> (sustaingym weather, location). env_1 is the training config.
 BUILDING_CONFIGS = {
@@ -75,6 +76,8 @@ def check_env_args(env_id: str, config: str, flag: str = "--train-config") -> No
         raise EnvArgError(f"--env '{env_id}' is unknown; accepted: {', '.join(available_env_ids())}")
     if env_id == "building" and config not in BUILDING_CONFIGS:
         raise EnvArgError(f"{flag} '{config}' is unknown for --env building; accepted: {', '.join(BUILDING_CONFIGS)}")
+    if env_id == "matrix" and config not in MATRIX_GAMES:
+        raise EnvArgError(f"{flag} '{config}' is unknown for --env matrix; accepted: {', '.join(MATRIX_GAMES)}")
     if env_id in STARCRAFT_ENV_IDS:
         _check_starcraft_config(env_id, config, flag)
 
@@ -89,10 +92,32 @@ def check_run_args(args) -> None:
     lo, _, hi = args.train_days.partition(":")
     if not (lo.isdigit() and hi.isdigit() and int(lo) < int(hi)):
         fail(f"--train-days must look like a:b with integers a < b (got '{args.train_days}')")
-    for flag, value in [("--total-episodes", args.total_episodes), ("--batch-size", args.batch_size),
-                        ("--buffer-size", args.buffer_size), ("--window", args.window)]:
-        if value < 1:
-            fail(f"{flag} must be >= 1 (got {value})")
+    check_counts(args)
+
+
+# Count and frequency flags of the algos/ scripts -> the least accepted value (every field an Args
+# has is checked, so one table serves all nine scripts), then the few real-valued ones.
+COUNT_FLAGS = {"total_episodes": 1, "batch_size": 1, "buffer_size": 1, "window": 1, "hidden_dim": 1,
+               "mixing_embed_dim": 1, "dual_hidden_dim": 1, "log_every": 1, "train_frequency": 1,
+               "target_network_frequency": 1, "exploration_steps": 1, "eval_episodes": 1, "checkpoint_every": 0,
+               "eval_every": 0, "total_steps": 0, "episode_steps": 0, "learning_starts": 0, "torch_threads": 0}
+REAL_FLAGS = {"gamma": ("in [0, 1)", lambda v: 0.0 <= v < 1.0), "learning_rate": ("> 0", lambda v: v > 0),
+              "qtran_learning_rate": ("> 0", lambda v: v > 0), "dual_learning_rate": ("> 0", lambda v: v > 0),
+              "max_grad_norm": (">= 0 (0 = no clip)", lambda v: v >= 0), "dual_max_grad_norm": (">= 0 (0 = no clip)", lambda v: v >= 0),
+              "rmsprop_eps": (">= 0", lambda v: v >= 0), "start_e": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0),
+              "end_e": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0), "eval_sigma": (">= 0", lambda v: v >= 0)}
+
+
+def check_counts(args) -> None:
+    """Every count / frequency flag (and the real-valued ones above) of an algos/ script's Args, before
+    anything is built or written: one line "--flag must be ... (got X)", then exit != 0."""
+    for field, least in COUNT_FLAGS.items():
+        value = getattr(args, field, least)
+        if value < least:
+            fail(f"--{field.replace('_', '-')} must be >= {least} (got {value})")
+    for field, (accepted, ok) in REAL_FLAGS.items():
+        if hasattr(args, field) and not ok(getattr(args, field)):
+            fail(f"--{field.replace('_', '-')} must be {accepted} (got {getattr(args, field)})")
     if args.buffer_size <= args.window:  # sample() skips the W oldest slots once the buffer wraps
         fail(f"--buffer-size must be larger than --window (got {args.buffer_size} <= {args.window})")
 
@@ -104,18 +129,20 @@ STARCRAFT_DEFAULTS = dict(gamma=0.99, end_e=0.05, exploration_steps=50_000, buff
 
 
 def apply_env_defaults(args, defaults) -> bool:
-    """Fill --train-config and, for StarCraft, STARCRAFT_DEFAULTS; returns True for StarCraft."""
+    """Fill --train-config and, for StarCraft / matrix games, STARCRAFT_DEFAULTS / MATRIX_DEFAULTS
+    (each only where the user left the field at its default); returns True for StarCraft."""
     args.train_config = args.train_config or default_config(args.env)
     starcraft = args.env in STARCRAFT_ENV_IDS
-    for key, value in STARCRAFT_DEFAULTS.items() if starcraft else ():
-        if getattr(args, key) == getattr(defaults, key):
+    env_defaults = STARCRAFT_DEFAULTS if starcraft else MATRIX_DEFAULTS if args.env == "matrix" else {}
+    for key, value in env_defaults.items():
+        if hasattr(args, key) and getattr(args, key) == getattr(defaults, key):
             setattr(args, key, value)
     return starcraft
 
 
 def default_config(env_id: str) -> str:
     """The config a script trains on when --train-config is left at its default."""
-    return {"building": "env_1"}.get(env_id, STARCRAFT_DEFAULT_MAP)
+    return {"building": "env_1", "matrix": "two-step"}.get(env_id, STARCRAFT_DEFAULT_MAP)
 
 
 @functools.lru_cache(maxsize=None)
@@ -178,6 +205,8 @@ def make_env(env_id: str, config: str | None = None, seed: int = 0):
     BUILD_LOG.append((env_id, config))
     if env_id == "building":
         return BuildingTask(config)
+    if env_id == "matrix":
+        return MatrixGame(config)
     return _make_starcraft(env_id, config, seed)
 
 
@@ -188,6 +217,75 @@ def available_env_ids() -> tuple[str, ...]:
 def normalised_return(team_return: float) -> float:
     """Eq. (33)."""
     return (team_return + NORM_OFFSET) / NORM_OFFSET
+
+
+# ---------------------------------------------------------------------------------------------
+# Cooperative matrix games (``--env matrix``): tiny tasks whose answers are known in closed form
+# ---------------------------------------------------------------------------------------------
+#
+# ``--train-config one-step`` (Son et al. 2019, QTRAN, Table 1a): 2 agents, 3 actions (A, B, C),
+#   one step, team reward PAYOFF_ONE_STEP[a_1, a_2]; the optimum (A, A) = 8 is surrounded by -12.
+# ``--train-config two-step`` (Rashid et al. 2018, QMIX, Fig. 3): 2 agents, 2 actions (A, B).
+#   Step 1 pays 0 and agent 1's action picks the step-2 matrix (A -> 2A, B -> 2B), whatever agent 2
+#   does; step 2 pays 2A = all 7 or 2B = [[0, 1], [1, 8]]. Optimal return 8 (B then (B, B)).
+# The state is a one-hot of where the episode is: one-step (start, end); two-step (step 1, 2A, 2B,
+# end). Both agents observe the state (obs_dim = state_dim). The step after the last one is a true
+# terminal state ("end"): terminated=True, so no target ever bootstraps from it. Every action is
+# always available; reset(day) ignores ``day`` (the games are deterministic).
+
+PAYOFF_ONE_STEP = np.array([[8, -12, -12], [-12, 0, 0], [-12, 0, 0]], dtype=np.float32)
+PAYOFF_TWO_STEP = {"2A": np.full((2, 2), 7, dtype=np.float32), "2B": np.array([[0, 1], [1, 8]], dtype=np.float32)}
+MATRIX_GAMES = ("one-step", "two-step")
+# Fields a matrix run needs changed from the building defaults (where the user left them):
+# gamma 0.99 as in the QMIX paper's two-step game; a target copy every 100 steps (25,000 would
+# never come); a budget of episodes that converges (one or two steps each); fewer progress lines;
+# no periodic resume checkpoint (a run takes seconds; one every 50 one-step episodes would dominate).
+MATRIX_DEFAULTS = dict(gamma=0.99, target_network_frequency=100, total_episodes=4000, log_every=500, checkpoint_every=0)
+
+
+class MatrixGame:
+    """``--env matrix``: the one-step (QTRAN) or two-step (QMIX) cooperative matrix game."""
+
+    def __init__(self, config: str = "two-step"):
+        if config not in MATRIX_GAMES:
+            raise EnvArgError(f"--train-config '{config}' is unknown for --env matrix; accepted: {', '.join(MATRIX_GAMES)}")
+        self.config, self.label = config, f"matrix {config}"
+        self.positions = ("start", "end") if config == "one-step" else ("step 1", "2A", "2B", "end")
+        self.n_agents = 2
+        self.n_actions = 3 if config == "one-step" else 2
+        self.obs_dim = self.state_dim = len(self.positions)
+        self.episode_limit = 1 if config == "one-step" else 2
+        self._avail = np.ones((self.n_agents, self.n_actions), dtype=bool)
+        self._pos = len(self.positions) - 1  # "end": step() before reset() is an error
+
+    def _observe(self):
+        state = np.zeros(self.state_dim, dtype=np.float32)
+        state[self._pos] = 1.0
+        return np.tile(state, (self.n_agents, 1)), state, self._avail.copy()
+
+    def reset(self, day: int = 0):
+        """Start an episode (``day`` is ignored: the game is deterministic)."""
+        self._pos = 0
+        return self._observe()
+
+    def step(self, actions):
+        a1, a2 = (int(a) for a in np.asarray(actions).reshape(self.n_agents))
+        if self.positions[self._pos] == "end":
+            raise RuntimeError("the matrix game is over: call reset(day) first")
+        if not (0 <= a1 < self.n_actions and 0 <= a2 < self.n_actions):
+            raise ValueError(f"actions must be in [0, {self.n_actions}) (got {a1}, {a2})")
+        if self.config == "one-step":
+            reward, self._pos = float(PAYOFF_ONE_STEP[a1, a2]), 1
+        elif self._pos == 0:  # step 1: agent 1's action picks the matrix, reward 0
+            reward, self._pos = 0.0, 1 + a1
+        else:
+            reward, self._pos = float(PAYOFF_TWO_STEP[self.positions[self._pos]][a1, a2]), 3
+        obs, state, avail = self._observe()
+        terminated = self.positions[self._pos] == "end"
+        return obs, state, avail, reward, terminated, False, {}
+
+    def close(self):
+        pass
 
 
 # ---------------------------------------------------------------------------------------------

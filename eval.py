@@ -2,6 +2,7 @@
 
     python eval.py --checkpoints runs/*/model.pt --protocol paper-tables
     python eval.py --authors-dir path/to/released/run --protocol climate
+    python eval.py --authors-dir results_seeds_*/robust_qmix_rho_0.012_*/network_parameter   # one dir per seed
 
 Decentralised greedy execution needs only the agents' Q-networks: each agent acts on its own
 history window, greedy over its available actions. All evaluation days of one config run as one
@@ -34,7 +35,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
+import re
+import shlex
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,8 +60,8 @@ EVAL_FIRST_DAY = 1_000_000_000  # StarCraft evaluation episode ids (training use
 class Args:
     checkpoints: list[str] = field(default_factory=list)
     """model.pt files written by algos/*.py --save-model (one per training seed)"""
-    authors_dir: str = ""
-    """a directory of the authors' released per-agent checkpoints agent_{i}_q_network.pt"""
+    authors_dir: list[str] = field(default_factory=list)
+    """directories of the authors' released per-agent checkpoints agent_{i}_q_network.pt (one per seed; same run name = same method)"""
     protocol: str = "paper-tables"
     """paper-tables, climate, season, climate-season, custom, starcraft or starcraft-curves"""
     runs: list[str] = field(default_factory=list)
@@ -121,6 +127,10 @@ def save_checkpoint(run_dir: str, script: str, args, env_info: dict, **parts) ->
     parameters stacked over agents): algo (the script's name; load_checkpoint imports
     algos/<algo>.py for the network classes), args, env_info, and parts (modules as state dicts)."""
     path = os.path.join(run_dir, "model.pt")
+    bad = [k for k, v in parts.items() if isinstance(v, torch.nn.Module) and not all(t.isfinite().all() for t in v.state_dict().values())]
+    if bad:  # the NaN guard (TrainingRun.check_finite) stops a diverging run before this; never write such weights
+        print(f"error: non-finite weights in {', '.join(bad)}; {path} not written", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_NONFINITE)
     checkpoint = {"format": CHECKPOINT_FORMATS[-1], "algo": os.path.basename(script)[: -len(".py")],
                   "args": vars(args), "env": env_info,
                   **{k: v.state_dict() if isinstance(v, torch.nn.Module) else v for k, v in parts.items()}}
@@ -195,6 +205,14 @@ def load_checkpoint(path: str, device):
     return label, module, net.to(device).eval(), e, a
 
 
+def authors_label(path: str) -> str:
+    """The method of a released run directory, shared by its seeds: results_seeds_<k>/robust_qmix_rho_0.012_<date>_<time>
+    [/network_parameter] -> "authors: robust_qmix_rho_0.012" (the date and time of the run dropped)."""
+    parts = os.path.normpath(path).split(os.sep)
+    name = parts[-2] if parts[-1] == "network_parameter" and len(parts) > 1 else parts[-1]
+    return "authors: " + re.sub(r"_\d{8}_\d{6}$", "", name)
+
+
 def load_authors_dir(path: str, device):
     """The released per-agent checkpoints agent_{i}_q_network.pt (keys fc1.*, lstm.*, fc_out.*)
     loaded into our per-agent network (robust_vdn_rho's QNetworks; all six scripts share it)."""
@@ -214,7 +232,7 @@ def load_authors_dir(path: str, device):
         except Exception as e:  # noqa: BLE001
             envs.fail(f"--authors-dir: '{f}' is not a released agent state dict: {str(e).splitlines()[0]}")
     env = {"env": "building", "config": "env_1", "n_agents": n, "obs_dim": 5, "n_actions": 200}
-    return "authors' release", module, net.to(device).eval(), env, {"window": 8}
+    return authors_label(path), module, net.to(device).eval(), env, {"window": 8}
 
 
 @torch.no_grad()
@@ -302,6 +320,227 @@ def write_json_atomic(path: str, payload) -> None:
     os.replace(path + ".tmp", path)
 
 
+# ---------------------------------------------------------------------------------------------
+# Run plumbing of the algos/ scripts: runs/<run>/checkpoint.pt, --resume, Ctrl-C / SIGTERM, NaN guard
+# ---------------------------------------------------------------------------------------------
+RUN_CHECKPOINT_FORMAT = "drigm-run-checkpoint-v1"
+# Flags a resumed run may change (how long it runs, how often it logs or checkpoints, threads, output).
+BUDGET_FLAGS = ("total_episodes", "total_steps", "checkpoint_every", "log_every", "resume", "torch_threads", "save_model")
+EXIT_NONFINITE = 3  # the NaN guard stopped the run
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as a shell reports it
+
+
+def _given_flags(argv, fields) -> set:
+    """The Args fields a command line sets explicitly (--flag x, --flag=x, --no-flag)."""
+    given = set()
+    for token in argv:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            name = name[3:] if name not in fields and name.startswith("no_") else name
+            given |= {name} & set(fields)
+    return given
+
+
+def resume_args(args, script: str, argv=None):
+    """--resume runs/<name>: read that run's checkpoint.pt and continue with its args. Flags left
+    off the command line take the checkpoint's values; a flag given with another value than the
+    checkpoint's is refused with one line naming it, except the BUDGET_FLAGS (the command line wins).
+    -> the checkpoint (TrainingRun restores the rest from it), or None without --resume."""
+    if not args.resume:
+        return None
+    args.resume = os.path.normpath(args.resume)
+    path = os.path.join(args.resume, "checkpoint.pt")
+    if not os.path.isfile(path):
+        envs.fail(f"--resume: no checkpoint '{path}' (a run writes one every --checkpoint-every episodes and on Ctrl-C)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        envs.fail(f"--resume: cannot read '{path}' as a torch checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != RUN_CHECKPOINT_FORMAT:
+        envs.fail(f"--resume: '{path}' is not a training checkpoint written by algos/*.py")
+    algo = os.path.basename(script)[: -len(".py")]
+    if ckpt["algo"] != algo:
+        envs.fail(f"--resume: '{path}' belongs to algos/{ckpt['algo']}.py, not algos/{algo}.py")
+    fields, saved = vars(args), ckpt["args"]
+    given = _given_flags(sys.argv[1:] if argv is None else argv, fields)
+    for key in list(fields):
+        if key not in saved or (key in BUDGET_FLAGS and (key in given or key == "resume")):
+            continue
+        if key in given and fields[key] != saved[key]:
+            flag = "--" + key.replace("_", "-")
+            envs.fail(f"{flag} {fields[key]} differs from the checkpoint's {flag} {saved[key]} ({path}); "
+                      f"leave it out to continue with {saved[key]}, or start a new run without --resume")
+        setattr(args, key, saved[key])
+    return ckpt
+
+
+def open_run(run_dir: str, args, resume=None):
+    """Create the run folder (after every flag check passed): args.json and the TensorBoard writer.
+    A resumed run's writer drops what the interrupted process logged after its checkpoint (purge_step),
+    so TensorBoard continues without duplicate points."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if resume is None:
+        writer = SummaryWriter(run_dir)
+        writer.add_text("hyperparameters",
+                        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+    else:
+        step = resume["counters"]["global_step"]
+        writer = SummaryWriter(run_dir, purge_step=step + 1)
+        log = os.path.join(run_dir, "eval.jsonl")  # StarCraft evaluations: likewise, none after the checkpoint
+        if os.path.isfile(log):
+            with open(log) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            with open(log + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(log + ".tmp", log)
+    write_json_atomic(os.path.join(run_dir, "args.json"), vars(args))
+    return writer
+
+
+def _state_of(obj):
+    """What a checkpoint keeps of one training object."""
+    if isinstance(obj, (list, tuple)):
+        return [_state_of(o) for o in obj]
+    if isinstance(obj, np.random.Generator):
+        return obj.bit_generator.state
+    if hasattr(obj, "state_dict"):  # modules and optimisers
+        return obj.state_dict()
+    return dict(vars(obj))  # a replay buffer: its arrays (with the cached target values and versions) and pointers
+
+
+def _load_state(obj, state, name: str) -> None:
+    if isinstance(obj, (list, tuple)):
+        if len(obj) != len(state):
+            raise ValueError(f"{name}: {len(state)} saved, {len(obj)} here")
+        for i, (o, s) in enumerate(zip(obj, state)):
+            _load_state(o, s, f"{name}[{i}]")
+    elif isinstance(obj, np.random.Generator):
+        obj.bit_generator.state = state
+    elif hasattr(obj, "load_state_dict"):
+        obj.load_state_dict(state)
+    else:
+        here = vars(obj)
+        bad = sorted(set(here) ^ set(state)) + [k for k in set(here) & set(state) if isinstance(here[k], np.ndarray)
+                                               and (here[k].shape, here[k].dtype) != (state[k].shape, state[k].dtype)]
+        if bad:
+            raise ValueError(f"{name}: {', '.join(bad)} differ")
+        vars(obj).update(state)
+
+
+class TrainingRun:
+    """The fault tolerance of one training run of an algos/ script.
+
+    * checkpoints: every --checkpoint-every episodes (and on Ctrl-C / SIGTERM), at an episode boundary,
+      runs/<run>/checkpoint.pt is written atomically with every object passed as ``state`` (networks,
+      targets, optimisers, replay buffer, the script's numpy generator), the python / numpy / torch
+      RNG states, the counters passed to episode_end and the args;
+    * --resume: built with the checkpoint resume_args returned, it loads all of it back in place, so
+      the resumed run continues bit for bit (CPU) where the checkpoint was taken;
+    * Ctrl-C / SIGTERM: the current episode finishes, a checkpoint is written, the resume command
+      printed, exit 130 / 143 (a second Ctrl-C stops at once, without a checkpoint);
+    * NaN guard (check_finite): a non-finite loss, target or gradient norm stops the run before the
+      optimiser step, with one line naming the env step and the last good checkpoint, exit 3."""
+
+    def __init__(self, run_dir: str, script: str, args, writer, resume=None, **state):
+        self.run_dir, self.script, self.args, self.writer, self.state = run_dir, script, args, writer, state
+        self.path = os.path.join(run_dir, "checkpoint.pt")
+        self.saved_counters = None  # counters of the checkpoint on disk (the last good one)
+        self.stop_signal = None
+        if resume is not None:
+            try:
+                if set(resume["state"]) != set(state):
+                    raise ValueError(f"holds {', '.join(sorted(resume['state']))}")
+                for name, obj in state.items():
+                    _load_state(obj, resume["state"][name], name)
+            except (ValueError, RuntimeError, KeyError) as err:
+                envs.fail(f"--resume: {self.path} does not fit this run: {str(err).splitlines()[0]}")
+            rng = resume["rng"]
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None:
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            self.saved_counters = resume["counters"]
+            print(f"resumed {self.path}: episode {self.saved_counters['episode']}, "
+                  f"env step {self.saved_counters['global_step']}", flush=True)
+        self.previous_handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in EXIT_SIGNAL:
+                self.previous_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        """First Ctrl-C / SIGTERM: stop at the end of this episode; the next one acts as usual."""
+        self.stop_signal = signum
+        self._restore_handlers()
+
+    def _restore_handlers(self):
+        for sig, handler in self.previous_handlers.items():
+            signal.signal(sig, handler)
+        self.previous_handlers = {}
+
+    def counters(self, **initial):
+        """The counters a fresh run starts from (episode first), or the resumed checkpoint's, in the same order."""
+        if self.saved_counters is None:
+            return tuple(initial.values())
+        if list(self.saved_counters) != list(initial):
+            envs.fail(f"--resume: {self.path} holds counters {', '.join(self.saved_counters)}, not {', '.join(initial)}")
+        return tuple(self.saved_counters.values())
+
+    def episode_end(self, **counters):
+        """After each episode: a checkpoint every --checkpoint-every episodes, or now and exit after Ctrl-C / SIGTERM."""
+        every = self.args.checkpoint_every
+        if self.stop_signal is None and not (every > 0 and counters["episode"] % every == 0):
+            return
+        self.save(counters)
+        if self.stop_signal is not None:
+            script = os.path.relpath(self.script)
+            command = shlex.join(["python", self.script if script.startswith("..") else script, "--resume", self.run_dir])
+            print(f"stopped by {signal.Signals(self.stop_signal).name} after episode {counters['episode']} "
+                  f"(env step {counters['global_step']}): checkpoint {self.path}; continue with: {command}", flush=True)
+            self.close()
+            raise SystemExit(EXIT_SIGNAL[self.stop_signal])
+
+    def save(self, counters: dict) -> None:
+        """checkpoint.pt, atomically: a temporary file, fsync, then os.replace over the previous one."""
+        bad = [name for name, obj in self.state.items() if isinstance(obj, torch.nn.Module)
+               and not all(t.isfinite().all() for t in obj.state_dict().values())]
+        if bad:
+            self._stop_nonfinite(f"weights of {', '.join(bad)}", counters["global_step"])
+        self.writer.flush()  # everything logged up to this step is on disk before the checkpoint says so
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+        checkpoint = {"format": RUN_CHECKPOINT_FORMAT, "algo": os.path.basename(self.script)[: -len(".py")],
+                      "args": dict(vars(self.args)), "counters": dict(counters),
+                      "state": {name: _state_of(obj) for name, obj in self.state.items()}, "rng": rng}
+        with open(self.path + ".tmp", "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self.path + ".tmp", self.path)
+        self.saved_counters = dict(counters)
+
+    def check_finite(self, global_step: int, **values) -> None:
+        """NaN guard, before an optimiser step: every value (loss, target, gradient norm) must be finite."""
+        for name, value in values.items():
+            if not bool(torch.isfinite(value).all()):
+                self._stop_nonfinite(name, global_step)
+
+    def _stop_nonfinite(self, what: str, global_step: int):
+        c = self.saved_counters
+        last = (f"last good checkpoint {self.path} (episode {c['episode']}, env step {c['global_step']})" if c
+                else "no checkpoint written yet")
+        print(f"error: non-finite {what} at env step {global_step}: run stopped, model.pt not written; {last}",
+              file=sys.stderr, flush=True)
+        self.close()
+        raise SystemExit(EXIT_NONFINITE)
+
+    def close(self) -> None:
+        """At the end of the run: TensorBoard file closed, the previous signal handlers back."""
+        self._restore_handlers()
+        self.writer.close()
+
+
 def summarise(per_seed: list[float]) -> tuple[float, float]:
     """Mean over seeds +- population std / sqrt(n) (the paper's error bars)."""
     x = np.asarray(per_seed, dtype=float)
@@ -341,14 +580,13 @@ def main(args: Args) -> dict:
     torch.set_num_threads(args.torch_threads)
     device = torch.device(args.device)
     loaded = [load_checkpoint(p, device) for p in args.checkpoints]
-    if args.authors_dir:
-        loaded.append(load_authors_dir(args.authors_dir, device))
-    for (label, _, _, env_info, _), path in zip(loaded, args.checkpoints + [args.authors_dir]):
+    loaded += [load_authors_dir(d, device) for d in args.authors_dir]
+    for (label, _, _, env_info, _), path in zip(loaded, args.checkpoints + args.authors_dir):
         if env_info["env"] != "building":
             envs.fail(f"--checkpoints: '{path}' was trained on --env {env_info['env']}; these protocols are for building")
 
     episodes, groups = [], {}
-    for (label, module, net, env_info, a), path in zip(loaded, args.checkpoints + [args.authors_dir]):
+    for (label, module, net, env_info, a), path in zip(loaded, args.checkpoints + args.authors_dir):
         for config in configs:
             returns = run_episodes(module, net, "building", config, days, a["window"], args.episode_steps, device)
             norm = [envs.normalised_return(r) for r in returns]

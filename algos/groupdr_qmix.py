@@ -22,7 +22,6 @@ from --seed (released: 42).
 """
 
 import importlib.util
-import json
 import os
 import random
 import sys
@@ -34,7 +33,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import envs  # noqa: E402  (environment plumbing shared by all scripts)
@@ -58,6 +56,10 @@ class Args:
     """save weights, args and env config to runs/{run_name}/model.pt"""
     log_every: int = 10
     """print a progress line every this many episodes"""
+    checkpoint_every: int = 50
+    """write runs/{run_name}/checkpoint.pt every this many episodes, for --resume (0 = only on Ctrl-C / SIGTERM)"""
+    resume: str = ""
+    """continue the run in this folder (runs/<run name>) from its checkpoint.pt; flags left out come from it"""
 
     # Environment (building only: GroupDR needs several training environments, the groups)
     train_configs: str = "env_1,env_2,env_3,env_4,env_5"
@@ -140,11 +142,7 @@ def check_args(args: Args) -> None:
         est.parse_days(args.train_days)
     except envs.EnvArgError as e:
         envs.fail(str(e))
-    for flag, value in [("--total-episodes", args.total_episodes), ("--batch-size", args.batch_size),
-                        ("--buffer-size", args.buffer_size), ("--window", args.window),
-                        ("--mixing-embed-dim", args.mixing_embed_dim)]:
-        if value < 1:
-            envs.fail(f"{flag} must be >= 1 (got {value})")
+    envs.check_counts(args)  # every count and frequency flag (--log-every, --batch-size, ...)
 
 
 def make_train_envs(configs):
@@ -351,16 +349,10 @@ class ReplayBuffer:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    resume = evaluation.resume_args(args, __file__)  # --resume runs/<name>: that run's args and checkpoint
     check_args(args)
     run_name = args.run_name or f"building__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    writer = SummaryWriter(run_dir)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    run_dir = args.resume or os.path.join("runs", run_name)
 
     # Seeding: python, numpy, torch and the environment (configs, days, exploration) from one --seed
     random.seed(args.seed)
@@ -393,6 +385,7 @@ if __name__ == "__main__":
                   "(fitted with --allow-env6); pass --allow-env6 to train with it anyway")
     print(f"estimator {args.estimator_checkpoint}: heads {','.join(estimator_ckpt['configs'])}, time t/"
           f"{estimator_ckpt['time_norm']:g}; training episodes from {','.join(train_configs)}", flush=True)
+    writer = evaluation.open_run(run_dir, args, resume)  # the run folder: args.json, TensorBoard (continued on --resume)
 
     # Alg. 3 l.3-4: Q_i and mixer f with parameters theta, target theta- = theta
     q_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.fused).to(device)
@@ -423,11 +416,17 @@ if __name__ == "__main__":
         q_bar = q_next.masked_fill(~avail, -float("inf")).max(-1).values  # Q_i(h'_i, a_bar'_i; theta-)
         return target_mixer(q_bar, torch.from_numpy(rb.next_state[idx]).to(device)).cpu().numpy()
 
+    # Checkpoints of all of the above, every RNG and the counters (--checkpoint-every, Ctrl-C), --resume, NaN guard
+    run = evaluation.TrainingRun(run_dir, __file__, args, writer, resume, q_network=q_network,
+                                 target_network=target_network, mixer=mixer, target_mixer=target_mixer,
+                                 optimizer=optimizer, rb=rb, rng=rng)
     start_time = stretch_time = time.time()
     global_step, n_updates, recent = 0, 0, []
-    stretch_steps = stretch_updates = 0
+    first_episode, global_step, n_updates, target_version, recent = run.counters(
+        episode=0, global_step=global_step, n_updates=n_updates, target_version=target_version, recent=recent)  # --resume: the checkpoint's
+    stretch_steps, stretch_updates = global_step, n_updates
     update_time = 0.0  # seconds spent in gradient steps since the last progress line
-    for episode in range(args.total_episodes):  # Alg. 3 l.5
+    for episode in range(first_episode, args.total_episodes):  # Alg. 3 l.5
         # GroupDR (paper F.2): each episode comes from a training environment picked uniformly
         env = train_envs[train_configs[int(rng.integers(len(train_configs)))]]
         day = int(rng.integers(day_lo, day_hi))
@@ -481,6 +480,7 @@ if __name__ == "__main__":
                     grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True)  # agents + mixer
                 else:
                     grad_norm = torch.zeros(())
+                run.check_finite(global_step, td_loss=td_loss, target=y, grad_norm=grad_norm)  # NaN guard: no step on them
                 optimizer.step()
                 n_updates += 1
                 update_time += time.perf_counter() - update_start
@@ -513,10 +513,12 @@ if __name__ == "__main__":
                   f"| updates/s {n_up / (now - stretch_time):.1f} | update {1000 * update_time / max(n_up, 1):.2f} ms "
                   f"| left {left / 60:.1f} min", flush=True)
             recent, stretch_time, stretch_steps, stretch_updates, update_time = [], now, global_step, n_updates, 0.0
+        run.episode_end(episode=episode + 1, global_step=global_step, n_updates=n_updates,
+                        target_version=target_version, recent=recent)  # checkpoint / Ctrl-C
 
     if args.save_model:  # weights, args and env config, written atomically (eval.py reads them back)
         env_info = {"env": "building", "config": ",".join(train_configs), "n_agents": N, "n_actions": A,
                     "obs_dim": env.obs_dim, "state_dim": env.state_dim}
         path = evaluation.save_checkpoint(run_dir, __file__, args, env_info, estimator_configs=estimator_ckpt["configs"], q_network=q_network, mixer=mixer)
         print(f"model saved to {path}")
-    writer.close()
+    run.close()  # TensorBoard file, signal handlers

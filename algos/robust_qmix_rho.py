@@ -8,7 +8,6 @@ y = r + gamma * (1 - rho) * f_theta-((Q_i(h'_i, a_bar'_i; theta-))_i, s'), a_bar
 rho = 0 is plain QMIX. Docs: docs/qmix.md (usage, metrics, implementation details).
 """
 
-import json
 import os
 import random
 import sys
@@ -20,7 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import envs  # noqa: E402  (environment plumbing shared by all scripts)
@@ -44,10 +42,14 @@ class Args:
     """save weights, args and env config to runs/{run_name}/model.pt"""
     log_every: int = 10
     """print a progress line every this many episodes"""
+    checkpoint_every: int = 50
+    """write runs/{run_name}/checkpoint.pt every this many episodes, for --resume (0 = only on Ctrl-C / SIGTERM)"""
+    resume: str = ""
+    """continue the run in this folder (runs/<run name>) from its checkpoint.pt; flags left out come from it"""
 
     # Environment
     env: str = "building"
-    """task: building (SustainGym), smax (JaxMARL 3s_vs_5z) or smac (StarCraft II)"""
+    """task: building (SustainGym), smax (JaxMARL 3s_vs_5z), smac (StarCraft II) or matrix (one-step / two-step games)"""
     train_config: str = ""
     """building config env_1..env_6 (paper Table 3) or StarCraft map (default: env_1 / 3s_vs_5z)"""
     train_days: str = "0:200"
@@ -118,9 +120,7 @@ def check_args(args: Args) -> None:
         envs.fail(f"--worst-value must be one of zero, batch-min (got '{args.worst_value}')")
     if args.optimizer not in ("rmsprop", "adam"):
         envs.fail(f"--optimizer must be one of rmsprop, adam (got '{args.optimizer}')")
-    envs.check_run_args(args)  # --env, --train-config, --train-days, sizes
-    if args.mixing_embed_dim < 1:
-        envs.fail(f"--mixing-embed-dim must be >= 1 (got {args.mixing_embed_dim})")
+    envs.check_run_args(args)  # --env, --train-config, --train-days, every count and frequency
 
 
 def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
@@ -340,17 +340,12 @@ def target_values(rb, idx, target_network, target_mixer, device="cpu"):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    resume = evaluation.resume_args(args, __file__)  # --resume runs/<name>: that run's args and checkpoint
     check_args(args)
     starcraft = envs.apply_env_defaults(args, Args)  # StarCraft: SMAC-literature values (envs.py)
     run_name = args.run_name or f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    writer = SummaryWriter(run_dir)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    run_dir = args.resume or os.path.join("runs", run_name)
+    writer = evaluation.open_run(run_dir, args, resume)  # the run folder: args.json, TensorBoard (continued on --resume)
 
     # Seeding: python, numpy, torch and the environment (days, exploration) from one --seed
     random.seed(args.seed)
@@ -389,12 +384,19 @@ if __name__ == "__main__":
     history = History(1, args.window, N, env.obs_dim)
 
 
+    # Checkpoints of all of the above, every RNG and the counters (--checkpoint-every, Ctrl-C), --resume, NaN guard
+    run = evaluation.TrainingRun(run_dir, __file__, args, writer, resume, q_network=q_network,
+                                 target_network=target_network, mixer=mixer, target_mixer=target_mixer,
+                                 optimizer=optimizer, rb=rb, rng=rng)
     start_time = stretch_time = time.time()
     global_step, n_updates, recent = 0, 0, []
-    stretch_steps = stretch_updates = 0
     next_eval = args.eval_every
+    first_episode, global_step, n_updates, target_version, next_eval, recent = run.counters(
+        episode=0, global_step=global_step, n_updates=n_updates, target_version=target_version, next_eval=next_eval,
+        recent=recent)  # --resume: the checkpoint's
+    stretch_steps, stretch_updates = global_step, n_updates
     update_time = 0.0  # seconds spent in gradient steps since the last progress line
-    for episode in range(args.total_episodes):  # Alg. 3 l.5
+    for episode in range(first_episode, args.total_episodes):  # Alg. 3 l.5
         day = episode if starcraft else int(rng.integers(day_lo, day_hi))  # StarCraft: episode id
         obs, state, avail = env.reset(day)  # Alg. 3 l.6
         history.reset(obs[None])
@@ -440,6 +442,7 @@ if __name__ == "__main__":
                 td_loss.backward()  # Alg. 3 l.17
                 max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")  # inf: only measure
                 grad_norm = nn.utils.clip_grad_norm_(params, max_norm, foreach=True)  # agents + mixer
+                run.check_finite(global_step, td_loss=td_loss, target=y, grad_norm=grad_norm)  # NaN guard: no step on them
                 optimizer.step()
                 n_updates += 1
                 update_time += time.perf_counter() - update_start
@@ -478,6 +481,8 @@ if __name__ == "__main__":
                   f"| updates/s {n_up / (now - stretch_time):.1f} | update {1000 * update_time / max(n_up, 1):.2f} ms "
                   f"| left {left / 60:.1f} min", flush=True)
             recent, stretch_time, stretch_steps, stretch_updates, update_time = [], now, global_step, n_updates, 0.0
+        run.episode_end(episode=episode + 1, global_step=global_step, n_updates=n_updates,
+                        target_version=target_version, next_eval=next_eval, recent=recent)  # checkpoint / Ctrl-C
         if done_training:
             break
 
@@ -486,4 +491,4 @@ if __name__ == "__main__":
                     "obs_dim": env.obs_dim, "state_dim": env.state_dim}
         path = evaluation.save_checkpoint(run_dir, __file__, args, env_info, q_network=q_network, mixer=mixer)
         print(f"model saved to {path}")
-    writer.close()
+    run.close()  # TensorBoard file, signal handlers

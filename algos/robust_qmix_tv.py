@@ -8,7 +8,6 @@ V' = Q_tot(h', a_bar'; theta-), a_bar'_i = argmax Q_i(h'_i; theta-), with eta = 
 network trained on Eq. (17) (Alg. 6 l.12-14). Docs: docs/qmix.md (usage, metrics, implementation details).
 """
 
-import json
 import os
 import random
 import sys
@@ -20,7 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import envs  # noqa: E402  (environment plumbing shared by all scripts)
@@ -44,10 +42,14 @@ class Args:
     """save weights, args and env config to runs/{run_name}/model.pt"""
     log_every: int = 10
     """print a progress line every this many episodes"""
+    checkpoint_every: int = 50
+    """write runs/{run_name}/checkpoint.pt every this many episodes, for --resume (0 = only on Ctrl-C / SIGTERM)"""
+    resume: str = ""
+    """continue the run in this folder (runs/<run name>) from its checkpoint.pt; flags left out come from it"""
 
     # Environment
     env: str = "building"
-    """task: building (SustainGym), smax (JaxMARL 3s_vs_5z) or smac (StarCraft II)"""
+    """task: building (SustainGym), smax (JaxMARL 3s_vs_5z), smac (StarCraft II) or matrix (one-step / two-step games)"""
     train_config: str = ""
     """building config env_1..env_6 (paper Table 3) or StarCraft map (default: env_1 / 3s_vs_5z)"""
     train_days: str = "0:200"
@@ -130,9 +132,7 @@ def check_args(args: Args) -> None:
         envs.fail(f"--worst-value must be one of zero, batch-min (got '{args.worst_value}')")
     if args.optimizer not in ("rmsprop", "adam"):
         envs.fail(f"--optimizer must be one of rmsprop, adam (got '{args.optimizer}')")
-    envs.check_run_args(args)  # --env, --train-config, --train-days, sizes
-    if args.mixing_embed_dim < 1:
-        envs.fail(f"--mixing-embed-dim must be >= 1 (got {args.mixing_embed_dim})")
+    envs.check_run_args(args)  # --env, --train-config, --train-days, every count and frequency
 
 
 def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
@@ -386,17 +386,12 @@ def target_values(rb, idx, target_network, target_mixer, device="cpu"):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    resume = evaluation.resume_args(args, __file__)  # --resume runs/<name>: that run's args and checkpoint
     check_args(args)
     starcraft = envs.apply_env_defaults(args, Args)  # StarCraft: SMAC-literature values (envs.py)
     run_name = args.run_name or f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    writer = SummaryWriter(run_dir)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    run_dir = args.resume or os.path.join("runs", run_name)
+    writer = evaluation.open_run(run_dir, args, resume)  # the run folder: args.json, TensorBoard (continued on --resume)
 
     # Seeding: python, numpy, torch and the environment (days, exploration) from one --seed
     random.seed(args.seed)
@@ -442,13 +437,21 @@ if __name__ == "__main__":
         eta = dual_network(torch.from_numpy(rb.state[idx]).to(device), torch.from_numpy(rb.actions[idx]).to(device))
         return eta, (eta.clamp(*eta_bounds(next_v, args.gamma, args.rho, args.worst_value)) if args.eta_clamp else eta)
 
+    # Checkpoints of all of the above, every RNG and the counters (--checkpoint-every, Ctrl-C), --resume, NaN guard
+    run = evaluation.TrainingRun(run_dir, __file__, args, writer, resume, q_network=q_network,
+                                 target_network=target_network, mixer=mixer, target_mixer=target_mixer,
+                                 dual_network=dual_network, dual_optimizer=dual_optimizer, optimizer=optimizer, rb=rb,
+                                 rng=rng)
     start_time = stretch_time = time.time()
     global_step, n_updates, recent = 0, 0, []
     at_floor, floor_noted = 0.0, False  # share of samples with eta at Eq. (10)'s floor (robust/eta_at_floor)
-    stretch_steps = stretch_updates = 0
     next_eval = args.eval_every
+    first_episode, global_step, n_updates, target_version, next_eval, recent, at_floor, floor_noted = run.counters(
+        episode=0, global_step=global_step, n_updates=n_updates, target_version=target_version, next_eval=next_eval,
+        recent=recent, at_floor=at_floor, floor_noted=floor_noted)  # --resume: the checkpoint's
+    stretch_steps, stretch_updates = global_step, n_updates
     update_time = 0.0  # seconds spent in gradient steps since the last progress line
-    for episode in range(args.total_episodes):  # Alg. 6 l.6
+    for episode in range(first_episode, args.total_episodes):  # Alg. 6 l.6
         day = episode if starcraft else int(rng.integers(day_lo, day_hi))  # StarCraft: episode id
         obs, state, avail = env.reset(day)  # Alg. 6 l.7
         history.reset(obs[None])
@@ -489,6 +492,7 @@ if __name__ == "__main__":
                 d_loss.backward()  # Alg. 6 l.13
                 if args.dual_max_grad_norm > 0:  # not in the paper (released QTRAN-TV: 1.0)
                     nn.utils.clip_grad_norm_(dual_network.parameters(), args.dual_max_grad_norm, foreach=True)
+                run.check_finite(global_step, dual_loss=d_loss)  # NaN guard
                 dual_optimizer.step()  # Alg. 6 l.14
                 obs_w, prev_w, _, _ = rb.windows(idx)
                 q = q_network(torch.from_numpy(obs_w).to(device), torch.from_numpy(prev_w).to(device))
@@ -507,6 +511,7 @@ if __name__ == "__main__":
                 td_loss.backward()  # Alg. 6 l.21
                 max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")  # inf: only measure
                 grad_norm = nn.utils.clip_grad_norm_(params, max_norm, foreach=True)  # agents + mixer
+                run.check_finite(global_step, td_loss=td_loss, target=y, grad_norm=grad_norm)  # NaN guard: no step on them
                 optimizer.step()
                 n_updates += 1
                 update_time += time.perf_counter() - update_start
@@ -553,6 +558,9 @@ if __name__ == "__main__":
                   f"| updates/s {n_up / (now - stretch_time):.1f} | update {1000 * update_time / max(n_up, 1):.2f} ms "
                   f"| left {left / 60:.1f} min", flush=True)
             recent, stretch_time, stretch_steps, stretch_updates, update_time = [], now, global_step, n_updates, 0.0
+        run.episode_end(episode=episode + 1, global_step=global_step, n_updates=n_updates,
+                        target_version=target_version, next_eval=next_eval, recent=recent, at_floor=at_floor,
+                        floor_noted=floor_noted)  # checkpoint / Ctrl-C
         if done_training:
             break
 
@@ -561,4 +569,4 @@ if __name__ == "__main__":
                     "obs_dim": env.obs_dim, "state_dim": env.state_dim}
         path = evaluation.save_checkpoint(run_dir, __file__, args, env_info, q_network=q_network, dual=dual_network, mixer=mixer)
         print(f"model saved to {path}")
-    writer.close()
+    run.close()  # TensorBoard file, signal handlers

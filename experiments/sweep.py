@@ -138,23 +138,25 @@ def training_curve(run_dir: str) -> dict:
     bins = [values[i : i + CURVE_BIN] for i in range(0, len(values), CURVE_BIN)]
     return {"tag": tag, "episodes": [min(len(values), (i + 1) * CURVE_BIN) for i in range(len(bins))],
             "env_steps": [events[min(len(values), (i + 1) * CURVE_BIN) - 1].step for i in range(len(bins))],
-            "mean": [sum(b) / len(b) for b in bins]}
+            "mean": [sum(b) / len(b) for b in bins],
+            "wall_seconds": round(events[-1].wall_time - events[0].wall_time, 1) if events else 0.0}
 
 
 def run_job(job: Job, workdir: str) -> dict:
     """Train (or continue) then evaluate one run; returns the result payload (raises on failure)."""
     run_dir = os.path.join(workdir, "runs", job.run_name)
     model, env = os.path.join(run_dir, "model.pt"), dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    start = time.time()
     if not os.path.isfile(model):
         resume = os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))
         cmd = job.train_command(resume)
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "commit.txt"), "a") as f:  # the code that trained it (one line per start)
+            f.write(_git_commit() + "\n")
         with open(os.path.join(workdir, "runs", job.grid, f"{job.name}.log"), "a") as log:
             proc = subprocess.run(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
         if proc.returncode != 0 or not os.path.isfile(model):
             raise RuntimeError(f"training exited {proc.returncode} (log: runs/{job.grid}/{job.name}.log): "
                                + _tail(os.path.join(workdir, "runs", job.grid, f"{job.name}.log")))
-    train_seconds = time.time() - start
     results = {}
     for protocol in job.protocols:
         out = os.path.join(run_dir, f"eval_{protocol}.json")
@@ -168,16 +170,27 @@ def run_job(job: Job, workdir: str) -> dict:
         results[protocol] = {e["config"]: sum(e["normalised"]) / len(e["normalised"]) for e in payload["episodes"]}
     with open(os.path.join(run_dir, "args.json")) as f:
         run_args = json.load(f)
+    curve = training_curve(run_dir)
     return {"grid": job.grid, "method": job.method, "paper": job.paper, "script": job.script, "flags": job.flags,
             "rho": job.rho, "seed": job.seed, "run_name": job.run_name,
             "command": " ".join(["python", job.script, *job.flags, "--rho", repr(job.rho), "--seed", str(job.seed)]),
-            "args": run_args, "commit": _git_commit(), "train_seconds": round(train_seconds, 1),
-            "eval_days": payload["days"], "normalised_return": results, "curve": training_curve(run_dir)}
+            "args": run_args, "commit": _trained_with(run_dir),
+            "eval_days": payload["days"], "normalised_return": results, "curve": curve,
+            "train_seconds": curve["wall_seconds"]}  # first to last episode, from TensorBoard's wall times
 
 
 def _tail(path: str, n: int = 300) -> str:
     with open(path, errors="replace") as f:
         return " | ".join(f.read()[-n:].strip().splitlines()[-3:])
+
+
+def _trained_with(run_dir: str) -> str:
+    """The commit(s) the run was trained with (runs/<run>/commit.txt, written when the sweep starts training)."""
+    path = os.path.join(run_dir, "commit.txt")
+    if not os.path.isfile(path):
+        return "unknown"
+    with open(path) as f:
+        return ",".join(dict.fromkeys(line.strip() for line in f if line.strip()))
 
 
 def _git_commit() -> str:
@@ -275,7 +288,8 @@ def main(args: Args) -> int:
         import report
 
         report.main(report.Args(results=[out_dir], out=os.path.join(os.path.dirname(args.results_dir), "results.md")))
-    print(f"grid {grid}: {len(jobs) - n_failed} of {len(jobs)} runs have results" + (f"; {n_failed} failed, see {failed_dir}" if n_failed else ""))
+    have = sum(os.path.isfile(result[j.name]) for j in jobs)
+    print(f"grid {grid}: {have} of {len(jobs)} runs have results" + (f"; {n_failed} failed, see {failed_dir}" if n_failed else ""))
     return 1 if n_failed else 0
 
 

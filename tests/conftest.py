@@ -117,3 +117,25 @@ def pytest_collection_modifyitems(session, config, items):
     if background:
         rest = [it for it in items if not hasattr(getattr(it, "module", None), "start_background_jobs")]
         items[:] = rest + background
+
+
+def run_script_in_process(script: str, args, cwd: str) -> dict:
+    """ROOT/script run as __main__ in this process (argv = args, working directory cwd) -> the
+    script's global namespace when it ends: its replay buffer ``rb``, networks, optimiser, last
+    minibatch ``idx`` ... so a test can check what the real training loop did. No interpreter
+    start-up (torch is already imported). sys.argv, the cwd and torch's global settings (deterministic
+    algorithms, threads, NaN-fill of torch.empty) are restored afterwards."""
+    import runpy
+
+    saved = (sys.argv, os.getcwd(), torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(),
+             torch.utils.deterministic.fill_uninitialized_memory)
+    sys.argv = [os.path.join(ROOT, script), *map(str, args)]
+    os.chdir(cwd)
+    try:
+        return runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    finally:
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+        torch.use_deterministic_algorithms(saved[2])
+        torch.set_num_threads(saved[3])
+        torch.utils.deterministic.fill_uninitialized_memory = saved[4]

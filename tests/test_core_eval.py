@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import envs
-from conftest import run_py
+from conftest import run_py, run_script_in_process
 
 SCRIPT = "algos/robust_vdn_rho.py"
 EVAL = "eval.py"
@@ -138,36 +138,107 @@ def test_training_smoke_and_atomic_save(trained, sp):
     assert len(ckpt["q_network"]) == 9
 
 
-def test_v1_checkpoint_still_loads(trained, vdn, eval_mod, tmp_path):
-    """Checkpoints of the first layout (one module per agent, agents.{k}.fc1.weight ...) load into
-    the stacked network with the very same weights."""
-    ckpt = load_ckpt(trained["seed1a"]["model"])
-    v2 = ckpt["q_network"]
-    net = vdn.QNetworks(6, 5, 200, 64)
-    net.load_state_dict(v2)
-    ckpt["format"] = "drigm-checkpoint-v1"
-    ckpt["q_network"] = {f"agents.{k}.{key}": v for k in range(6) for key, v in eval_mod.agent_state_dict(net.drqn, k).items()}
-    assert tuple(ckpt["q_network"]["agents.0.fc1.weight"].shape) == (64, 205) and len(ckpt["q_network"]) == 48
+class ReleasedAgent(torch.nn.Module):
+    """One agent's DRQN in the layout of the authors' release and of our v1 checkpoints (agents.{k}.fc1,
+    .lstm, .fc_out), written with torch.nn alone: fc1 on [obs, onehot(previous action)] -> ReLU ->
+    LSTM from a zero state -> last output -> ReLU -> fc_out."""
+
+    def __init__(self, obs_dim=5, n_actions=200, hidden=64):
+        super().__init__()
+        self.n_actions = n_actions
+        self.fc1 = torch.nn.Linear(obs_dim + n_actions, hidden)
+        self.lstm = torch.nn.LSTM(hidden, hidden)
+        self.fc_out = torch.nn.Linear(hidden, n_actions)
+
+    def forward(self, obs_w, prev_w):
+        """obs_w (W, B, obs_dim), prev_w (W, B) -> Q (B, n_actions)."""
+        x = torch.cat([obs_w, torch.nn.functional.one_hot(prev_w, self.n_actions).float()], -1)
+        out, _ = self.lstm(torch.relu(self.fc1(x)))
+        return self.fc_out(torch.relu(out[-1]))
+
+
+def test_v1_checkpoint_still_loads(eval_mod, tmp_path):
+    """A v1 checkpoint (one torch.nn module per agent, agents.{k}.fc1.weight ...) built here from torch.nn
+    modules, not from the project's converters: eval.load_checkpoint must give a network whose Q-values on
+    random windows equal those of the six torch.nn agents."""
+    torch.manual_seed(5)
+    holder = torch.nn.Module()
+    holder.agents = torch.nn.ModuleList(ReleasedAgent() for _ in range(6))
+    state = holder.state_dict()
+    assert len(state) == 48 and tuple(state["agents.0.fc1.weight"].shape) == (64, 205)
+    ckpt = {"format": "drigm-checkpoint-v1", "algo": "robust_vdn_rho",
+            "args": {"hidden_dim": 64, "share_params": False, "rho": 0.0, "window": 8, "seed": 1},
+            "env": {"env": "building", "config": "env_1", "n_agents": 6, "n_actions": 200, "obs_dim": 5, "state_dim": 10},
+            "q_network": state}
     torch.save(ckpt, tmp_path / "v1.pt")
-    _, _, net, _, _ = eval_mod.load_checkpoint(str(tmp_path / "v1.pt"), torch.device("cpu"))
-    for key, value in v2.items():
-        torch.testing.assert_close(net.state_dict()[key], value, atol=0, rtol=0)
+    label, _, net, _, _ = eval_mod.load_checkpoint(str(tmp_path / "v1.pt"), torch.device("cpu"))
+    assert label == "robust_vdn_rho rho=0.0"
+    obs_w, prev_w = 20.0 * torch.randn(8, 5, 6, 5), torch.randint(0, 200, (8, 5, 6))  # (W, B, N, obs), (W, B, N)
+    got = net.greedy_q(obs_w, prev_w)
+    with torch.no_grad():
+        for k, agent in enumerate(holder.agents):
+            torch.testing.assert_close(got[:, k], agent(obs_w[:, :, k], prev_w[:, :, k]), rtol=1e-5, atol=1e-5)
 
 
-def test_training_changes_the_weights(trained, vdn):
-    """The script seeds torch before building theta: the same seed here gives its initial weights."""
-    torch.manual_seed(1)
-    init = vdn.QNetworks(6, 5, 200, 64).state_dict()
-    saved = load_ckpt(trained["seed1a"]["model"])["q_network"]
-    assert saved.keys() == init.keys()
-    assert any(not torch.equal(saved[k], init[k]) for k in init)
+def rmsprop_first_step(net, loss, lr, eps, alpha=0.99):
+    """The change torch.optim.RMSprop's first step makes to each parameter (square_avg starts at 0):
+    -lr * g / (sqrt((1 - alpha) g^2) + eps), g the gradient of loss."""
+    net.zero_grad()
+    loss.backward()
+    return {name: -lr * p.grad / ((1 - alpha) ** 0.5 * p.grad.abs() + eps) for name, p in net.named_parameters()}
 
 
-def test_progress_returns_are_plausible(trained):
-    # 30 steps of a building day: every reward is negative and bounded well above -9000 per day
-    for run in trained.values():
-        for r in progress_returns(run["proc"].stdout):
-            assert -9000.0 < r < 0.0
+def test_one_update_moves_the_weights_as_rmsprop_on_the_td_loss_predicts(vdn, tmp_path):
+    """robust_vdn_rho.py as __main__, 12 steps, exactly one gradient step (step 12): theta_1 - theta_0 must
+    be what one RMSprop step (lr 5e-4, eps 1e-5) on the mean squared TD error of Eq. (15) gives, computed
+    here on the same minibatch (the loop's last idx) with a plain-torch copy of theta_0 (the target network:
+    no hard copy yet): y = r + gamma (1 - rho) (1 - terminated) sum_i max_a Q_i(h'_i, a). The same
+    computation without rho, or with the loss sign flipped, must not match: the check sees both."""
+    rho, gamma, lr, eps = 0.5, 0.9, 5e-4, 1e-5
+    g = run_script_in_process(SCRIPT, ["--total-episodes", 1, "--episode-steps", 12, "--learning-starts", 10,
+                                       "--batch-size", 8, "--buffer-size", 50, "--rho", rho, "--gamma", gamma,
+                                       "--target-network-frequency", 1000, "--torch-threads", 1, "--run-name", "one"],
+                              str(tmp_path))
+    assert g["n_updates"] == 1 and g["global_step"] == 12
+    theta0, theta1 = g["target_network"].state_dict(), g["q_network"].state_dict()
+    rb, idx = g["rb"], g["idx"]
+    net = vdn.QNetworks(6, 5, 200, 64, use_kernel=False)
+    net.load_state_dict(theta0)
+    obs_w, prev_w, next_obs_w, next_prev_w = (torch.from_numpy(x) for x in rb.windows(idx))
+    r, term = torch.from_numpy(rb.reward[idx]), torch.from_numpy(rb.terminated[idx])
+    actions, avail = torch.from_numpy(rb.actions[idx]), torch.from_numpy(rb.next_avail[idx])
+
+    def predicted(rho_used, sign=1.0):
+        with torch.no_grad():
+            v_next = net(next_obs_w, next_prev_w).masked_fill(~avail, -float("inf")).max(-1).values.sum(-1)
+            y = r + gamma * (1.0 - rho_used) * (1.0 - term) * v_next
+        q_tot = net(obs_w, prev_w).gather(-1, actions[..., None]).squeeze(-1).sum(-1)
+        return rmsprop_first_step(net, sign * ((q_tot - y) ** 2).mean(), lr, eps)
+
+    step = predicted(rho)
+    assert theta1.keys() == step.keys()
+    for key in step:
+        torch.testing.assert_close(theta1[key] - theta0[key], step[key], rtol=1e-2, atol=2e-7,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+
+    def off(other):
+        return max((theta1[k] - theta0[k] - other[k]).abs().max().item() for k in other)
+    assert off(predicted(0.0)) > 1e-5 and off(predicted(rho, sign=-1.0)) > 1e-3
+
+
+def test_progress_line_reports_the_return_of_the_episode_played(tmp_path, capsys):
+    """The return on each progress line (--log-every 1) is the team return of the episode the loop played:
+    replayed here in a fresh env from the stored actions (3 episodes of 30 steps, all on day 5)."""
+    g = run_script_in_process(SCRIPT, ["--total-episodes", 3, "--episode-steps", 30, "--train-days", "5:6",
+                                       "--learning-starts", 8, "--batch-size", 8, "--buffer-size", 200, "--log-every", 1,
+                                       "--torch-threads", 1, "--run-name", "ret"], str(tmp_path))
+    printed = progress_returns(capsys.readouterr().out)
+    rb, env = g["rb"], envs.make_env("building", "env_1")
+    assert rb.size == 90 and len(printed) == 3
+    for e in range(3):
+        env.reset(5)
+        total = sum(env.step(rb.actions[30 * e + t])[3] for t in range(30))
+        assert printed[e] == pytest.approx(total, abs=0.051), (e, printed)  # printed with one decimal
 
 
 def test_same_seed_same_run(trained):
@@ -264,6 +335,108 @@ def test_eval_summarise_population_std(eval_mod):
     mean, se = eval_mod.summarise([0.8, 0.9, 1.0])
     assert mean == pytest.approx(0.9, abs=1e-12)
     assert se == pytest.approx(math.sqrt(0.02 / 3) / math.sqrt(3), rel=1e-9)
+
+
+@pytest.mark.parametrize("protocol,configs,lo,hi", [
+    ("paper-tables", ["env_1", "env_6"], 0, 200), ("climate", [f"env_{i}" for i in range(1, 7)], 0, 200),
+    ("season", ["env_1"], 200, 365), ("climate-season", ["env_6"], 200, 365)])
+def test_protocol_day_lists_are_pinned(eval_mod, protocol, configs, lo, hi):
+    """The published Tables 1-2 were evaluated on default_rng(11).integers(0, 200, 50) (paper-facts.md);
+    the season protocols use default_rng(11).integers(200, 365, 50): both recomputed here."""
+    got_configs, days = eval_mod.protocol_plan(eval_mod.Args(protocol=protocol))
+    assert got_configs == configs
+    assert days == np.random.default_rng(11).integers(lo, hi, 50).tolist()
+    assert all(type(d) is int for d in days)  # plain ints: they go to env.reset and into the JSON
+    assert eval_mod.protocol_plan(eval_mod.Args(protocol="custom", configs="env_2,env_5", days="7:10")) == (
+        ["env_2", "env_5"], [7, 8, 9])
+
+
+def test_eval_table_several_labels_configs_and_one_seed(eval_mod, monkeypatch, tmp_path):
+    """eval.main's grouping and statistics, with checkpoint loading and the rollouts replaced by known
+    returns: labels A (3 seeds), B (1 seed) and C (2 seeds), checkpoints interleaved, 3 configs, 3 days.
+    Per label and config: mean over seeds of each seed's mean normalised return, SE = population std /
+    sqrt(n) (n = 1: 0, as eval.summarise documents), n_seeds; rows in first-seen order; the JSON written
+    is the payload returned; every (checkpoint, config) rolled out once on the protocol's days."""
+    labels = {"a1.pt": "A", "b1.pt": "B", "a2.pt": "A", "c1.pt": "C", "a3.pt": "A", "c2.pt": "C"}
+    configs, days = ["env_1", "env_3", "env_6"], [10, 11, 12]
+    rng = np.random.default_rng(0)
+    returns = {(p, c): rng.uniform(-4000.0, -300.0, len(days)) for p in labels for c in configs}
+    calls = []
+
+    def fake_run(module, net, env_id, config, days_, window, episode_steps=0, device="cpu"):
+        calls.append((net, env_id, config, list(days_)))
+        return returns[(net, config)].copy()
+
+    monkeypatch.setattr(eval_mod, "load_checkpoint", lambda path, device: (labels[path], None, path, {"env": "building"},
+                                                                            {"window": 8}))
+    monkeypatch.setattr(eval_mod, "run_episodes", fake_run)
+    out = tmp_path / "table.json"
+    payload = eval_mod.main(eval_mod.Args(checkpoints=list(labels), protocol="custom", configs=",".join(configs),
+                                          days="10:13", out=str(out)))
+    torch.set_num_threads(1)
+    assert sorted(calls) == sorted((p, "building", c, days) for p in labels for c in configs)
+    with open(out) as f:
+        assert json.load(f) == json.loads(json.dumps(payload))
+    assert [(e["checkpoint"], e["config"], e["label"]) for e in payload["episodes"]] == [
+        (p, c, labels[p]) for p in labels for c in configs]
+    table = payload["table"]
+    assert list(table) == ["A", "B", "C"]
+    for label in table:
+        seeds = [p for p in labels if labels[p] == label]
+        assert list(table[label]) == configs
+        for c in configs:
+            per_seed = np.array([sum((R + 9000.0) / 9000.0 for R in returns[(p, c)]) / len(days) for p in seeds])
+            mean = per_seed.sum() / len(seeds)
+            se = math.sqrt(((per_seed - mean) ** 2).sum() / len(seeds)) / math.sqrt(len(seeds))
+            row = table[label][c]
+            assert row["n_seeds"] == len(seeds)
+            assert row["mean"] == pytest.approx(mean, rel=1e-12)
+            assert row["se"] == pytest.approx(se, rel=1e-9, abs=1e-15)
+            assert (row["se"] == 0.0) == (len(seeds) == 1)
+
+
+def test_starcraft_curves_final_win_rates_and_gain_over_rho0(eval_mod, tmp_path):
+    """--protocol starcraft-curves on run folders written here (args.json + eval.jsonl, as the scripts write
+    them): final noisy win rate per (algo, rho) and seed, and the gain of rho > 0 over rho = 0 of the same
+    algo (difference of means, SE = population std / sqrt(n) of the rho > 0 finals); an algo without a
+    rho = 0 run has no gain."""
+    finals = {("robust_vdn_rho", 0.0): [0.25, 0.5], ("robust_vdn_rho", 0.1): [0.75, 0.5, 1.0],
+              ("robust_qmix_rho", 0.05): [0.375]}
+    runs = []
+    for (algo, rho), seeds in finals.items():
+        for s, final in enumerate(seeds):
+            run = tmp_path / f"{algo}_{rho}_{s}"
+            run.mkdir()
+            (run / "args.json").write_text(json.dumps({"exp_name": algo, "rho": rho, "seed": s}))
+            points = [(100, 0.1, 0.05 * s), (200, 0.2, 0.1), (300, 0.9, final)]
+            (run / "eval.jsonl").write_text("".join(json.dumps({"step": st, "win_rate_clean": c, "win_rate_noisy": n}) + "\n"
+                                                    for st, c, n in points))
+            runs.append(str(run))
+    payload = eval_mod.main(eval_mod.Args(protocol="starcraft-curves", runs=runs, out=str(tmp_path / "curves.json")))
+    assert payload["final_noisy"] == {f"{a} rho={r}": v for (a, r), v in finals.items()}
+    (rho, gain, se), = payload["gain_over_rho0"]["robust_vdn_rho"]
+    base, robust = np.array(finals[("robust_vdn_rho", 0.0)]), np.array(finals[("robust_vdn_rho", 0.1)])
+    assert rho == 0.1 and gain == pytest.approx(robust.mean() - base.mean(), rel=1e-12)
+    assert se == pytest.approx(math.sqrt(((robust - robust.mean()) ** 2).mean() / 3), rel=1e-12)
+    assert list(payload["gain_over_rho0"]) == ["robust_vdn_rho"]
+    with open(tmp_path / "curves.json") as f:
+        assert json.load(f) == json.loads(json.dumps(payload))
+
+
+def test_building_checkpoint_refused_by_starcraft_protocol(trained, eval_mod, tmp_path, capsys):
+    """eval.py --protocol starcraft on a building checkpoint: one error line naming --checkpoints and the
+    env it was trained on, exit status != 0, no JSON written."""
+    out = tmp_path / "sc.json"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        eval_mod.main(eval_mod.Args(checkpoints=[trained["seed1a"]["model"]], protocol="starcraft", episodes=1,
+                                    out=str(out)))
+    torch.set_num_threads(1)
+    assert exit_info.value.code not in (0, None)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    assert "--checkpoints" in lines[0] and "building" in lines[0], lines
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 import envs
+from conftest import run_script_in_process
 
 N, OBS, STATE, A = 6, 5, 10, 200
+SCRIPT = "algos/robust_vdn_rho.py"  # run as __main__ in this process by the tests of the training loop
 
 
 def make_rb(vdn, capacity, window):
@@ -139,19 +141,33 @@ def test_windows_equal_history_through_real_episodes(vdn):
     assert (first[0][:-1] == 0).all() and (first[1] == 0).all() and (first[0][-1] != 0).any()
 
 
-def test_final_transition_of_real_episode_is_stored(vdn):
-    """A full 288-step day: the last transition is in the buffer with truncated=1, terminated=0."""
-    rb, log = make_rb(vdn, 300, 8), []
-    real_rollout(vdn, rb, log, days=[77], steps=288)
-    assert rb.size == 288 and len(log) == 288
-    assert rb.t[287] == 287
+def test_training_loop_stores_every_transition_of_a_full_day(tmp_path):
+    """The script's own loop (robust_vdn_rho.py as __main__, one 288-step day, no updates): its replay
+    buffer must hold exactly the day it played, last transition included. Checked against a second env
+    stepped here with the stored actions (the env is deterministic given the day and the actions): every
+    o, s, r, o', s', avail', t and the flags; the env itself ends the day (truncated) at t = 287 and that
+    transition is stored with truncated = 1, terminated = 0 (the released code dropped it)."""
+    g = run_script_in_process(SCRIPT, ["--total-episodes", 1, "--train-days", "77:78", "--learning-starts", 100_000,
+                                       "--buffer-size", 300, "--torch-threads", 1, "--run-name", "day"], str(tmp_path))
+    rb = g["rb"]
+    assert g["global_step"] == 288 and rb.size == 288
+    env = envs.make_env("building", "env_1")
+    obs, state, avail = env.reset(77)
+    for t in range(288):
+        assert rb.t[t] == t
+        np.testing.assert_array_equal(rb.obs[t], obs, err_msg=f"obs, t={t}")
+        np.testing.assert_array_equal(rb.state[t], state, err_msg=f"state, t={t}")
+        obs, state, avail, reward, terminated, truncated, _ = env.step(rb.actions[t])
+        np.testing.assert_array_equal(rb.next_obs[t], obs, err_msg=f"next obs, t={t}")
+        np.testing.assert_array_equal(rb.next_state[t], state, err_msg=f"next state, t={t}")
+        np.testing.assert_array_equal(rb.next_avail[t], avail, err_msg=f"next avail, t={t}")
+        assert rb.reward[t] == np.float32(reward), t
+        assert (rb.terminated[t], rb.truncated[t]) == (float(terminated), float(truncated)), t
+        if t < 287:
+            assert not (terminated or truncated), t
+    assert truncated and not terminated  # the day's time limit, reported by the env at t = 287
     assert rb.truncated[287] == 1.0 and rb.terminated[287] == 0.0
-    assert (rb.truncated[:287] == 0).all() and (rb.terminated[:288] == 0).all()
-    np.testing.assert_array_equal(rb.next_obs[287], log[-1][3])
-    assert rb.reward[287] == np.float32(log[-1][4])
-    _, _, next_obs_w, next_prev_w = rb.windows(np.array([287]))
-    np.testing.assert_array_equal(next_obs_w[:, 0], log[-1][1][0])
-    np.testing.assert_array_equal(next_prev_w[:, 0], log[-1][1][1])
+    assert len(set(map(tuple, rb.actions[:288].tolist()))) > 1  # the actions vary: a real replay
 
 
 def slot_owner(n_added, capacity):
@@ -214,27 +230,41 @@ def test_windows_of_all_intact_slots_after_wrap(vdn):
             check_slot(rb, slot, truth, g, W)
 
 
-def test_next_value_cache_versions(vdn):
-    """add() marks a (re)written slot as never computed (-1); the training loop's rule
-    stale = value_version[idx] != target_version then recomputes exactly those."""
-    W, capacity = 4, 10
-    rb, truth = make_rb(vdn, capacity, W), Truth()
-    truth.add_synthetic(rb, 0, 6)
-    assert (rb.value_version[:6] == -1).all()
-    # the loop: compute stale slots with version 0 of theta-
-    net = vdn.QNetworks(N, OBS, A, 8)
-    with torch.no_grad():
-        net.drqn.fc_out_weight.zero_()
-        net.drqn.fc_out_bias.copy_(torch.linspace(-1, 0, A).expand(N, A))  # max = 0 for every agent
-    idx = np.arange(6)
-    stale = rb.value_version[idx] != 0
-    rb.next_value[idx[stale]] = -1.0
-    rb.value_version[idx[stale]] = 0
-    assert stale.all()
-    assert not (rb.value_version[idx] != 0).any()  # nothing stale until the next hard copy
-    truth.add_synthetic(rb, 1, 7)  # 13 transitions: slots 6..9 new, slots 0..2 overwritten
-    assert rb.value_version.tolist() == [-1, -1, -1, 0, 0, 0, -1, -1, -1, -1]
-    assert (rb.value_version != 1).all()  # a new target version makes every slot stale
+@torch.no_grad()
+def recompute_next_values(vdn, rb, slots, state_dict):
+    """Q_tot(h', a_bar') = sum_i max_{a available} Q_i(h'_i, a) of the given slots, recomputed now with a
+    plain-torch network (no C++ kernel) holding state_dict; windows from rb.windows (checked above)."""
+    net = vdn.QNetworks(N, OBS, A, 64, use_kernel=False)
+    net.load_state_dict(state_dict)
+    _, _, next_obs_w, next_prev_w = rb.windows(slots)
+    q = net(torch.from_numpy(next_obs_w), torch.from_numpy(next_prev_w)).numpy().astype(np.float64)
+    return np.where(rb.next_avail[slots], q, -np.inf).max(-1).sum(-1)
+
+
+def test_cached_target_values_equal_recomputation_in_the_training_loop(vdn, tmp_path):
+    """The script's cache of Q_tot(h', a_bar'; theta-) (rb.next_value / rb.value_version) as its own loop
+    leaves it: robust_vdn_rho.py as __main__, 3 episodes x 25 steps, hard copies every 30 steps (at 30 and
+    60), a 12-slot buffer overwritten more than once within the last target period (steps 61-75).
+    Every slot the loop marks as computed for the current theta- (and whose window is intact) must hold
+    the value recomputed now from theta- (not from theta); the slot written at step 75 (no update there)
+    is marked never computed. Fails if add() kept the version of an overwritten slot, if stale() missed a
+    slot, if a hard copy did not invalidate the cache, or if the values came from the online network."""
+    W, capacity = 4, 12
+    g = run_script_in_process(SCRIPT, ["--total-episodes", 3, "--episode-steps", 25, "--window", W,
+                                       "--buffer-size", capacity, "--learning-starts", 8, "--batch-size", 8,
+                                       "--target-network-frequency", 30, "--torch-threads", 1, "--log-every", 100,
+                                       "--run-name", "cache"], str(tmp_path))
+    rb = g["rb"]
+    assert g["global_step"] == 75 and g["target_version"] == 75 // 30
+    assert set(rb.value_version.tolist()) <= {-1, 0, 1, 2}
+    assert rb.value_version[(rb.ptr - 1) % capacity] == -1  # written at step 75, after the last update (step 74)
+    oldest = {(rb.ptr + k) % capacity for k in range(W)}  # windows may have lost data: never sampled
+    current = np.array([s for s in range(capacity) if s not in oldest and rb.value_version[s] == 2])
+    assert len(current) >= 4, rb.value_version
+    want = recompute_next_values(vdn, rb, current, g["target_network"].state_dict())
+    np.testing.assert_allclose(rb.next_value[current], want, rtol=1e-5, atol=1e-5)
+    online = recompute_next_values(vdn, rb, current, g["q_network"].state_dict())
+    assert np.abs(online - want).max() > 1e-3  # theta != theta-: the check above tells them apart
 
 
 def test_stale_joins_the_newest_stale_slots(vdn):

@@ -38,8 +38,10 @@ def test_scripts_train_and_evaluate_clean_and_noisy(smax_runs):
         with open(os.path.join(run, "eval.jsonl")) as f:
             points = [json.loads(line) for line in f]
         assert len(points) == 1 and points[0]["step"] >= 40  # one round, between episodes
-        for key in ("win_rate_clean", "win_rate_noisy"):
-            assert 0.0 <= points[0][key] <= 1.0
+        # the stdout line reports that very round
+        p = points[0]
+        assert (f"eval at {p['step']} steps | win rate clean {p['win_rate_clean']:.3f} | noisy "
+                f"{p['win_rate_noisy']:.3f}") in res.stdout
         with open(os.path.join(run, "args.json")) as f:
             args = json.load(f)
         # StarCraft defaults from the SMAC literature replace the building ones left untouched
@@ -53,19 +55,37 @@ def test_eval_py_starcraft_protocols(smax_runs, tmp_path):
     res = run_py("eval.py", "--checkpoints", *ckpts, "--protocol", "starcraft", "--episodes", "2", "--out", out, cwd=cwd)
     assert res.returncode == 0, res.stderr[-2000:]
     with open(out) as f:
-        table = json.load(f)["table"]
+        report = json.load(f)
+    table, rows = report["table"], report["checkpoints"]
     assert len(table) == 3 and all(label.startswith("SMAX 3s_vs_5z") for label in table)
+    # one seed per label: the table's mean is that checkpoint's rate, its SE 0 (population std of one number)
+    assert [r["checkpoint"] for r in rows] == ckpts
+    for r in rows:
+        for key in ("win_rate_clean", "win_rate_noisy"):
+            assert table[r["label"]][key] == [r[key], 0.0]
     curves = str(tmp_path / "curves.json")
     runs = [os.path.join(cwd, "runs", name) for name, _ in JOBS]
     res = run_py("eval.py", "--protocol", "starcraft-curves", "--runs", *runs, "--out", curves, cwd=cwd)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert os.path.isfile(str(tmp_path / "curves_fig3.png")) and os.path.isfile(str(tmp_path / "curves_fig4.png"))
+    with open(curves) as f:
+        final = json.load(f)["final_noisy"]
+    want = {}
+    for (name, _), run in zip(JOBS, runs):  # each run's last noisy win rate, read from its own files here
+        with open(os.path.join(run, "args.json")) as f:
+            args = json.load(f)
+        with open(os.path.join(run, "eval.jsonl")) as f:
+            last = [json.loads(line) for line in f][-1]
+        want[f"{name} rho={float(args['rho'])}"] = [last["win_rate_noisy"]]
+    assert final == want
 
 
-def test_building_checkpoint_refused_by_starcraft_protocol(smax_runs, tmp_path):
+def test_smax_checkpoint_refused_by_building_protocol(smax_runs, tmp_path):
+    """A SMAX checkpoint given to a building protocol (paper-tables): one error line naming --checkpoints and
+    smax. (The converse, a building checkpoint given to --protocol starcraft: test_core_eval.py.)"""
     cwd, _ = smax_runs
     res = run_py("eval.py", "--checkpoints", os.path.join(cwd, "runs", "robust_vdn_rho", "model.pt"),
                  "--protocol", "paper-tables", "--out", str(tmp_path / "x.json"), cwd=cwd)
     assert res.returncode != 0
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "--checkpoints" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--checkpoints" in lines[0] and "smax" in lines[0]
+    assert not os.path.exists(tmp_path / "x.json")
