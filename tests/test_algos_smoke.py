@@ -33,9 +33,9 @@ BAD_INPUT = {  # script -> [(args, flag the error line must name)]
     "robust_qmix_rho": [(["--rho", "1.0"], "--rho"), (["--worst-value", "max"], "--worst-value"),
                         (["--optimizer", "sgd"], "--optimizer")],
     "robust_qtran_rho": [(["--rho", "-0.1"], "--rho"), (["--worst-value", "max"], "--worst-value")],
-    "robust_vdn_tv": [(["--rho", "0"], "--rho"), (["--dual-loss", "cubic"], "--dual-loss")],
+    "robust_vdn_tv": [(["--rho", "-0.1"], "--rho"), (["--dual-loss", "cubic"], "--dual-loss")],
     "robust_qmix_tv": [(["--rho", "1.5"], "--rho"), (["--optimizer", "sgd"], "--optimizer")],
-    "robust_qtran_tv": [(["--rho", "0"], "--rho"), (["--worst-value", "max"], "--worst-value"),
+    "robust_qtran_tv": [(["--rho", "1.01"], "--rho"), (["--worst-value", "max"], "--worst-value"),
                         (["--dual-loss", "cubic"], "--dual-loss")],
 }
 PROGRESS = re.compile(r"episode (\d+)/(\d+) \| return (-?[\d.]+) \| epsilon [\d.]+ \| SPS \d+ \| updates/s [\d.]+ "
