@@ -10,7 +10,10 @@ import sys, time, torch
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
 torch.set_num_threads(1)
 import fused
-if sys.argv[1] == "old":
+mode = sys.argv[1] if len(sys.argv) > 1 else "new"
+if mode not in ("new", "old"):
+    sys.exit(f"error: the argument must be new or old (got '{mode}')")
+if mode == "old":
     fused._FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"]
 assert fused.kernel() is not None
 K, W, M, I, H = 6, 8, 64, 64, 64
@@ -30,4 +33,4 @@ def best(f, n=200):
     return min(ts)
 def lstm():
     h = fused.lstm_last(x, w_ih, w_hh, b_ih, b_hh); h.sum().backward()
-print(sys.argv[1], "lstm fwd+bwd ms %.3f" % best(lstm, 50), "rmsprop step ms %.3f" % best(opt.step, 200))
+print(mode, "lstm fwd+bwd ms %.3f" % best(lstm, 50), "rmsprop step ms %.3f" % best(opt.step, 200))
