@@ -79,26 +79,27 @@ def cell(runs: list[dict], protocol: str, config: str):
 
 
 def tables(groups: dict) -> list[str]:
-    fmt = lambda v: f"{v[0]:.3f} +- {v[1]:.3f}" if v else "-"  # noqa: E731
+    fmt = lambda v, n=2: "-" if not v else f"{v[0]:.3f} +- {v[1]:.3f}" if n > 1 else f"{v[0]:.3f}"  # noqa: E731
     lines = ["## Tables 1-2: our runs next to the published numbers", "",
              "Normalised return (Eq. 33), mean +- SE over seeds of each seed's mean over the 50 paper-tables days "
              "(`default_rng(11).integers(0, 200, 50)`). z = (ours - paper) / sqrt(SE_ours^2 + SE_paper^2); "
-             "|z| <= 2 is within 2 combined SE.", "",
+             "|z| <= 2 is within 2 combined SE. One seed has no SE: its value alone, no z.", "",
              "| method | rho | seeds | env_1 (Table 1) | paper | z | env_6 (Table 2) | paper | z | season env_1 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for (grid, method, rho), runs in groups.items():
         t1, t2, season = cell(runs, "paper-tables", "env_1"), cell(runs, "paper-tables", "env_6"), cell(runs, "season", "env_1")
         paper = PAPER.get(runs[0].get("paper", ""))
         p1, p2 = (paper if paper else (None, None))
-        z = lambda ours, p: f"{z_score(ours, p):+.1f}" if ours and p else "-"  # noqa: E731
-        lines.append(f"| {method} | {rho:g} | {len(runs)} | {fmt(t1)} | {fmt(p1)} | {z(t1, p1)} | {fmt(t2)} | {fmt(p2)} "
-                     f"| {z(t2, p2)} | {fmt(season)} |")
+        n = len(runs)
+        z = lambda ours, p: f"{z_score(ours, p):+.1f}" if ours and p and n > 1 else "-"  # noqa: E731
+        lines.append(f"| {method} | {rho:g} | {n} | {fmt(t1, n)} | {fmt(p1)} | {z(t1, p1)} | {fmt(t2, n)} | {fmt(p2)} "
+                     f"| {z(t2, p2)} | {fmt(season, n)} |")
     lines += ["", "Paper column: " + ", ".join(sorted({f'{m} = {runs[0]["paper"]}' for (_, m, _), runs in groups.items()
                                                         if runs[0].get("paper")})) + "."]
     lines += ["", "## Figure 2: climatic shift (trained on env_1)", "",
               "| method | rho | " + " | ".join(CONFIGS) + " |", "|---|---|" + "---|" * len(CONFIGS)]
     for (grid, method, rho), runs in groups.items():
-        lines.append(f"| {method} | {rho:g} | " + " | ".join(fmt(cell(runs, "climate", c)) for c in CONFIGS) + " |")
+        lines.append(f"| {method} | {rho:g} | " + " | ".join(fmt(cell(runs, "climate", c), len(runs)) for c in CONFIGS) + " |")
     return lines
 
 
