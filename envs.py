@@ -37,6 +37,7 @@ import io
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -80,6 +81,48 @@ def check_env_args(env_id: str, config: str, flag: str = "--train-config") -> No
         raise EnvArgError(f"{flag} '{config}' is unknown for --env matrix; accepted: {', '.join(MATRIX_GAMES)}")
     if env_id in STARCRAFT_ENV_IDS:
         _check_starcraft_config(env_id, config, flag)
+
+
+@dataclass
+class RunArgs:
+    """The run and environment flags every robust algos/ script shares: its Args extends this class
+    with the algorithm's flags (tyro shows both in --help). Checked by check_run_args."""
+
+    run_name: str = ""
+    """run folder under runs/ (default: {env}__{exp_name}__{seed}__{unix time})"""
+    seed: int = 1
+    """seed of python, numpy, torch and the environment (training days, exploration)"""
+    device: str = "cpu"
+    """torch device (cpu or cuda)"""
+    torch_threads: int = 0
+    """torch intra-op threads (0 = torch's default; 1 is fastest on a 2-core machine)"""
+    save_model: bool = False
+    """save weights, args and env config to runs/{run_name}/model.pt"""
+    log_every: int = 10
+    """print a progress line every this many episodes"""
+    checkpoint_every: int = 50
+    """write runs/{run_name}/checkpoint.pt every this many episodes, for --resume (0 = only on Ctrl-C / SIGTERM)"""
+    resume: str = ""
+    """continue the run in this folder (runs/<run name>) from its checkpoint.pt; flags left out come from it"""
+
+    # Environment
+    env: str = "building"
+    """task: building (SustainGym), smax (JaxMARL 3s_vs_5z), smac (StarCraft II) or matrix (one-step / two-step games)"""
+    train_config: str = ""
+    """building config env_1..env_6 (paper Table 3) or StarCraft map (default: env_1 / 3s_vs_5z)"""
+    train_days: str = "0:200"
+    """building: day-of-year range [a, b) a training episode is drawn from (paper: days 0-199)"""
+    episode_steps: int = 0
+    """cap on steps per episode, a time limit (0 = the env's own limit, 288 for building)"""
+    total_steps: int = 0
+    """also stop after this many env steps (0 = no limit; StarCraft default 1,000,000)"""
+    eval_every: int = 10_000
+    """StarCraft: evaluate every this many env steps, clean and noisy (paper Sec. 5.2); 0 = never"""
+    eval_episodes: int = 32
+    """StarCraft: greedy episodes per evaluation"""
+    eval_sigma: float = 0.75
+    """StarCraft: std of the test-time N(0, sigma^2) noise on enemy positions"""
+
 
 
 def check_run_args(args) -> None:

@@ -41,6 +41,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -480,12 +481,40 @@ class TrainingRun:
         self.previous_handlers = {}
 
     def counters(self, **initial):
-        """The counters a fresh run starts from (episode first), or the resumed checkpoint's, in the same order."""
-        if self.saved_counters is None:
-            return tuple(initial.values())
-        if list(self.saved_counters) != list(initial):
-            envs.fail(f"--resume: {self.path} holds counters {', '.join(self.saved_counters)}, not {', '.join(initial)}")
-        return tuple(self.saved_counters.values())
+        """The counters a fresh run starts from (episode first), or the resumed checkpoint's, in the same order.
+        Also starts the clocks of progress() and sps() (this process's steps and seconds only)."""
+        values = initial
+        if self.saved_counters is not None:
+            if list(self.saved_counters) != list(initial):
+                envs.fail(f"--resume: {self.path} holds counters {', '.join(self.saved_counters)}, not {', '.join(initial)}")
+            values = self.saved_counters
+        self.start = self.stretch = (time.time(), values["global_step"], values["n_updates"], self._done(values))
+        self.update_seconds = 0.0  # the script adds the seconds of each gradient step (ms per update in progress())
+        return tuple(values.values())
+
+    def _done(self, counters) -> float:
+        """Fraction of the run's budget (--total-episodes, --total-steps if set) done at these counters."""
+        a = self.args
+        return max(counters["episode"] / a.total_episodes, counters["global_step"] / a.total_steps if getattr(a, "total_steps", 0) else 0.0)
+
+    def sps(self, global_step: int) -> int:
+        """Env steps per second since this process started training (charts/SPS)."""
+        return int((global_step - self.start[1]) / max(time.time() - self.start[0], 1e-9))
+
+    def progress(self, episode: int, global_step: int, n_updates: int, epsilon: float, recent: list, last: bool) -> list:
+        """Every --log-every episodes and at the end (last): one line with the mean return of the episodes since the
+        previous line, epsilon, env steps/s, gradient steps/s, ms per gradient step and the time left.
+        Returns the list of recent returns to carry on with (emptied after a line)."""
+        if episode % self.args.log_every and not last:
+            return recent
+        now, (t0, steps0, updates0, _) = time.time(), self.stretch
+        done, n_up = self._done({"episode": episode, "global_step": global_step}), n_updates - updates0
+        left = (now - self.start[0]) * (1 - done) / max(done - self.start[3], 1e-9)
+        print(f"episode {episode}/{self.args.total_episodes} | return {np.mean(recent):.1f} | epsilon {epsilon:.3f} "
+              f"| SPS {(global_step - steps0) / (now - t0):.0f} | updates/s {n_up / (now - t0):.1f} "
+              f"| update {1000 * self.update_seconds / max(n_up, 1):.2f} ms | left {left / 60:.1f} min", flush=True)
+        self.stretch, self.update_seconds = (now, global_step, n_updates, done), 0.0
+        return []
 
     def episode_end(self, **counters):
         """After each episode: a checkpoint every --checkpoint-every episodes, or now and exit after Ctrl-C / SIGTERM."""
@@ -539,6 +568,16 @@ class TrainingRun:
         """At the end of the run: TensorBoard file closed, the previous signal handlers back."""
         self._restore_handlers()
         self.writer.close()
+
+
+def note_eta_floor(share: float, global_step: int, args) -> bool:
+    """TV scripts: one note when eta sat at Eq. (10)'s floor for more than 99% of the samples of a logging window
+    (paper's linear dual + clamp with min V = 0: the TV target is then the nominal one). True if printed."""
+    if share <= 0.99 or not args.eta_clamp or args.worst_value != "zero":
+        return False
+    print(f"note: eta sat at its floor for {100 * share:.0f}% of samples over the last 100 updates (env step "
+          f"{global_step}): here the TV target equals the nominal one; see docs/robust_operators.md", flush=True)
+    return True
 
 
 def summarise(per_seed: list[float]) -> tuple[float, float]:

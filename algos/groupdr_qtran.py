@@ -435,12 +435,9 @@ if __name__ == "__main__":
     run = evaluation.TrainingRun(run_dir, __file__, args, writer, resume, q_network=q_network,
                                  target_network=target_network, qtran=qtran, target_qtran=target_qtran,
                                  optimizers=optimizers, rb=rb, rng=rng)
-    start_time = stretch_time = time.time()
     global_step, n_updates, recent = 0, 0, []
     first_episode, global_step, n_updates, target_version, recent = run.counters(
         episode=0, global_step=global_step, n_updates=n_updates, target_version=target_version, recent=recent)  # --resume: the checkpoint's
-    stretch_steps, stretch_updates = global_step, n_updates
-    update_time = 0.0  # seconds spent in gradient steps since the last progress line
     for episode in range(first_episode, args.total_episodes):  # Alg. 4 l.5
         # GroupDR (paper F.2): each episode comes from a training environment picked uniformly
         env = train_envs[train_configs[int(rng.integers(len(train_configs)))]]
@@ -506,7 +503,7 @@ if __name__ == "__main__":
                 for opt in optimizers:
                     opt.step()
                 n_updates += 1
-                update_time += time.perf_counter() - update_start
+                run.update_seconds += time.perf_counter() - update_start  # ms per update in the progress line
                 if n_updates % 100 == 0:
                     writer.add_scalar("losses/td_loss", td_loss.item(), global_step)
                     writer.add_scalar("losses/opt_loss", opt_loss.item(), global_step)
@@ -516,7 +513,7 @@ if __name__ == "__main__":
                     writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
                     writer.add_scalar("losses/r_tilde_mean", r_tilde.mean().item(), global_step)
                     writer.add_scalar("losses/reward_mean", r_b.mean().item(), global_step)
-                    writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+                    writer.add_scalar("charts/SPS", run.sps(global_step), global_step)
                     writer.add_scalar("charts/epsilon", epsilon, global_step)
 
             if global_step % args.target_network_frequency == 0:  # Alg. 4 l.18: theta- <- theta
@@ -529,15 +526,7 @@ if __name__ == "__main__":
         writer.add_scalar("charts/episodic_return", episode_return, global_step)
         writer.add_scalar("charts/normalised_return", envs.normalised_return(episode_return), global_step)
         recent.append(episode_return)
-        if (episode + 1) % args.log_every == 0 or episode + 1 == args.total_episodes:
-            now = time.time()
-            left = (now - start_time) / (episode + 1) * (args.total_episodes - episode - 1)
-            n_up = n_updates - stretch_updates
-            print(f"episode {episode + 1}/{args.total_episodes} | return {np.mean(recent):.1f} | epsilon {epsilon:.3f} "
-                  f"| SPS {(global_step - stretch_steps) / (now - stretch_time):.0f} "
-                  f"| updates/s {n_up / (now - stretch_time):.1f} | update {1000 * update_time / max(n_up, 1):.2f} ms "
-                  f"| left {left / 60:.1f} min", flush=True)
-            recent, stretch_time, stretch_steps, stretch_updates, update_time = [], now, global_step, n_updates, 0.0
+        recent = run.progress(episode + 1, global_step, n_updates, epsilon, recent, episode + 1 == args.total_episodes)
         run.episode_end(episode=episode + 1, global_step=global_step, n_updates=n_updates,
                         target_version=target_version, recent=recent)  # checkpoint / Ctrl-C
 

@@ -26,43 +26,9 @@ import eval as evaluation  # noqa: E402  (StarCraft win-rate evaluation during t
 
 
 @dataclass
-class Args:
+class Args(envs.RunArgs):  # + the run and environment flags of envs.RunArgs (--seed, --env, --resume, ...)
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
-    run_name: str = ""
-    """run folder under runs/ (default: {env}__{exp_name}__{seed}__{unix time})"""
-    seed: int = 1
-    """seed of python, numpy, torch and the environment (training days, exploration)"""
-    device: str = "cpu"
-    """torch device (cpu or cuda)"""
-    torch_threads: int = 0
-    """torch intra-op threads (0 = torch's default; 1 is fastest on a 2-core machine)"""
-    save_model: bool = False
-    """save weights, args and env config to runs/{run_name}/model.pt"""
-    log_every: int = 10
-    """print a progress line every this many episodes"""
-    checkpoint_every: int = 50
-    """write runs/{run_name}/checkpoint.pt every this many episodes, for --resume (0 = only on Ctrl-C / SIGTERM)"""
-    resume: str = ""
-    """continue the run in this folder (runs/<run name>) from its checkpoint.pt; flags left out come from it"""
-
-    # Environment
-    env: str = "building"
-    """task: building (SustainGym), smax (JaxMARL 3s_vs_5z), smac (StarCraft II) or matrix (one-step / two-step games)"""
-    train_config: str = ""
-    """building config env_1..env_6 (paper Table 3) or StarCraft map (default: env_1 / 3s_vs_5z)"""
-    train_days: str = "0:200"
-    """building: day-of-year range [a, b) a training episode is drawn from (paper: days 0-199)"""
-    episode_steps: int = 0
-    """cap on steps per episode, a time limit (0 = the env's own limit, 288 for building)"""
-    total_steps: int = 0
-    """also stop after this many env steps (0 = no limit; StarCraft default 1,000,000)"""
-    eval_every: int = 10_000
-    """StarCraft: evaluate every this many env steps, clean and noisy (paper Sec. 5.2); 0 = never"""
-    eval_episodes: int = 32
-    """StarCraft: greedy episodes per evaluation"""
-    eval_sigma: float = 0.75
-    """StarCraft: std of the test-time N(0, sigma^2) noise on enemy positions"""
 
     # Algorithm (paper F.2 defaults)
     total_episodes: int = 600
@@ -345,14 +311,11 @@ if __name__ == "__main__":
     # Checkpoints of all of the above, every RNG and the counters (--checkpoint-every, Ctrl-C), --resume, NaN guard
     run = evaluation.TrainingRun(run_dir, __file__, args, writer, resume, q_network=q_network,
                                  target_network=target_network, optimizer=optimizer, rb=rb, rng=rng)
-    start_time = stretch_time = time.time()
     global_step, n_updates, recent = 0, 0, []
     next_eval = args.eval_every
     first_episode, global_step, n_updates, target_version, next_eval, recent = run.counters(
         episode=0, global_step=global_step, n_updates=n_updates, target_version=target_version, next_eval=next_eval,
         recent=recent)  # --resume: the checkpoint's
-    stretch_steps, stretch_updates = global_step, n_updates
-    update_time = 0.0  # seconds spent in gradient steps since the last progress line
     for episode in range(first_episode, args.total_episodes):  # Alg. 2 l.5
         day = episode if starcraft else int(rng.integers(day_lo, day_hi))  # StarCraft: episode id
         obs, state, avail = env.reset(day)  # Alg. 2 l.6
@@ -402,13 +365,13 @@ if __name__ == "__main__":
                 run.check_finite(global_step, td_loss=td_loss, target=y, grad_norm=grad_norm)  # NaN guard: no step on them
                 optimizer.step()
                 n_updates += 1
-                update_time += time.perf_counter() - update_start
+                run.update_seconds += time.perf_counter() - update_start  # ms per update in the progress line
                 if n_updates % 100 == 0:
                     writer.add_scalar("losses/td_loss", td_loss.item(), global_step)
                     writer.add_scalar("losses/q_taken_mean", q_tot.mean().item(), global_step)  # Q_tot(h, a; theta)
                     writer.add_scalar("losses/target_mean", y.mean().item(), global_step)
                     writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
-                    writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+                    writer.add_scalar("charts/SPS", run.sps(global_step), global_step)
                     writer.add_scalar("charts/epsilon", epsilon, global_step)
 
             if global_step % args.target_network_frequency == 0:  # Alg. 2 l.18: theta- <- theta
@@ -427,16 +390,7 @@ if __name__ == "__main__":
         if starcraft:
             writer.add_scalar("charts/battle_won", float(info.get("battle_won", False)), global_step)
         done_training = episode + 1 == args.total_episodes or 0 < args.total_steps <= global_step
-        if (episode + 1) % args.log_every == 0 or done_training:
-            now = time.time()
-            fraction = max((episode + 1) / args.total_episodes, global_step / args.total_steps if args.total_steps else 0)
-            left = (now - start_time) * (1 - fraction) / fraction
-            n_up = n_updates - stretch_updates
-            print(f"episode {episode + 1}/{args.total_episodes} | return {np.mean(recent):.1f} | epsilon {epsilon:.3f} "
-                  f"| SPS {(global_step - stretch_steps) / (now - stretch_time):.0f} "
-                  f"| updates/s {n_up / (now - stretch_time):.1f} | update {1000 * update_time / max(n_up, 1):.2f} ms "
-                  f"| left {left / 60:.1f} min", flush=True)
-            recent, stretch_time, stretch_steps, stretch_updates, update_time = [], now, global_step, n_updates, 0.0
+        recent = run.progress(episode + 1, global_step, n_updates, epsilon, recent, done_training)  # every --log-every
         run.episode_end(episode=episode + 1, global_step=global_step, n_updates=n_updates,
                         target_version=target_version, next_eval=next_eval, recent=recent)  # checkpoint / Ctrl-C
         if done_training:

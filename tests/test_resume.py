@@ -443,3 +443,67 @@ def test_bad_flag_creates_no_run_folder(argv, tmp_path, monkeypatch, capsys):
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert exit_info.value.code != 0 and len(lines) == 1 and lines[0].startswith("error: " + argv[0]), lines
     assert not os.path.exists(tmp_path / "runs")
+
+
+# --------------------------------------- progress line -------------------------------------------
+
+
+class _Writer:
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def _run_with_clock(eval_mod, monkeypatch, saved=None, **flags):
+    """A TrainingRun on a fake clock (eval_mod.time.time), started at t = 1000 s; saved: resumed counters."""
+    args = type("Args", (), dict(log_every=2, total_episodes=10, total_steps=0, checkpoint_every=0, **flags))()
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(eval_mod.time, "time", lambda: clock["now"])
+    run = eval_mod.TrainingRun("unused", "algos/robust_vdn_rho.py", args, _Writer())
+    run.saved_counters = saved
+    counters = run.counters(episode=0, global_step=0, n_updates=0, recent=[])
+    return run, clock, counters
+
+
+def test_progress_line_every_log_every_episodes_with_rates_and_time_left(eval_mod, monkeypatch, capsys):
+    run, clock, _ = _run_with_clock(eval_mod, monkeypatch)
+    try:
+        assert run.progress(1, 100, 50, 0.5, [-3.0], last=False) == [-3.0]  # not a --log-every episode
+        assert capsys.readouterr().out == ""
+        clock["now"] += 20.0  # 2 episodes of 10 s: 200 env steps, 100 updates, 4 s in updates
+        run.update_seconds = 4.0
+        assert run.progress(2, 200, 100, 0.25, [-3.0, -5.0], last=False) == []
+        assert run.sps(200) == 10
+        line = capsys.readouterr().out.strip()
+        assert line == ("episode 2/10 | return -4.0 | epsilon 0.250 | SPS 10 | updates/s 5.0 | update 40.00 ms "
+                        "| left 1.3 min"), line  # 8 episodes left at 10 s each
+        clock["now"] += 5.0
+        assert run.progress(3, 260, 130, 0.2, [-1.0], last=True) == []  # the last episode always prints
+        assert capsys.readouterr().out.startswith("episode 3/10 | return -1.0 | epsilon 0.200 | SPS 12 | updates/s 6.0 ")
+    finally:
+        run.close()
+
+
+def test_progress_after_resume_counts_this_process_only(eval_mod, monkeypatch, capsys):
+    saved = {"episode": 6, "global_step": 600, "n_updates": 300, "recent": []}
+    run, clock, counters = _run_with_clock(eval_mod, monkeypatch, saved=saved)
+    try:
+        assert counters == (6, 600, 300, [])
+        clock["now"] += 30.0  # 2 episodes in 30 s after the resume: 2 left -> 30 s
+        run.progress(8, 800, 400, 0.1, [-2.0], last=False)
+        assert run.sps(800) == 6  # 200 steps / 30 s, not 800 / 30
+        assert capsys.readouterr().out.strip().endswith("| SPS 7 | updates/s 3.3 | update 0.00 ms | left 0.5 min")
+    finally:
+        run.close()
+
+
+@pytest.mark.parametrize("share,clamp,worst,printed", [(1.0, True, "zero", True), (0.99, True, "zero", False),
+                                                       (1.0, False, "zero", False), (1.0, True, "batch-min", False)])
+def test_eta_floor_note_only_when_the_clamped_paper_operator_is_nominal(eval_mod, capsys, share, clamp, worst, printed):
+    args = type("Args", (), dict(eta_clamp=clamp, worst_value=worst))()
+    assert eval_mod.note_eta_floor(share, 1234, args) is printed
+    out = capsys.readouterr().out
+    assert (out.startswith(f"note: eta sat at its floor for {100 * share:.0f}% ") and "env step 1234" in out
+            and "docs/robust_operators.md" in out) if printed else out == ""
