@@ -342,12 +342,13 @@ class ReplayBuffer:
 @torch.no_grad()
 def target_values(rb, idx, target_network, target_mixer, device="cpu"):
     """Q_tot(h', a_bar'; theta-) = f_theta-((max_{a available} Q_i(h'_i, a; theta-))_i, s') (Alg. 6 l.16, l.18).
-    Exact to cache: the target agents AND the target mixer change only at the hard copy."""
+    Exact to cache (target agents and mixer change only at the hard copy). Terminal next state: V' = 0."""
     _, _, next_obs_w, next_prev_w = rb.windows(idx)
     q_next = target_network.greedy_q(torch.from_numpy(next_obs_w).to(device), torch.from_numpy(next_prev_w).to(device))
     avail = torch.from_numpy(rb.next_avail[idx]).to(device)
     q_bar = q_next.masked_fill(~avail, -float("inf")).max(-1).values  # Q_i(h'_i, a_bar'_i; theta-)
-    return target_mixer(q_bar, torch.from_numpy(rb.next_state[idx]).to(device)).cpu().numpy()
+    value = target_mixer(q_bar, torch.from_numpy(rb.next_state[idx]).to(device)).cpu().numpy()
+    return np.where(rb.terminated[idx] > 0, 0.0, value).astype(np.float32)  # y bootstraps nothing there either
 
 
 if __name__ == "__main__":

@@ -311,12 +311,13 @@ class ReplayBuffer:
 @torch.no_grad()
 def target_values(rb, idx, target_network, target_qtran, device="cpu"):
     """Q_jt(h', a_bar'; theta-), a_bar'_i = argmax_{a available} Q_i(h'_i, a; theta-) (Alg. 4 l.12-13).
-    Exact to cache: the target agents AND the target Q_jt change only at the hard copy."""
+    Exact to cache (target agents and Q_jt change only at the hard copy). Terminal next state: V' = 0."""
     _, _, next_obs_w, next_prev_w = rb.windows(idx)
     q_next, f_next = target_network.greedy_q(torch.from_numpy(next_obs_w).to(device),
                                              torch.from_numpy(next_prev_w).to(device), with_features=True)
     a_bar = masked_argmax(q_next, torch.from_numpy(rb.next_avail[idx]).to(device))  # Alg. 4 l.12
-    return target_qtran.q_jt(f_next.sum(1), a_bar).cpu().numpy()
+    value = target_qtran.q_jt(f_next.sum(1), a_bar).cpu().numpy()
+    return np.where(rb.terminated[idx] > 0, 0.0, value).astype(np.float32)  # y bootstraps nothing there either
 
 
 if __name__ == "__main__":

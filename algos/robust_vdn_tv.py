@@ -310,11 +310,13 @@ class ReplayBuffer:
 
 @torch.no_grad()
 def target_values(rb, idx, target_network, device="cpu"):
-    """Q_tot(h', a_bar'; theta-) = sum_i max_{a available} Q_i(h'_i, a; theta-) (Alg. 5 l.16, l.18)."""
+    """Q_tot(h', a_bar'; theta-) = sum_i max_{a available} Q_i(h'_i, a; theta-) (Alg. 5 l.16, l.18).
+    Terminal next state (terminated transition): V' = 0, its value; --worst-value batch-min's m sees it."""
     _, _, next_obs_w, next_prev_w = rb.windows(idx)
     q_next = target_network.greedy_q(torch.from_numpy(next_obs_w).to(device), torch.from_numpy(next_prev_w).to(device))
     avail = torch.from_numpy(rb.next_avail[idx]).to(device)
-    return q_next.masked_fill(~avail, -float("inf")).max(-1).values.sum(-1).cpu().numpy()
+    value = q_next.masked_fill(~avail, -float("inf")).max(-1).values.sum(-1).cpu().numpy()
+    return np.where(rb.terminated[idx] > 0, 0.0, value).astype(np.float32)  # y bootstraps nothing there either
 
 
 if __name__ == "__main__":

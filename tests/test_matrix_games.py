@@ -20,7 +20,8 @@ never with the script's own target or loss functions:
   - squared dual loss, no clamp (the released code): the squared term vanishes at eta = 0 and at
     eta = V'/rho, and the bootstrap (1 - rho) eta - [eta - V']_+ is 0 at both: the first-step
     values go to 0;
-  - batch-min (Eq. 27-29): y = gamma ((1 - rho) V' + rho m), m the smallest V' of the batch; the
+  - batch-min (Eq. 27-29): y = gamma ((1 - rho) V' + rho m), m the smallest V' of the batch (a terminal
+    next state counts with its value 0; with these payoffs >= 0, m = 0 and the form equals the zero one); the
     test takes the expectation of the batch minimum over the replay's next histories.
 
 Tolerances: each is a few times the spread of the learned value (the uniform data's finite
@@ -231,17 +232,13 @@ def test_tv_batch_min_is_eq_27_29_with_the_batch_minimum(learned):
     lrn = learned("qtran_tv_batch_min")
     check_second_step(lrn, MATRIX)
     # Next histories of the replay under uniform data, each with its probability: step-1 transitions
-    # (half) lead to 2A/2B, step-2 transitions (half) to the terminal state (its V' is whatever the
-    # network gives it: the scripts take the batch minimum over every sampled V', terminal or not).
-    values, probs = [], []
+    # (half) lead to 2A/2B, step-2 transitions (half) to the terminal state, whose value is 0 (the
+    # scripts store V' = 0 for a terminated transition, so the batch minimum sees the terminal state's 0).
+    values, probs = [0.0], [0.5]  # the terminal state
     for a1 in range(2):
         for a2 in range(2):
             values.append(lrn.value([0, 1 + a1], [(a1, a2)]))
             probs.append(1 / 8)
-            for b1 in range(2):
-                for b2 in range(2):
-                    values.append(lrn.value([0, 1 + a1, 3], [(a1, a2), (b1, b2)]))
-                    probs.append(1 / 32)
     m = expected_batch_min(np.array(values), np.array(probs), BATCH)
     v_next = lrn.next_values_first_step()
     target = GAMMA * ((1 - RHO_BATCH_MIN) * v_next + RHO_BATCH_MIN * m)

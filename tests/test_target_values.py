@@ -1,6 +1,7 @@
 """The cached target value Q_tot(h', a_bar'; theta-) of every script (module-level ``target_values``):
 computed from the explicit per-agent forward pass (not greedy_q) on random masks under which some
-agents' best actions are unavailable, so a max or argmax that ignored the mask would show."""
+agents' best actions are unavailable, so a max or argmax that ignored the mask would show; a terminated
+transition's next state is terminal, V' = 0 (what --worst-value batch-min's minimum then sees)."""
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ def filled_buffer(module, seed=0, size=10):
         now = (np.ones((N, A), bool),) if "qtran" in module.__name__ else ()  # QTRAN also stores avail(h)
         rb.add(rng.normal(size=(N, OBS)).astype(np.float32), rng.normal(size=STATE).astype(np.float32),
                rng.integers(0, A, N), -1.0, rng.normal(size=(N, OBS)).astype(np.float32),
-               rng.normal(size=STATE).astype(np.float32), avail, 0.0, 0.0, k % 4, *now)
+               rng.normal(size=STATE).astype(np.float32), avail, float(k % 5 == 4), 0.0, k % 4, *now)  # 4, 9 terminate
     return rb
 
 
@@ -60,4 +61,6 @@ def test_target_values_match_explicit_masked_computation(name):
             _, feats = net(torch.from_numpy(next_obs_w), torch.from_numpy(next_prev_w), with_features=True)
             expected = qtran.q_jt(feats.sum(1), masked.argmax(-1))  # Q_jt at the masked per-agent argmax
         got = module.target_values(rb, idx, net, qtran)
-    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-5)
+    terminal = rb.terminated[idx] > 0
+    assert terminal.sum() == 2 and np.abs(expected.numpy()[terminal]).min() > 1e-3  # the network's value there is not 0
+    np.testing.assert_allclose(got, np.where(terminal, 0.0, expected.numpy()), rtol=1e-5, atol=1e-5)
