@@ -85,13 +85,13 @@ def check_env_args(env_id: str, config: str, flag: str = "--train-config") -> No
 
 @dataclass
 class RunArgs:
-    """The run and environment flags every robust algos/ script shares: its Args extends this class
-    with the algorithm's flags (tyro shows both in --help). Checked by check_run_args."""
+    """The run flags of every algos/ training script: its Args extends this class (GroupDR) or EnvArgs
+    (the six robust scripts) with the algorithm's flags; tyro shows them all in --help."""
 
     run_name: str = ""
     """run folder under runs/ (default: {env}__{exp_name}__{seed}__{unix time})"""
     seed: int = 1
-    """seed of python, numpy, torch and the environment (training days, exploration)"""
+    """seed of python, numpy, torch and the environment (training days / configs, exploration)"""
     device: str = "cpu"
     """torch device (cpu or cuda)"""
     torch_threads: int = 0
@@ -105,7 +105,11 @@ class RunArgs:
     resume: str = ""
     """continue the run in this folder (runs/<run name>) from its checkpoint.pt; flags left out come from it"""
 
-    # Environment
+
+@dataclass
+class EnvArgs(RunArgs):
+    """RunArgs + the environment flags of the six robust scripts (checked by check_run_args)."""
+
     env: str = "building"
     """task: building (SustainGym), smax (JaxMARL 3s_vs_5z), smac (StarCraft II) or matrix (one-step / two-step games)"""
     train_config: str = ""

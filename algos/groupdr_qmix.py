@@ -41,25 +41,9 @@ import fused  # noqa: E402  (C++ kernels: the agents' LSTMs in one call, RMSprop
 
 
 @dataclass
-class Args:
+class Args(envs.RunArgs):  # + the run flags of envs.RunArgs (--seed, --run-name, --resume, ...)
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
-    run_name: str = ""
-    """run folder under runs/ (default: building__{exp_name}__{seed}__{unix time})"""
-    seed: int = 1
-    """seed of python, numpy, torch and the environment (training configs and days, exploration)"""
-    device: str = "cpu"
-    """torch device (cpu or cuda)"""
-    torch_threads: int = 0
-    """torch intra-op threads (0 = torch's default; 1 is fastest on a 2-core machine)"""
-    save_model: bool = False
-    """save weights, args and env config to runs/{run_name}/model.pt"""
-    log_every: int = 10
-    """print a progress line every this many episodes"""
-    checkpoint_every: int = 50
-    """write runs/{run_name}/checkpoint.pt every this many episodes, for --resume (0 = only on Ctrl-C / SIGTERM)"""
-    resume: str = ""
-    """continue the run in this folder (runs/<run name>) from its checkpoint.pt; flags left out come from it"""
 
     # Environment (building only: GroupDR needs several training environments, the groups)
     train_configs: str = "env_1,env_2,env_3,env_4,env_5"

@@ -26,7 +26,7 @@ import eval as evaluation  # noqa: E402  (StarCraft win-rate evaluation during t
 
 
 @dataclass
-class Args(envs.RunArgs):  # + the run and environment flags of envs.RunArgs (--seed, --env, --resume, ...)
+class Args(envs.EnvArgs):  # + the run and environment flags of envs.EnvArgs (--seed, --env, --resume, ...)
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
 
