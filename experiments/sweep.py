@@ -122,6 +122,7 @@ def load_grid(path: str) -> tuple[str, list[Job]]:
             for seed in m["seeds"]:
                 jobs.append(Job(name, method, m["script"], flags, float(rho), int(seed), protocols,
                                 int(ev.get("episode_steps", 0)), m.get("paper", "")))
+    jobs.sort(key=lambda j: j.seed)  # stable: seed 1 of every method first (a learning check), then seed 2, ...
     return name, jobs
 
 
