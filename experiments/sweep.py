@@ -153,6 +153,8 @@ def run_job(job: Job, workdir: str) -> dict:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "commit.txt"), "a") as f:  # the code that trained it (one line per start)
             f.write(_git_commit() + "\n")
+        with open(os.path.join(run_dir, "machine.txt"), "a") as f:  # and the machine (one JSON line per start)
+            f.write(json.dumps(machine()) + "\n")
         with open(os.path.join(workdir, "runs", job.grid, f"{job.name}.log"), "a") as log:
             proc = subprocess.run(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
         if proc.returncode != 0 or not os.path.isfile(model):
@@ -175,7 +177,7 @@ def run_job(job: Job, workdir: str) -> dict:
     return {"grid": job.grid, "method": job.method, "paper": job.paper, "script": job.script, "flags": job.flags,
             "rho": job.rho, "seed": job.seed, "run_name": job.run_name,
             "command": " ".join(["python", job.script, *job.flags, "--rho", repr(job.rho), "--seed", str(job.seed)]),
-            "args": run_args, "commit": _trained_with(run_dir),
+            "args": run_args, "commit": _trained_with(run_dir), "machine": _trained_on(run_dir),
             "eval_days": payload["days"], "normalised_return": results, "curve": curve,
             "train_seconds": curve["wall_seconds"]}  # first to last episode, from TensorBoard's wall times
 
@@ -192,6 +194,28 @@ def _trained_with(run_dir: str) -> str:
         return "unknown"
     with open(path) as f:
         return ",".join(dict.fromkeys(line.strip() for line in f if line.strip()))
+
+
+def machine() -> dict:
+    """What the numbers depend on beyond the code: the CPU model, torch's version, the torch threads of a job."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return {"cpu": cpu, "torch": torch.__version__, "torch_threads": 1, "python": platform.python_version()}
+
+
+def _trained_on(run_dir: str) -> list[dict]:
+    """The machine(s) the run was trained on (runs/<run>/machine.txt; empty for runs started before it existed)."""
+    path = os.path.join(run_dir, "machine.txt")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(s) for s in dict.fromkeys(line.strip() for line in f if line.strip())]
 
 
 def _git_commit() -> str:
