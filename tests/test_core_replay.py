@@ -225,9 +225,14 @@ def test_windows_of_all_intact_slots_after_wrap(vdn):
     for ep, length in enumerate([9, 25, 4, 31, 16]):
         truth.add_synthetic(rb, ep, length)
     n_added = len(truth.items)
+    checked = 0
     for slot, g in slot_owner(n_added, capacity).items():
         if window_intact(truth, g, n_added, capacity, W):
             check_slot(rb, slot, truth, g, W)
+            checked += 1
+    # the buffer holds transitions 55..84: episode 3 (38..68) has an intact window (its W-1 earlier steps and
+    # the previous action of the first, g - W >= 55) at g = 63..68, episode 4 (69..84) at all its 16 steps
+    assert checked == 6 + 16
 
 
 @torch.no_grad()

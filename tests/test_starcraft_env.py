@@ -21,6 +21,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from conftest import SUBPROCESS_TIMEOUT  # noqa: E402
+
 import envs  # noqa: E402
 
 HAS_JAXMARL = importlib.util.find_spec("jaxmarl") is not None
@@ -535,6 +537,7 @@ def test_jaxmarl_import_keeps_stdout_redirection():
         print(kept, repr(buf.getvalue()))
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=SUBPROCESS_TIMEOUT, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True ''"
