@@ -12,8 +12,8 @@ never with the script's own target or loss functions:
   gamma (1 - rho) V', V' the learned greedy value of the step-2 state; VDN picks 2A (return 7).
   And with the target never copied, gamma (1 - rho) V' of the *initial* network (theta-, not theta).
 * QMIX, two-step: picks 2B, return 8; second-step Q_tot = [[0, 1], [1, 8]] and all 7.
-* QTRAN, one-step: Q_jt = the payoff matrix (the test prints whether the individual greedy
-  actions reach (A, A)).
+* QTRAN, one-step: Q_jt = the payoff matrix, and the individual greedy actions reach its optimum
+  (A, A), return 8.
 * TV scripts on the two-step game (all values there are >= 0, unlike the building task):
   - linear dual loss + clamp: for a deterministic transition the TV ball's worst case moves rho of
     mass to the value 0, so y = gamma (1 - rho) V' and eta -> V';
@@ -22,7 +22,8 @@ never with the script's own target or loss functions:
     values go to 0;
   - batch-min (Eq. 27-29): y = gamma ((1 - rho) V' + rho m), m the smallest V' of the batch (a terminal
     next state counts with its value 0; with these payoffs >= 0, m = 0 and the form equals the zero one); the
-    test takes the expectation of the batch minimum over the replay's next histories.
+    test takes the expectation of the batch minimum over the replay's next histories (0) and checks the greedy
+    rollout: B, then (B, B), return 8.
 
 Tolerances: each is a few times the spread of the learned value (the uniform data's finite
 sample, SGD noise) and well below the gap between the operators: rho = 0.2 moves a first-step
@@ -189,13 +190,20 @@ def test_qmix_two_step_picks_2b_and_fits_the_second_step(learned):
 
 
 def test_qtran_one_step_q_jt_fits_the_payoff(learned):
+    """QTRAN's Q_jt represents any table, so it learns the payoff itself; and QTRAN's claim (Son et al. 2019,
+    Table 1) holds in this run: the individual greedy actions, each agent's argmax of its own Q_i, reach the
+    payoff's optimum (A, A), the argmax of the learned Q_jt too (the QTRAN condition ties them), and the greedy
+    episode returns its payoff, 8. (Not guaranteed in general: L_opt, L_nopt are soft constraints; seed 1 and
+    these settings are deterministic on CPU.)"""
     lrn = learned("qtran_one")
     got = lrn.table([0], [])
     assert max_err(got, PAYOFF) < TOL_FIT, f"Q_jt\n{got}"
+    optimum = tuple(int(i) for i in np.unravel_index(PAYOFF.argmax(), PAYOFF.shape))
+    assert optimum == (0, 0) and PAYOFF[optimum] == 8.0  # the closed form: (A, A), return 8
     ret, actions = lrn.rollout()
-    # QTRAN's claim (Son et al. 2019, Table 1): the individual greedy actions reach (A, A). Reported, not asserted.
-    print(f"QTRAN one-step: Q_jt =\n{np.round(got, 2)}\nindividual Q_i =\n{np.round(lrn.agent_q([0], []), 2)}\n"
-          f"individual greedy {actions[0]} (reaches (A, A): {actions[0] == (0, 0)}), return {ret}")
+    q_i = lrn.agent_q([0], [])
+    assert actions == [optimum] and ret == PAYOFF[optimum], f"individual greedy {actions}, return {ret}, Q_i\n{q_i}"
+    assert tuple(int(i) for i in np.unravel_index(got.argmax(), got.shape)) == optimum, got
 
 
 def test_tv_linear_clamped_is_the_rho_discounted_target_on_nonnegative_values(learned):
@@ -244,8 +252,15 @@ def test_tv_batch_min_is_eq_27_29_with_the_batch_minimum(learned):
     target = GAMMA * ((1 - RHO_BATCH_MIN) * v_next + RHO_BATCH_MIN * m)
     assert (GAMMA * v_next - target)[1].min() > 1.5 * TOL_BOOT, (v_next, m)  # far from the nominal target
     check_first_step(lrn, target, fit=lambda t: t)  # Q_jt represents any table
+    # Eq. 27-29's m in closed form: every draw of the batch is a terminated step-2 transition (next state "end",
+    # value 0) with probability 1/2, so a batch of 128 holds one with probability 1 - 2^-128, and every other V'
+    # (the greedy values of 2A, 2B: ~7, ~8) is larger: m = 0.
+    assert min(values[1:]) > 1.0, values
+    assert m == pytest.approx(0.0, abs=1e-12), m
     ret, actions = lrn.rollout()
-    print(f"QTRAN-TV batch-min two-step: greedy {actions}, return {ret}, V' {np.round(v_next, 2).tolist()}, m {m:.2f}")
+    # The greedy rollout: the first-step targets gamma (1 - rho) V' (m = 0) are 3.47 for 2A and 3.96 for 2B, so
+    # agent 1 picks B (2B; agent 2's first action does not matter), then the 2B optimum (B, B): return 8.
+    assert actions[0][0] == 1 and actions[1] == (1, 1) and ret == MATRIX["2B"].max(), (actions, ret)
 
 
 @pytest.mark.parametrize("script,game", SMOKE)
