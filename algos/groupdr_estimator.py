@@ -1,28 +1,35 @@
 """GroupDR stage 1: the contextual-bandit worst-case reward estimator (paper F.2, "GroupDR training").
 
-    python algos/robust_vdn_rho.py --rho 0 --save-model --run-name groupdr_behaviour   # VDN behaviour policy
+    python algos/groupdr_vdn.py --observed-reward --single-coin --save-model --run-name groupdr_behaviour  # stage 0
     python algos/groupdr_estimator.py --behaviour-checkpoint runs/groupdr_behaviour/model.pt --run-name groupdr_estimator
 
 GroupDR (Liu et al., 2025, group distributionally robust MARL) treats each training environment
-env_k as a group. Stage 1 collects data from env_1..env_5 with a VDN-trained behaviour policy and
-fits one reward model per group, r_hat_k(s, a, t) (a contextual bandit: context (s, t), arm = the
-joint action a). Stage 2 (algos/groupdr_{vdn,qmix,qtran}.py) trains the agents with the worst
-group's predicted reward r_tilde = min_k r_hat_k(s, a, t) in the TD target. env_6 is never used
-for training (paper F.2), so this script refuses it unless --allow-env6 is given.
+env_k as a group. Stage 1 rolls out a VDN-trained behaviour policy on env_1..env_5 and fits one
+reward model per group, r_hat_k(s, a, t) (a contextual bandit: context (s, t), arm = the joint
+action a). Stage 2 (algos/groupdr_{vdn,qmix,qtran}.py) trains the agents with the worst group's
+predicted reward r_tilde = min_k r_hat_k(s, a, t) in the TD target. env_6 is never used for
+training (paper F.2), so this script refuses it unless --allow-env6 is given.
 
-Architecture (the paper gives none): one shared trunk
-    [standardised state (state_dim), one-hot a_1, ..., one-hot a_N (N * n_actions), t / 288]
-    -> Linear(., 128) -> ReLU -> Linear(128, 128) -> ReLU
-and one linear output head per training environment (Linear(128, K), column k = r_hat_k). Heads
-are trained by MSE on their own environment's data only, on standardised rewards.
+The default is the released pipeline (the paper gives no architecture and no fit):
+  * --architecture released: separate embeddings of the raw state, the one-hot joint action and the
+    time feature t / time_norm, each Linear(., 64) -> ReLU, concatenated (192) -> Linear(192, 64) ->
+    ReLU -> Linear(64, K), one output column (head) per group, raw rewards;
+  * --fit online: 1000 behaviour episodes, each in a group drawn uniformly and on a day drawn from
+    --train-days, epsilon-greedy with one joint coin at 0.5; every transition (s, a, k, r, t) goes into
+    a replay of 10,000, and every 2 stored transitions one Adam step (lr 5e-4, gradient-norm clip 10)
+    on a minibatch of 64 drawn without replacement: head k of each transition regresses its reward (MSE).
+The fit of the first version of this script stays available: --fit offline --architecture trunk
+--per-agent-coins (40 episodes per group collected first, then 5000 Adam steps of a 128-wide shared trunk
+on standardised inputs and rewards).
 Docs: docs/groupdr.md (usage, metrics, implementation details).
 
-Deviations from the authors' released code, on purpose: (1) its estimator was fitted on data from
-all six configs, env_6 included; here the default is env_1..env_5 and env_6 needs --allow-env6
-(paper F.2: "Env_6 is never used for training by any method"); (2) its time feature was t / 255 in
-one place and t / 288 in another; here it is t / 288 (the episode limit) everywhere, stored in
-the checkpoint as time_norm and applied inside RewardEstimator, so stage 2 cannot disagree;
-(3) the last transition of every day is kept (the released code drops it).
+Deviations from the authors' released code, on purpose: (1) its estimator had a head for, and data
+from, all six configs, env_6 included; here the default is env_1..env_5 and env_6 needs --allow-env6
+(paper F.2: "Env_6 is never used for training by any method"); (2) its time feature was t / 255
+in the fit and t / 288 in stage 2; here it is t / --time-norm (288) in both: time_norm is stored in
+the checkpoint and applied inside the network to the raw step index, so stage 2 cannot disagree;
+(3) the last transition of every day is kept (the released code drops it); (4) torch, numpy and the
+day / group draws are seeded from --seed (released: 42 everywhere).
 """
 
 import importlib.util
@@ -47,7 +54,10 @@ import eval as evaluation  # noqa: E402  (checkpoint formats)
 ESTIMATOR_FORMAT = "drigm-groupdr-estimator-v1"
 TRAIN_CONFIGS = "env_1,env_2,env_3,env_4,env_5"  # paper F.2: GroupDR's groups; env_6 is held out
 HELD_OUT_CONFIG = "env_6"
-BEHAVIOUR_COMMAND = "python algos/robust_vdn_rho.py --rho 0 --save-model --run-name groupdr_behaviour"
+BEHAVIOUR_COMMAND = ("python algos/groupdr_vdn.py --observed-reward --single-coin --save-model "
+                     "--run-name groupdr_behaviour")
+ARCHITECTURES = {"released": 64, "trunk": 128}  # architecture -> its default width (--hidden-dim 0)
+FITS = ("online", "offline")
 
 
 @dataclass
@@ -57,13 +67,13 @@ class Args:
     run_name: str = ""
     """run folder under runs/ (default: building__{exp_name}__{seed}__{unix time})"""
     seed: int = 1
-    """seed of python, numpy, torch, the collection days, exploration and minibatches"""
+    """seed of python, numpy, torch, the groups and days of the episodes, exploration and minibatches"""
     device: str = "cpu"
     """torch device (cpu or cuda)"""
     torch_threads: int = 0
     """torch intra-op threads (0 = torch's default; 1 is fastest on a 2-core machine)"""
-    log_every: int = 500
-    """print a progress line every this many fitting steps"""
+    log_every: int = 0
+    """progress line every this many episodes (online) or fitting steps (offline); 0 = 50 episodes / 500 steps"""
 
     # Environment
     configs: str = TRAIN_CONFIGS
@@ -71,31 +81,55 @@ class Args:
     allow_env6: bool = False
     """allow env_6 in --configs (the released code's estimator saw it; the paper never trains on it)"""
     train_days: str = "0:200"
-    """day-of-year range [a, b) each collected episode is drawn from (paper: days 0-199)"""
+    """building: day-of-year range [a, b) a training episode is drawn from (paper: days 0-199)"""
     episode_steps: int = 0
-    """cap on steps per episode, a time limit (0 = the env's own limit, 288)"""
+    """cap on steps per episode, a time limit (0 = the env's own limit, 288 for building)"""
 
-    # Behaviour policy and data collection
+    # Behaviour policy
     behaviour_checkpoint: str = ""
-    """model.pt of the VDN behaviour policy (algos/robust_vdn_rho.py --save-model); required"""
+    """model.pt of the VDN behaviour policy (algos/groupdr_vdn.py --observed-reward --save-model); required"""
     behaviour_epsilon: float = 0.5
     """epsilon of the epsilon-greedy behaviour policy (released code: 0.5)"""
-    episodes_per_config: int = 40
-    """episodes collected in every config (paper silent)"""
-    parallel_envs: int = 10
-    """episodes of one config run in lockstep, one batched network pass per step"""
+    per_agent_coins: bool = False
+    """one epsilon coin per agent instead of one joint coin for all agents (released: joint)"""
 
-    # Estimator fit (paper silent on all of these)
-    hidden_dim: int = 128
-    """width of the two hidden layers of the shared trunk"""
+    # Estimator network (paper silent; released: --architecture released, 64 wide)
+    fit: str = "online"
+    """online (released: fitted while the behaviour episodes are played) or offline (collect, then fit)"""
+    architecture: str = "released"
+    """released (state / joint-action / time embeddings, raw inputs) or trunk (one MLP on standardised inputs)"""
+    hidden_dim: int = 0
+    """width of the estimator's hidden layers (0 = the architecture's: released 64, trunk 128)"""
+    time_norm: float = 288.0
+    """the time feature is t / time_norm, t the step index in the day (released: 255 in the fit, 288 in stage 2)"""
+
+    # --fit online (released values)
+    episodes: int = 1000
+    """behaviour episodes, each in a group drawn uniformly (released: 1000)"""
+    buffer_size: int = 10_000
+    """replay capacity in transitions (released: 10,000)"""
+    batch_size: int = 64
+    """transitions per fitting step, drawn without replacement (released: 64)"""
+    train_frequency: int = 2
+    """one fitting step every this many stored transitions (released: 2)"""
+    learning_rate: float = 5e-4
+    """Adam learning rate of the online fit (released: 5e-4)"""
+    grad_clip: float = 10.0
+    """gradient-norm clip of every online fitting step, 0 = none (released: 10)"""
+
+    # --fit offline (the first version of this script; paper silent)
+    episodes_per_config: int = 40
+    """offline: episodes collected in every config"""
+    parallel_envs: int = 10
+    """offline: episodes of one config run in lockstep, one batched network pass per step"""
     fit_steps: int = 5000
-    """Adam steps of the estimator fit"""
+    """offline: Adam steps of the estimator fit"""
     fit_batch_size: int = 256
-    """transitions per environment in every fitting minibatch"""
+    """offline: transitions per environment in every fitting minibatch"""
     fit_learning_rate: float = 1e-3
-    """Adam learning rate of the estimator"""
+    """offline: Adam learning rate of the estimator"""
     val_fraction: float = 0.1
-    """fraction of each environment's transitions held out to report the fit"""
+    """offline: fraction of each environment's transitions held out to report the fit"""
 
 
 def parse_configs(text: str, allow_env6: bool, flag: str = "--configs") -> list[str]:
@@ -130,6 +164,12 @@ def check_args(args: Args) -> None:
         parse_days(args.train_days)
     except envs.EnvArgError as e:
         envs.fail(str(e))
+    if args.fit not in FITS:
+        envs.fail(f"--fit must be one of {', '.join(FITS)} (got '{args.fit}')")
+    if args.architecture not in ARCHITECTURES:
+        envs.fail(f"--architecture must be one of {', '.join(ARCHITECTURES)} (got '{args.architecture}')")
+    if args.architecture == "trunk" and args.fit == "online":
+        envs.fail("--architecture trunk needs --fit offline (it standardises with statistics of the collected data)")
     if not args.behaviour_checkpoint:
         envs.fail(
             "--behaviour-checkpoint is required: train the VDN behaviour policy first with "
@@ -141,18 +181,65 @@ def check_args(args: Args) -> None:
         envs.fail(f"--behaviour-epsilon must be in [0, 1] (got {args.behaviour_epsilon})")
     if not 0.0 <= args.val_fraction < 1.0:
         envs.fail(f"--val-fraction must be in [0, 1) (got {args.val_fraction})")
-    for flag, value in [("--episodes-per-config", args.episodes_per_config), ("--parallel-envs", args.parallel_envs),
-                        ("--hidden-dim", args.hidden_dim), ("--fit-steps", args.fit_steps),
-                        ("--fit-batch-size", args.fit_batch_size)]:
+    for flag, value in [("--time-norm", args.time_norm), ("--learning-rate", args.learning_rate),
+                        ("--fit-learning-rate", args.fit_learning_rate)]:
+        if not value > 0:
+            envs.fail(f"{flag} must be > 0 (got {value})")
+    for flag, value in [("--grad-clip", args.grad_clip), ("--hidden-dim", args.hidden_dim),
+                        ("--episode-steps", args.episode_steps), ("--log-every", args.log_every)]:
+        if value < 0:
+            envs.fail(f"{flag} must be >= 0 (got {value})")
+    for flag, value in [("--episodes", args.episodes), ("--buffer-size", args.buffer_size),
+                        ("--batch-size", args.batch_size), ("--train-frequency", args.train_frequency),
+                        ("--episodes-per-config", args.episodes_per_config), ("--parallel-envs", args.parallel_envs),
+                        ("--fit-steps", args.fit_steps), ("--fit-batch-size", args.fit_batch_size)]:
         if value < 1:
             envs.fail(f"{flag} must be >= 1 (got {value})")
+    if args.batch_size > args.buffer_size:
+        envs.fail(f"--batch-size {args.batch_size} exceeds --buffer-size {args.buffer_size} (drawn without replacement)")
 
 
 # ---------------------------------------------------------------------------------------------
-# Reward estimator: r_hat_k(s, a, t) for every training environment k (paper F.2 "GroupDR training")
+# Reward estimators: r_hat_k(s, a, t) for every training environment k (paper F.2 "GroupDR training")
 # ---------------------------------------------------------------------------------------------
+class ReleasedEstimator(nn.Module):
+    """The released architecture (--architecture released): three embeddings of the raw inputs,
+        e_s = ReLU(state_fc(s)),  e_a = ReLU(action_fc([onehot(a_1), ..., onehot(a_N)])),  e_t = ReLU(step_fc(t / time_norm)),
+        r_hat = out_fc(ReLU(combined_fc([e_s, e_a, e_t])))      (B, K), column k = r_hat_k, in env reward units,
+    every layer hidden_dim wide (64). action_fc is a plain Linear over the N * n_actions one-hot columns,
+    computed as one weight-column lookup per agent (the same numbers, no 1200-wide one-hot). No input or
+    reward scaling: the network regresses raw rewards on the raw 10-dim state (as released)."""
+
+    def __init__(self, state_dim: int, n_agents: int, n_actions: int, n_heads: int, hidden_dim: int = 64,
+                 time_norm: float = 288.0):
+        super().__init__()
+        self.state_dim, self.n_agents, self.n_actions, self.n_heads = state_dim, n_agents, n_actions, n_heads
+        self.state_fc = nn.Linear(state_dim, hidden_dim)
+        self.action_fc = nn.Linear(n_agents * n_actions, hidden_dim)
+        self.step_fc = nn.Linear(1, hidden_dim)
+        self.combined_fc = nn.Linear(3 * hidden_dim, hidden_dim)
+        self.out_fc = nn.Linear(hidden_dim, n_heads)  # column k = head of env k
+        self.register_buffer("time_norm", torch.tensor(float(time_norm)))
+        self.register_buffer("agent_offsets", torch.arange(n_agents) * n_actions, persistent=False)
+
+    def forward(self, state, actions, t):
+        """state (B, state_dim) raw, actions (B, N) long, t (B,) step index -> (B, K) rewards."""
+        e_s = F.relu(self.state_fc(state))
+        e_a = F.relu(F.embedding(actions + self.agent_offsets, self.action_fc.weight.t()).sum(-2) + self.action_fc.bias)
+        e_t = F.relu(self.step_fc((t.to(state.dtype) / self.time_norm).unsqueeze(-1)))
+        return self.out_fc(F.relu(self.combined_fc(torch.cat([e_s, e_a, e_t], -1))))
+
+    def fit_output(self, state, actions, t):
+        """What the fit regresses (raw rewards)."""
+        return self(state, actions, t)
+
+    def fit_target(self, reward):
+        return reward
+
+
 class RewardEstimator(nn.Module):
-    """Shared trunk on [standardised s, one-hot a_1..a_N, t / time_norm] -> K heads, one per env.
+    """--architecture trunk: a shared trunk on [standardised s, one-hot a_1..a_N, t / time_norm]
+    -> Linear(., H) -> ReLU -> Linear(H, H) -> ReLU -> K heads, one per env (H = 128).
 
     The first layer is a plain Linear over the concatenated one-hot joint action; it is computed as
     the state/time columns plus one column lookup per agent (the same numbers, no 1200-wide one-hot).
@@ -199,6 +286,20 @@ class RewardEstimator(nn.Module):
         """r_hat_k(s, a, t) for every head k, in env reward units: (B, K)."""
         return self.standardised(state, actions, t) * self.reward_std + self.reward_mean
 
+    def fit_output(self, state, actions, t):
+        """What the fit regresses (standardised rewards)."""
+        return self.standardised(state, actions, t)
+
+    def fit_target(self, reward):
+        return (reward - self.reward_mean) / self.reward_std
+
+
+def make_estimator(architecture: str, state_dim: int, n_agents: int, n_actions: int, n_heads: int, hidden_dim: int = 0,
+                   time_norm: float = 288.0):
+    """--architecture released | trunk; hidden_dim 0 = the architecture's own width (64 | 128)."""
+    cls = ReleasedEstimator if architecture == "released" else RewardEstimator
+    return cls(state_dim, n_agents, n_actions, n_heads, hidden_dim or ARCHITECTURES[architecture], time_norm)
+
 
 def worst_case_reward(estimator, state, actions, t):
     """r_tilde(s, a, t) = min_k r_hat_k(s, a, t): the worst group's predicted reward, per sample (B,)."""
@@ -210,7 +311,8 @@ class EstimatorError(ValueError):
 
 
 def load_estimator(path: str, n_agents: int, n_actions: int, state_dim: int, device="cpu"):
-    """-> (RewardEstimator in eval mode, checkpoint dict). EstimatorError for any bad file."""
+    """-> (estimator in eval mode, checkpoint dict). EstimatorError for any bad file. A checkpoint without
+    an "architecture" entry (written before the released architecture existed) is a trunk."""
     if not path:
         raise EstimatorError("is required (write one with python algos/groupdr_estimator.py, see docs/groupdr.md)")
     if not os.path.isfile(path):
@@ -227,8 +329,11 @@ def load_estimator(path: str, n_agents: int, n_actions: int, state_dim: int, dev
         bad = [f"{k} {got[k]} != {want[k]}" for k in want if got[k] != want[k]]
         if bad:
             raise EstimatorError(f"'{path}' does not match this environment: {', '.join(bad)}")
-        estimator = RewardEstimator(state_dim, n_agents, n_actions, len(ckpt["configs"]), ckpt["hidden_dim"],
-                                    ckpt["time_norm"])
+        architecture = ckpt.get("architecture", "trunk")
+        if architecture not in ARCHITECTURES:
+            raise EstimatorError(f"'{path}' has an unknown architecture '{architecture}'")
+        estimator = make_estimator(architecture, state_dim, n_agents, n_actions, len(ckpt["configs"]), ckpt["hidden_dim"],
+                                   ckpt["time_norm"])
         estimator.load_state_dict(ckpt["estimator"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         if isinstance(e, EstimatorError):
@@ -238,7 +343,7 @@ def load_estimator(path: str, n_agents: int, n_actions: int, state_dim: int, dev
 
 
 # ---------------------------------------------------------------------------------------------
-# Behaviour policy and data collection
+# Behaviour policy
 # ---------------------------------------------------------------------------------------------
 def load_behaviour(path: str, device):
     """A checkpoint of algos/<algo>.py --save-model -> (its module, q_network, env dict, args dict).
@@ -264,17 +369,146 @@ def load_behaviour(path: str, device):
         evaluation.load_q_network(net, ckpt)
     except (ValueError, RuntimeError, KeyError) as err:
         envs.fail(f"--behaviour-checkpoint: '{path}' does not match its network: {str(err).splitlines()[0]}")
-    if ckpt["algo"] != "robust_vdn_rho":
-        print(f"warning: the behaviour policy is {ckpt['algo']}; the paper uses a VDN-trained one", file=sys.stderr)
+    plain_vdn = ckpt["algo"] == "robust_vdn_rho" or (ckpt["algo"] == "groupdr_vdn" and a.get("observed_reward"))
+    if not plain_vdn:
+        print(f"warning: the behaviour policy is {ckpt['algo']}; the paper uses a VDN-trained one "
+              f"(released: plain VDN on env_1..env_5, '{BEHAVIOUR_COMMAND}')", file=sys.stderr)
     return module, net.to(device).eval(), e, a
 
 
+def behaviour_actions(module, q_network, history, avail, epsilon, joint_coin, rng, device="cpu"):
+    """Epsilon-greedy joint action of one episode (avail (N, A)): random actions uniform over the available
+    ones, then the coins, one for all agents (joint_coin, released) or one per agent; the greedy pass of the
+    behaviour network only runs when some agent acts greedily (same numbers, half the passes at 0.5)."""
+    N = avail.shape[0]
+    random_actions = np.argmax(rng.random(avail.shape) * avail, axis=-1)
+    coins = rng.random(1).repeat(N) if joint_coin else rng.random(N)
+    if (coins < epsilon).all():
+        return random_actions
+    with torch.no_grad():
+        q = q_network.greedy_q(*history.tensors(device))[0]
+    greedy = module.masked_argmax(q, torch.from_numpy(avail).to(device)).cpu().numpy()
+    return np.where(coins < epsilon, random_actions, greedy)
+
+
+# ---------------------------------------------------------------------------------------------
+# --fit online (released): fit while the behaviour episodes are played
+# ---------------------------------------------------------------------------------------------
+class BanditReplay:
+    """The last `capacity` transitions (s, a, k, r, t): state, joint action, group (head) k, team reward,
+    step index in the day. Minibatches are drawn uniformly without replacement (as released)."""
+
+    def __init__(self, capacity: int, state_dim: int, n_agents: int):
+        self.capacity, self.ptr, self.size = capacity, 0, 0
+        self.state = np.zeros((capacity, state_dim), dtype=np.float32)
+        self.actions = np.zeros((capacity, n_agents), dtype=np.int64)
+        self.head = np.zeros(capacity, dtype=np.int64)
+        self.reward = np.zeros(capacity, dtype=np.float32)
+        self.t = np.zeros(capacity, dtype=np.int64)
+
+    def add(self, state, actions, head, reward, t):
+        i = self.ptr
+        self.state[i], self.actions[i], self.head[i], self.reward[i], self.t[i] = state, actions, head, reward, t
+        self.ptr = (i + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size, rng):
+        return rng.choice(self.size, batch_size, replace=False)
+
+    def tensors(self, idx, device="cpu"):
+        """(state, actions, head, reward, t) of slots idx as tensors."""
+        return tuple(torch.from_numpy(x[idx]).to(device) for x in (self.state, self.actions, self.head, self.reward, self.t))
+
+
+def estimator_update(estimator, optimizer, replay, idx, grad_clip, device="cpu") -> float:
+    """One fitting step on the transitions idx: the output of head k_j of transition j regresses its reward
+    r_j (MSE over the batch, each transition only trains its own group's head), gradient-norm clip
+    (0 = none), optimiser step. -> the loss before the step."""
+    state, actions, head, reward, t = replay.tensors(idx, device)
+    pred = estimator.fit_output(state, actions, t).gather(1, head.unsqueeze(1)).squeeze(1)
+    loss = F.mse_loss(pred, estimator.fit_target(reward))
+    optimizer.zero_grad()
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(estimator.parameters(), grad_clip)
+    optimizer.step()
+    return loss.item()
+
+
+def fit_online(estimator, tasks, behaviour, episodes, days, epsilon, joint_coin, episode_steps, buffer_size,
+               batch_size, train_frequency, learning_rate, grad_clip, rng, device="cpu", writer=None, log_every=0):
+    """The released fit. tasks: one env per head k; behaviour: (module, q_network, window). Every episode
+    draws its group k uniformly and its day uniformly in days = [a, b), and plays the epsilon-greedy
+    behaviour policy; every transition (s_t, a_t, k, r_t, t) is stored, and after every train_frequency-th
+    stored transition (once batch_size are stored) estimator_update runs on batch_size of them (Adam,
+    learning_rate). -> stats (per-episode group and return, losses, per-head fit on the final replay)."""
+    module, q_network, window = behaviour
+    N, obs_dim = tasks[0].n_agents, tasks[0].obs_dim
+    replay = BanditReplay(buffer_size, tasks[0].state_dim, N)
+    optimizer = torch.optim.Adam(estimator.parameters(), lr=learning_rate, fused=True)
+    history = module.History(1, window, N, obs_dim)
+    estimator.train()
+    n_stored, losses, heads, returns, idx, start, cpu_start = 0, [], [], [], None, time.time(), time.process_time()
+    for episode in range(episodes):
+        k = int(rng.integers(len(tasks)))
+        task = tasks[k]
+        obs, state, avail = task.reset(int(rng.integers(days[0], days[1])))
+        history.reset(obs[None])
+        episode_return = 0.0
+        for t in range(min(episode_steps or task.episode_limit, task.episode_limit)):
+            actions = behaviour_actions(module, q_network, history, avail, epsilon, joint_coin, rng, device)
+            next_obs, next_state, next_avail, reward, terminated, truncated, _ = task.step(actions)
+            replay.add(state, actions, k, reward, t)
+            n_stored += 1
+            episode_return += reward
+            if replay.size >= batch_size and n_stored % train_frequency == 0:
+                idx = replay.sample(batch_size, rng)
+                losses.append(estimator_update(estimator, optimizer, replay, idx, grad_clip, device))
+                if writer is not None and len(losses) % 100 == 0:
+                    writer.add_scalar("losses/estimator_loss", float(np.mean(losses[-100:])), n_stored)
+            history.push(next_obs[None], actions[None])
+            obs, state, avail = next_obs, next_state, next_avail
+            if terminated or truncated:
+                break
+        heads.append(k)
+        returns.append(episode_return)
+        if writer is not None:
+            writer.add_scalar("charts/episodic_return", episode_return, n_stored)
+            writer.add_scalar("charts/normalised_return", envs.normalised_return(episode_return), n_stored)
+            writer.add_scalar("charts/SPS", int(n_stored / (time.time() - start)), n_stored)
+        if log_every and ((episode + 1) % log_every == 0 or episode + 1 == episodes):
+            recent = float(np.mean(losses[-1000:])) if losses else float("nan")
+            print(f"episode {episode + 1}/{episodes} | transitions {n_stored} | updates {len(losses)} | "
+                  f"loss (last 1000 updates) {recent:.3f} | episodes/s {(episode + 1) / (time.time() - start):.2f}",
+                  flush=True)
+    estimator.eval()
+    with torch.no_grad():  # the fit on the transitions still in the replay (the last buffer_size)
+        state, actions, head, reward, t = replay.tensors(np.arange(replay.size), device)
+        pred = estimator(state, actions, t)
+        own = pred.gather(1, head.unsqueeze(1)).squeeze(1)
+        mse = [F.mse_loss(own[head == k], reward[head == k]).item() if (head == k).any() else float("nan")
+               for k in range(len(tasks))]
+        min_share = torch.bincount(pred.argmin(-1), minlength=len(tasks)).float() / max(replay.size, 1)
+    return {"mode": "online", "episodes": episodes, "transitions": n_stored, "updates": len(losses),
+            "episodes_per_head": np.bincount(heads, minlength=len(tasks)).tolist(), "heads": heads, "returns": returns,
+            "loss_first_1000": float(np.mean(losses[:1000])) if losses else float("nan"),
+            "loss_last_1000": float(np.mean(losses[-1000:])) if losses else float("nan"),
+            "replay_mse": mse, "replay_reward_var": [float(reward[head == k].var(unbiased=False)) if (head == k).any()
+                                                     else float("nan") for k in range(len(tasks))],
+            "min_head_share": min_share.tolist(), "seconds": time.time() - start,
+            "cpu_seconds": time.process_time() - cpu_start,
+            "last_batch": None if idx is None else idx.tolist(), "replay": replay}
+
+
+# ---------------------------------------------------------------------------------------------
+# --fit offline: collect every group's episodes first, then fit
+# ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def collect(module, q_network, tasks, days, window, epsilon, episode_steps, rng, device="cpu"):
+def collect(module, q_network, tasks, days, window, epsilon, episode_steps, rng, device="cpu", joint_coin=False):
     """Run len(days) episodes of one config with the epsilon-greedy behaviour policy, len(tasks) at a
-    time in lockstep (one batched greedy pass per step). Each agent flips its own epsilon coin
-    (Alg. 2 l.8; the released code flips one for all). Every transition is kept, the last one of the
-    day included (the released code drops it). -> dict of arrays state, actions, t, reward, returns."""
+    time in lockstep (one batched greedy pass per step). Each agent flips its own epsilon coin, or all
+    agents one (joint_coin). Every transition is kept, the last one of the day included (the released
+    code drops it). -> dict of arrays state, actions, t, reward, returns."""
     N, A, obs_dim = tasks[0].n_agents, tasks[0].n_actions, tasks[0].obs_dim
     limit = min(episode_steps or tasks[0].episode_limit, tasks[0].episode_limit)
     out = {"state": [], "actions": [], "t": [], "reward": [], "returns": []}
@@ -292,7 +526,8 @@ def collect(module, q_network, tasks, days, window, epsilon, episode_steps, rng,
             q = q_network.greedy_q(*history.tensors(device))
             greedy = module.masked_argmax(q, torch.from_numpy(avail).to(device)).cpu().numpy()
             random_actions = np.argmax(rng.random((len(lanes), N, A)) * avail, axis=-1)  # uniform over available
-            actions = np.where(rng.random((len(lanes), N)) < epsilon, random_actions, greedy)
+            coins = rng.random((len(lanes), 1)).repeat(N, 1) if joint_coin else rng.random((len(lanes), N))
+            actions = np.where(coins < epsilon, random_actions, greedy)
             for e in np.flatnonzero(~done):
                 o, s, av, r, term, trunc, _ = lanes[e].step(actions[e])
                 out["state"].append(state[e].copy())
@@ -315,12 +550,9 @@ def collect(module, q_network, tasks, days, window, epsilon, episode_steps, rng,
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# Fitting: head k regresses env k's rewards (MSE on standardised rewards)
-# ---------------------------------------------------------------------------------------------
 def fit_estimator(estimator, data, steps, batch_size, learning_rate, val_fraction, rng, device="cpu",
                   writer=None, log_every=0):
-    """data: one dict per head k (keys state, actions, t, reward). Every step draws batch_size
+    """--fit offline. data: one dict per head k (keys state, actions, t, reward). Every step draws batch_size
     transitions from each environment and minimises the mean over k of head k's MSE on its own
     environment's batch. -> per-head train/val MSE in env reward units, and min-head shares."""
     tensors, splits = [], []
@@ -330,9 +562,10 @@ def fit_estimator(estimator, data, steps, batch_size, learning_rate, val_fractio
         n_val = int(round(val_fraction * n)) if n > 1 else 0
         splits.append((perm[n_val:], perm[:n_val]))
         tensors.append({k: torch.from_numpy(np.asarray(d[k])).to(device) for k in ("state", "actions", "t", "reward")})
-    train_states = torch.cat([tb["state"][torch.from_numpy(tr).to(device)] for tb, (tr, _) in zip(tensors, splits)])
-    train_rewards = torch.cat([tb["reward"][torch.from_numpy(tr).to(device)] for tb, (tr, _) in zip(tensors, splits)])
-    estimator.set_normalisation(train_states, train_rewards)
+    if hasattr(estimator, "set_normalisation"):  # the trunk standardises with the pooled training split
+        train_states = torch.cat([tb["state"][torch.from_numpy(tr).to(device)] for tb, (tr, _) in zip(tensors, splits)])
+        train_rewards = torch.cat([tb["reward"][torch.from_numpy(tr).to(device)] for tb, (tr, _) in zip(tensors, splits)])
+        estimator.set_normalisation(train_states, train_rewards)
     optimizer = torch.optim.Adam(estimator.parameters(), lr=learning_rate)
     estimator.train()
     start = time.time()
@@ -340,9 +573,8 @@ def fit_estimator(estimator, data, steps, batch_size, learning_rate, val_fractio
         loss = 0.0
         for k, (tb, (tr, _)) in enumerate(zip(tensors, splits)):
             idx = torch.from_numpy(tr[rng.integers(0, len(tr), batch_size)]).to(device)
-            pred = estimator.standardised(tb["state"][idx], tb["actions"][idx], tb["t"][idx])[:, k]
-            target = (tb["reward"][idx] - estimator.reward_mean) / estimator.reward_std
-            loss = loss + F.mse_loss(pred, target)
+            pred = estimator.fit_output(tb["state"][idx], tb["actions"][idx], tb["t"][idx])[:, k]
+            loss = loss + F.mse_loss(pred, estimator.fit_target(tb["reward"][idx]))
         loss = loss / len(tensors)
         optimizer.zero_grad()
         loss.backward()
@@ -350,7 +582,7 @@ def fit_estimator(estimator, data, steps, batch_size, learning_rate, val_fractio
         if writer is not None and (step % 100 == 0 or step + 1 == steps):
             writer.add_scalar("losses/estimator_loss", loss.item(), step)
         if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
-            print(f"fit step {step + 1}/{steps} | standardised MSE {loss.item():.4f} "
+            print(f"fit step {step + 1}/{steps} | fit MSE {loss.item():.4f} "
                   f"| steps/s {(step + 1) / (time.time() - start):.0f}", flush=True)
     estimator.eval()
 
@@ -365,6 +597,7 @@ def fit_estimator(estimator, data, steps, batch_size, learning_rate, val_fractio
         argmins = torch.cat([estimator(tb["state"], tb["actions"], tb["t"]).argmin(-1) for tb in tensors])
         min_share = torch.bincount(argmins, minlength=len(tensors)).float() / len(argmins)
     return {
+        "mode": "offline",
         "train_mse": [mse(k, tr) for k, (tr, _) in enumerate(splits)],
         "val_mse": [mse(k, va) for k, (_, va) in enumerate(splits)],
         "reward_var": [float(np.var(d["reward"])) for d in data],
@@ -379,15 +612,8 @@ if __name__ == "__main__":
     day_lo, day_hi = parse_days(args.train_days)
     run_name = args.run_name or f"building__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join("runs", run_name)
-    writer = SummaryWriter(run_dir)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
 
-    # Seeding: python, numpy, torch, days, exploration and minibatches from one --seed
+    # Seeding: python, numpy, torch, groups, days, exploration and minibatches from one --seed
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -398,58 +624,86 @@ if __name__ == "__main__":
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
 
-    # Behaviour policy: a VDN-trained checkpoint (paper F.2)
+    # Behaviour policy: a VDN-trained checkpoint (paper F.2; released: plain VDN on env_1..env_5)
     module, behaviour, b_env, b_args = load_behaviour(args.behaviour_checkpoint, device)
+    writer = SummaryWriter(run_dir)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
 
-    # Data collection on every training environment (env_6 never, unless --allow-env6)
-    data, global_step, start_time = [], 0, time.time()
-    dims = None
-    for k, config in enumerate(configs):
-        n_lanes = min(args.parallel_envs, args.episodes_per_config)
-        tasks = [envs.make_env("building", config) for _ in range(n_lanes)]
-        task = tasks[0]
-        dims = (task.n_agents, task.n_actions, task.state_dim)
-        if (b_env["n_agents"], b_env["n_actions"], b_env["obs_dim"]) != (task.n_agents, task.n_actions, task.obs_dim):
-            envs.fail(f"--behaviour-checkpoint: its network has n_agents {b_env['n_agents']}, n_actions "
-                      f"{b_env['n_actions']}, obs_dim {b_env['obs_dim']}; {config} has {task.n_agents}, "
-                      f"{task.n_actions}, {task.obs_dim}")
-        days = rng.integers(day_lo, day_hi, args.episodes_per_config).tolist()
-        d = collect(module, behaviour, tasks, days, b_args["window"], args.behaviour_epsilon, args.episode_steps,
-                    rng, device)
-        for ret in d["returns"]:
-            global_step += len(d["reward"]) // len(d["returns"])
-            writer.add_scalar("charts/episodic_return", ret, global_step)
-            writer.add_scalar("charts/normalised_return", envs.normalised_return(ret), global_step)
-        writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
-        print(f"collected {config}: {len(d['returns'])} episodes, {len(d['reward'])} transitions | return "
-              f"{d['returns'].mean():.1f} | reward mean {d['reward'].mean():.2f} std {d['reward'].std():.2f}", flush=True)
-        data.append(d)
-    time_norm = float(task.episode_limit)  # 288: t / 288 in [0, 1) for every step of a day
+    # One env per group (env_6 never, unless --allow-env6); offline collection runs --parallel-envs of each
+    n_lanes = 1 if args.fit == "online" else min(args.parallel_envs, args.episodes_per_config)
+    lanes = {config: [envs.make_env("building", config) for _ in range(n_lanes)] for config in configs}
+    task = lanes[configs[0]][0]
+    if (b_env["n_agents"], b_env["n_actions"], b_env["obs_dim"]) != (task.n_agents, task.n_actions, task.obs_dim):
+        envs.fail(f"--behaviour-checkpoint: its network has n_agents {b_env['n_agents']}, n_actions "
+                  f"{b_env['n_actions']}, obs_dim {b_env['obs_dim']}; {configs[0]} has {task.n_agents}, "
+                  f"{task.n_actions}, {task.obs_dim}")
+    hidden_dim = args.hidden_dim or ARCHITECTURES[args.architecture]
+    estimator = make_estimator(args.architecture, task.state_dim, task.n_agents, task.n_actions, len(configs), hidden_dim,
+                               args.time_norm).to(device)
+    joint_coin = not args.per_agent_coins
+    print(f"estimator: {args.architecture} {hidden_dim} wide, fit {args.fit}, heads {','.join(configs)}, time "
+          f"t/{args.time_norm:g}; behaviour {args.behaviour_checkpoint} ({'joint' if joint_coin else 'per-agent'} "
+          f"coin, epsilon {args.behaviour_epsilon:g})", flush=True)
 
-    # Fit r_hat_k on env k's data (shared trunk, one head per environment)
-    estimator = RewardEstimator(dims[2], dims[0], dims[1], len(configs), args.hidden_dim, time_norm).to(device)
-    fit = fit_estimator(estimator, data, args.fit_steps, args.fit_batch_size, args.fit_learning_rate,
-                        args.val_fraction, rng, device, writer, args.log_every)
-    for k, config in enumerate(configs):
-        writer.add_scalar(f"losses/val_mse_{config}", fit["val_mse"][k], args.fit_steps)
-        print(f"{config}: train MSE {fit['train_mse'][k]:.3f} | val MSE {fit['val_mse'][k]:.3f} | reward variance "
-              f"{fit['reward_var'][k]:.3f} | min head on {100 * fit['min_head_share'][k]:.1f}% of transitions")
+    if args.fit == "online":  # released: fitted while 1000 behaviour episodes are played
+        fit = fit_online(estimator, [lanes[c][0] for c in configs], (module, behaviour, b_args["window"]), args.episodes,
+                         (day_lo, day_hi), args.behaviour_epsilon, joint_coin, args.episode_steps, args.buffer_size,
+                         args.batch_size, args.train_frequency, args.learning_rate, args.grad_clip, rng, device, writer,
+                         args.log_every or 50)
+        fit.pop("replay")
+        for k, config in enumerate(configs):
+            writer.add_scalar(f"losses/replay_mse_{config}", fit["replay_mse"][k], fit["transitions"])
+            print(f"{config}: {fit['episodes_per_head'][k]} episodes | MSE on the final replay {fit['replay_mse'][k]:.3f} "
+                  f"| reward variance {fit['replay_reward_var'][k]:.3f} | min head on "
+                  f"{100 * fit['min_head_share'][k]:.1f}% of the replay")
+        print(f"{fit['episodes']} episodes, {fit['transitions']} transitions, {fit['updates']} updates in "
+              f"{fit['seconds']:.0f} s ({fit['episodes'] / max(fit['seconds'], 1e-9):.2f} episodes/s; CPU "
+              f"{fit['cpu_seconds']:.0f} s, {fit['episodes'] / max(fit['cpu_seconds'], 1e-9):.2f} episodes per CPU second)")
+    else:  # collect every group's episodes first, then fit
+        data, global_step, start_time = [], 0, time.time()
+        for k, config in enumerate(configs):
+            days = rng.integers(day_lo, day_hi, args.episodes_per_config).tolist()
+            d = collect(module, behaviour, lanes[config], days, b_args["window"], args.behaviour_epsilon, args.episode_steps,
+                        rng, device, joint_coin)
+            for ret in d["returns"]:
+                global_step += len(d["reward"]) // len(d["returns"])
+                writer.add_scalar("charts/episodic_return", ret, global_step)
+                writer.add_scalar("charts/normalised_return", envs.normalised_return(ret), global_step)
+            writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+            print(f"collected {config}: {len(d['returns'])} episodes, {len(d['reward'])} transitions | return "
+                  f"{d['returns'].mean():.1f} | reward mean {d['reward'].mean():.2f} std {d['reward'].std():.2f}", flush=True)
+            data.append(d)
+        # Fit r_hat_k on env k's data (one head per environment)
+        fit = fit_estimator(estimator, data, args.fit_steps, args.fit_batch_size, args.fit_learning_rate,
+                            args.val_fraction, rng, device, writer, args.log_every or 500)
+        for k, config in enumerate(configs):
+            writer.add_scalar(f"losses/val_mse_{config}", fit["val_mse"][k], args.fit_steps)
+            print(f"{config}: train MSE {fit['train_mse'][k]:.3f} | val MSE {fit['val_mse'][k]:.3f} | reward variance "
+                  f"{fit['reward_var'][k]:.3f} | min head on {100 * fit['min_head_share'][k]:.1f}% of transitions")
 
     # Estimator checkpoint, written atomically
     path = os.path.join(run_dir, "estimator.pt")
+    normalisation = {"time": f"t / {args.time_norm:g}"}
+    if args.architecture == "trunk":
+        normalisation.update(state_mean=estimator.state_mean.tolist(), state_std=estimator.state_std.tolist(),
+                             reward_mean=estimator.reward_mean.item(), reward_std=estimator.reward_std.item())
     checkpoint = {
         "format": ESTIMATOR_FORMAT,
         "algo": os.path.basename(__file__)[: -len(".py")],
         "args": vars(args),
         "configs": configs,  # head k = configs[k]
-        "n_agents": dims[0], "n_actions": dims[1], "state_dim": dims[2],
-        "hidden_dim": args.hidden_dim,
-        "time_norm": time_norm,
-        "normalisation": {"time": f"t / {time_norm:g}", "state_mean": estimator.state_mean.tolist(),
-                          "state_std": estimator.state_std.tolist(), "reward_mean": estimator.reward_mean.item(),
-                          "reward_std": estimator.reward_std.item()},
+        "n_agents": task.n_agents, "n_actions": task.n_actions, "state_dim": task.state_dim,
+        "architecture": args.architecture,
+        "hidden_dim": hidden_dim,
+        "time_norm": args.time_norm,
+        "normalisation": normalisation,
         "behaviour": {"checkpoint": os.path.abspath(args.behaviour_checkpoint), "algo": module.__name__[len("behaviour_"):],
-                      "rho": b_args.get("rho"), "epsilon": args.behaviour_epsilon},
+                      "rho": b_args.get("rho"), "epsilon": args.behaviour_epsilon, "joint_coin": joint_coin},
         "fit": fit,
         "estimator": estimator.state_dict(),
     }

@@ -46,6 +46,8 @@ class Args(envs.RunArgs):  # + the run flags of envs.RunArgs (--seed, --run-name
     """the name of this experiment"""
 
     # Environment (building only: GroupDR needs several training environments, the groups)
+    env: str = "building"
+    """the task: building only (GroupDR's groups are the building configs)"""
     train_configs: str = "env_1,env_2,env_3,env_4,env_5"
     """comma-separated building configs an episode is drawn from, uniformly (paper F.2: env_1..env_5)"""
     allow_env6: bool = False
@@ -112,6 +114,8 @@ def load_estimator_module():
 
 def check_args(args: Args) -> None:
     """One clear line naming the flag for every bad input, then exit != 0."""
+    if args.env != "building":
+        envs.fail(f"--env must be building (got '{args.env}'): GroupDR's groups are the building configs")
     if not args.estimator_checkpoint:
         envs.fail("--estimator-checkpoint is required: run stage 1 first, "
                   "python algos/groupdr_estimator.py --behaviour-checkpoint runs/groupdr_behaviour/model.pt "

@@ -2,6 +2,7 @@
 one file.
 
     python algos/groupdr_vdn.py --estimator-checkpoint runs/groupdr_estimator/estimator.pt
+    python algos/groupdr_vdn.py --observed-reward --single-coin   # stage 0: the released behaviour policy
 
 Stage 2 of GroupDR (stage 1, the worst-case reward estimator, is algos/groupdr_estimator.py).
 Every episode is drawn from one of the training environments env_1..env_5, picked uniformly at
@@ -9,7 +10,9 @@ random (paper F.2: "randomly sampling episodes from Env_1 to Env_5"; env_6 is ne
 Q_tot(h, a) = sum_i Q_i(h_i, a_i) (VDN) is trained towards the nominal VDN target with the
 observed reward replaced by the estimated worst-case reward of the groups:
     y = r_tilde + gamma * Q_tot(h', a_bar'; theta-),   r_tilde = min_k r_hat_k(s, a, t),
-a_bar'_i = argmax Q_i(h'_i; theta-). There is no rho. Docs: docs/groupdr.md.
+a_bar'_i = argmax Q_i(h'_i; theta-). There is no rho. With --observed-reward the target keeps the observed
+reward and no estimator is used: plain VDN on episodes drawn from env_1..env_5 (domain randomisation),
+the behaviour policy of GroupDR's stage 1 as released (its vdn_dr.py, with --single-coin). Docs: docs/groupdr.md.
 
 Deviations from the authors' released code, on purpose: (1) its estimator was fitted on all six
 configs, env_6 included; here neither stage touches env_6 (paper F.2), both refuse it unless
@@ -45,6 +48,8 @@ class Args(envs.RunArgs):  # + the run flags of envs.RunArgs (--seed, --run-name
     """the name of this experiment"""
 
     # Environment (building only: GroupDR needs several training environments, the groups)
+    env: str = "building"
+    """the task: building only (GroupDR's groups are the building configs)"""
     train_configs: str = "env_1,env_2,env_3,env_4,env_5"
     """comma-separated building configs an episode is drawn from, uniformly (paper F.2: env_1..env_5)"""
     allow_env6: bool = False
@@ -56,7 +61,9 @@ class Args(envs.RunArgs):  # + the run flags of envs.RunArgs (--seed, --run-name
 
     # Algorithm (paper F.2 defaults)
     estimator_checkpoint: str = ""
-    """estimator.pt written by algos/groupdr_estimator.py (stage 1); required"""
+    """estimator.pt written by algos/groupdr_estimator.py (stage 1); required unless --observed-reward"""
+    observed_reward: bool = False
+    """no estimator: the target keeps the observed reward (plain VDN on --train-configs: GroupDR's behaviour policy)"""
     total_episodes: int = 600
     """number of training episodes E (Alg. 2 l.5)"""
     gamma: float = 0.997
@@ -107,11 +114,16 @@ def load_estimator_module():
 
 def check_args(args: Args) -> None:
     """One clear line naming the flag for every bad input, then exit != 0."""
-    if not args.estimator_checkpoint:
+    if args.env != "building":
+        envs.fail(f"--env must be building (got '{args.env}'): GroupDR's groups are the building configs")
+    if args.observed_reward and args.estimator_checkpoint:
+        envs.fail("--estimator-checkpoint and --observed-reward exclude each other (--observed-reward trains on the "
+                  "observed reward, without an estimator)")
+    if not args.estimator_checkpoint and not args.observed_reward:
         envs.fail("--estimator-checkpoint is required: run stage 1 first, "
                   "python algos/groupdr_estimator.py --behaviour-checkpoint runs/groupdr_behaviour/model.pt "
                   "--run-name groupdr_estimator (see docs/groupdr.md)")
-    if not os.path.isfile(args.estimator_checkpoint):
+    if args.estimator_checkpoint and not os.path.isfile(args.estimator_checkpoint):
         envs.fail(f"--estimator-checkpoint: no such file '{args.estimator_checkpoint}'")
     est = load_estimator_module()
     try:
@@ -328,15 +340,19 @@ if __name__ == "__main__":
     day_lo, day_hi = est.parse_days(args.train_days)
 
     # GroupDR stage 1: the frozen reward estimator r_hat_k(s, a, t), one head per estimator config
-    try:
-        estimator, estimator_ckpt = est.load_estimator(args.estimator_checkpoint, N, A, env.state_dim, device)
-    except est.EstimatorError as e:
-        envs.fail(f"--estimator-checkpoint: {e}")
-    if est.HELD_OUT_CONFIG in estimator_ckpt["configs"] and not args.allow_env6:  # env_6 data = training on env_6
-        envs.fail(f"--estimator-checkpoint: its heads include {est.HELD_OUT_CONFIG}, the held-out test config "
-                  "(fitted with --allow-env6); pass --allow-env6 to train with it anyway")
-    print(f"estimator {args.estimator_checkpoint}: heads {','.join(estimator_ckpt['configs'])}, time t/"
-          f"{estimator_ckpt['time_norm']:g}; training episodes from {','.join(train_configs)}", flush=True)
+    estimator, estimator_ckpt = None, {"configs": None}
+    if args.observed_reward:  # stage 0: plain VDN with domain randomisation, the behaviour policy of stage 1
+        print(f"observed reward, no estimator: plain VDN on episodes from {','.join(train_configs)}", flush=True)
+    else:
+        try:
+            estimator, estimator_ckpt = est.load_estimator(args.estimator_checkpoint, N, A, env.state_dim, device)
+        except est.EstimatorError as e:
+            envs.fail(f"--estimator-checkpoint: {e}")
+        if est.HELD_OUT_CONFIG in estimator_ckpt["configs"] and not args.allow_env6:  # env_6 data = training on env_6
+            envs.fail(f"--estimator-checkpoint: its heads include {est.HELD_OUT_CONFIG}, the held-out test config "
+                      "(fitted with --allow-env6); pass --allow-env6 to train with it anyway")
+        print(f"estimator {args.estimator_checkpoint}: heads {','.join(estimator_ckpt['configs'])}, time t/"
+              f"{estimator_ckpt['time_norm']:g}; training episodes from {','.join(train_configs)}", flush=True)
     writer = evaluation.open_run(run_dir, args, resume)  # the run folder: args.json, TensorBoard (continued on --resume)
 
     # Alg. 2 l.3-4: Q_i with parameters theta, target theta- = theta
@@ -409,7 +425,7 @@ if __name__ == "__main__":
                     terminated_b = torch.from_numpy(rb.terminated[idx]).to(device)  # truncation bootstraps
                     # GroupDR: r_tilde = min_k r_hat_k(s_t, a_t, t), per sample, from the stored s, a, t
                     state_b, t_b = torch.from_numpy(rb.state[idx]).to(device), torch.from_numpy(rb.t[idx]).to(device)
-                    r_tilde = est.worst_case_reward(estimator, state_b, actions_b, t_b)
+                    r_tilde = r_b if args.observed_reward else est.worst_case_reward(estimator, state_b, actions_b, t_b)
                     y = groupdr_target(r_tilde, next_v, terminated_b, args.gamma)  # l.15 with r -> r_tilde
                 td_loss = F.mse_loss(q_tot, y)  # Alg. 2 l.16
                 optimizer.zero_grad()

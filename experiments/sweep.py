@@ -15,6 +15,24 @@ without redoing finished runs. A failed job is recorded in <results-dir>/<grid>/
 error and the other jobs go on (it is retried on the next start). At the end experiments/report.py writes
 the report (docs/results.md). Each job only needs the repository at the same path and a shared runs/
 folder, so on a Ray cluster the driver collects the small result payloads and writes them itself.
+
+Stages: dependent jobs (e.g. GroupDR: behaviour policy -> reward estimator -> the GroupDR Q-learning runs).
+A [stages.<name>] table is one run that other jobs need as input:
+    [stages.<name>]
+    script = "algos/..."         # required
+    flags = [...]                # its complete flags ([defaults] flags are NOT added to a stage)
+    seed = 1                     # default 1
+    output = "model.pt"          # the file it writes in runs/<grid>/<name>/ (default model.pt); done = it exists
+    needs = { "--flag" = "<other stage>" }   # optional: inputs from earlier stages
+A stage is trained (python <script> <flags> <needs flags> --seed S --run-name <grid>/<name>, with --resume
+when runs/<grid>/<name>/checkpoint.pt exists and its output does not), never evaluated, and writes no
+result JSON. A method table (or a stage) with `needs = { "--estimator-checkpoint" = "<stage>" }` gets
+`--estimator-checkpoint runs/<grid>/<stage>/<output>` added to its flags and starts only once that file
+exists; if the stage fails, its dependents are recorded as failed without running. A job whose model.pt
+exists already (trained, only evaluation left) needs nothing. --only <method> also runs the stages it needs.
+Jobs start in grid order as soon as their inputs exist: the stages (in dependency order), then seed 1 of
+every method, then seed 2, ... A method whose script has no --rho (GroupDR) sets `rho_flag = false`: its
+runs keep the `rho` of the table in their names and results (e.g. rho = [0]) and no --rho is passed.
 """
 
 from __future__ import annotations
@@ -74,17 +92,26 @@ class Job:
     protocols: list[str]
     eval_steps: int = 0
     paper: str = ""
+    rho_flag: bool = True  # pass --rho (false: the script has none, e.g. GroupDR)
+    needs: list[str] = field(default_factory=list)  # the stages whose outputs this job reads
+    stage: bool = False  # a [stages.<name>] job: trained, not evaluated; done when runs/<run>/<output> exists
+    output: str = ""  # a stage's output file in its run folder
     name: str = field(init=False)
 
     def __post_init__(self):
-        self.name = f"{self.method}__rho{float(self.rho)!r}__seed{self.seed}"
+        self.name = self.method if self.stage else f"{self.method}__rho{float(self.rho)!r}__seed{self.seed}"
 
     @property
     def run_name(self) -> str:
         return f"{self.grid}/{self.name}"
 
+    def target(self, workdir: str) -> str:
+        """The file training writes: a stage's output, a method run's model.pt."""
+        return os.path.join(workdir, "runs", self.run_name, self.output if self.stage else "model.pt")
+
     def train_command(self, resume: bool) -> list[str]:
-        cmd = [sys.executable, os.path.join(ROOT, self.script), *self.flags, "--rho", repr(float(self.rho)),
+        rho = ["--rho", repr(float(self.rho))] if self.rho_flag and not self.stage else []
+        cmd = [sys.executable, os.path.join(ROOT, self.script), *self.flags, *rho,
                "--seed", str(self.seed), "--run-name", self.run_name]
         return cmd + (["--resume", os.path.join("runs", self.run_name)] if resume else [])
 
@@ -99,7 +126,7 @@ def load_grid(path: str) -> tuple[str, list[Job]]:
     except tomllib.TOMLDecodeError as e:
         envs.fail(f"grid: '{path}' is not valid TOML ({e})")
     name = os.path.splitext(os.path.basename(path))[0]
-    defaults, methods = spec.get("defaults", {}), spec.get("methods", {})
+    defaults, methods, stage_specs = spec.get("defaults", {}), spec.get("methods", {}), spec.get("stages", {})
     ev = spec.get("eval", {})
     protocols = ev.get("protocols", ["paper-tables", "climate", "season"])
     for p in protocols:
@@ -107,6 +134,7 @@ def load_grid(path: str) -> tuple[str, list[Job]]:
             envs.fail(f"grid: [eval] protocols '{p}' is unknown; accepted: {', '.join(PROTOCOLS)}")
     if not methods:
         envs.fail(f"grid: '{path}' has no [methods.<name>] tables")
+    stages = load_stages(name, stage_specs, set(methods))
     jobs = []
     for method, m in methods.items():
         for key in ("script", "rho", "seeds"):
@@ -114,16 +142,73 @@ def load_grid(path: str) -> tuple[str, list[Job]]:
                 envs.fail(f"grid: method '{method}' needs '{key}' (script, flags, rho, seeds)")
         if not os.path.isfile(os.path.join(ROOT, m["script"])):
             envs.fail(f"grid: method '{method}': no script '{m['script']}'")
-        unknown = set(m) - {"script", "flags", "rho", "seeds", "paper"}
+        unknown = set(m) - METHOD_KEYS
         if unknown:
-            envs.fail(f"grid: method '{method}': unknown keys {sorted(unknown)}; accepted: script, flags, rho, seeds, paper")
-        flags = [str(x) for x in defaults.get("flags", []) + m.get("flags", [])]
+            envs.fail(f"grid: method '{method}': unknown keys {sorted(unknown)}; accepted: {', '.join(METHOD_KEYS_ORDER)}")
+        needs, need_flags = _needs(f"method '{method}'", m.get("needs", {}), {s.name: s for s in stages})
+        flags = [str(x) for x in defaults.get("flags", []) + m.get("flags", [])] + need_flags
         for rho in m["rho"]:
             for seed in m["seeds"]:
                 jobs.append(Job(name, method, m["script"], flags, float(rho), int(seed), protocols,
-                                int(ev.get("episode_steps", 0)), m.get("paper", "")))
+                                int(ev.get("episode_steps", 0)), m.get("paper", ""), bool(m.get("rho_flag", True)), needs))
     jobs.sort(key=lambda j: j.seed)  # stable: seed 1 of every method first (a learning check), then seed 2, ...
-    return name, jobs
+    return name, stages + jobs
+
+
+METHOD_KEYS_ORDER = ("script", "flags", "rho", "seeds", "paper", "rho_flag", "needs")
+METHOD_KEYS = set(METHOD_KEYS_ORDER)
+STAGE_KEYS_ORDER = ("script", "flags", "seed", "output", "needs")
+
+
+def _check_needs(owner: str, needs, stage_names) -> dict:
+    """needs must be a table { "--flag" = "<stage>" } naming stages of the grid."""
+    if not isinstance(needs, dict):
+        envs.fail(f"grid: {owner}: needs must be a table {{ \"--flag\" = \"<stage>\" }} (got {needs!r})")
+    for flag, stage in needs.items():
+        if not flag.startswith("--"):
+            envs.fail(f"grid: {owner}: needs key '{flag}' is not a flag (e.g. \"--estimator-checkpoint\")")
+        if stage not in stage_names:
+            envs.fail(f"grid: {owner}: needs stage '{stage}', which has no [stages.{stage}] table"
+                      + (f"; stages: {', '.join(stage_names)}" if stage_names else ""))
+    return needs
+
+
+def _needs(owner: str, needs, stages: dict) -> tuple[list[str], list[str]]:
+    """needs = { "--flag" = "<stage>" } -> (stage names, ["--flag", "runs/<grid>/<stage>/<output>", ...])."""
+    _check_needs(owner, needs, list(stages))
+    flags = []
+    for flag, stage in needs.items():
+        flags += [flag, os.path.join("runs", stages[stage].run_name, stages[stage].output)]
+    return list(needs.values()), flags
+
+
+def load_stages(grid: str, specs: dict, method_names: set) -> list[Job]:
+    """[stages.<name>] tables -> stage jobs in dependency order (stable in file order); one error line for
+    anything malformed (a missing script, unknown keys or stages, a cycle, a name that is also a method's)."""
+    for stage, st in specs.items():
+        if not isinstance(st, dict) or "script" not in st:
+            envs.fail(f"grid: stage '{stage}' needs 'script' ({', '.join(STAGE_KEYS_ORDER)})")
+        unknown = set(st) - set(STAGE_KEYS_ORDER)
+        if unknown:
+            envs.fail(f"grid: stage '{stage}': unknown keys {sorted(unknown)}; accepted: {', '.join(STAGE_KEYS_ORDER)}")
+        if not os.path.isfile(os.path.join(ROOT, st["script"])):
+            envs.fail(f"grid: stage '{stage}': no script '{st['script']}'")
+        if stage in method_names:
+            envs.fail(f"grid: stage '{stage}' has the name of a method; give it another")
+        _check_needs(f"stage '{stage}'", st.get("needs", {}), list(specs))
+    order: list[str] = []
+    while len(order) < len(specs):
+        ready = [s for s in specs if s not in order and all(d in order for d in specs[s].get("needs", {}).values())]
+        if not ready:
+            envs.fail(f"grid: stages {', '.join(s for s in specs if s not in order)} need each other (a cycle)")
+        order += ready
+    jobs: dict[str, Job] = {}
+    for stage in order:
+        st = specs[stage]
+        needs, need_flags = _needs(f"stage '{stage}'", st.get("needs", {}), jobs)
+        jobs[stage] = Job(grid, stage, st["script"], [str(x) for x in st.get("flags", [])] + need_flags, 0.0,
+                          int(st.get("seed", 1)), [], needs=needs, stage=True, output=str(st.get("output", "model.pt")))
+    return list(jobs.values())
 
 
 def training_curve(run_dir: str) -> dict:
@@ -144,9 +229,10 @@ def training_curve(run_dir: str) -> dict:
 
 
 def run_job(job: Job, workdir: str) -> dict:
-    """Train (or continue) then evaluate one run; returns the result payload (raises on failure)."""
+    """Train (or continue) then evaluate one run; returns the result payload (raises on failure). A stage is
+    only trained: -> {"stage": name, "output": its output file relative to workdir}."""
     run_dir = os.path.join(workdir, "runs", job.run_name)
-    model, env = os.path.join(run_dir, "model.pt"), dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    model, env = job.target(workdir), dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     if not os.path.isfile(model):
         resume = os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))
         cmd = job.train_command(resume)
@@ -160,6 +246,8 @@ def run_job(job: Job, workdir: str) -> dict:
         if proc.returncode != 0 or not os.path.isfile(model):
             raise RuntimeError(f"training exited {proc.returncode} (log: runs/{job.grid}/{job.name}.log): "
                                + _tail(os.path.join(workdir, "runs", job.grid, f"{job.name}.log")))
+    if job.stage:
+        return {"stage": job.name, "output": os.path.relpath(model, workdir)}
     results = {}
     for protocol in job.protocols:
         out = os.path.join(run_dir, f"eval_{protocol}.json")
@@ -176,7 +264,8 @@ def run_job(job: Job, workdir: str) -> dict:
     curve = training_curve(run_dir)
     return {"grid": job.grid, "method": job.method, "paper": job.paper, "script": job.script, "flags": job.flags,
             "rho": job.rho, "seed": job.seed, "run_name": job.run_name,
-            "command": " ".join(["python", job.script, *job.flags, "--rho", repr(job.rho), "--seed", str(job.seed)]),
+            "command": " ".join(["python", job.script, *job.flags, *(["--rho", repr(job.rho)] if job.rho_flag else []),
+                                 "--seed", str(job.seed)]),
             "args": run_args, "commit": _trained_with(run_dir), "machine": _trained_on(run_dir),
             "eval_days": payload["days"], "normalised_return": results, "curve": curve,
             "train_seconds": curve["wall_seconds"]}  # first to last episode, from TensorBoard's wall times
@@ -229,52 +318,106 @@ def main(args: Args) -> int:
     if args.workers < 0:
         envs.fail(f"--workers must be >= 0 (got {args.workers}; 0 = one per core)")
     grid, jobs = load_grid(args.grid)
+    stage_of = {j.name: j for j in jobs if j.stage}
     if args.only:
         wanted = set(args.only.split(","))
         missing = wanted - {j.method for j in jobs}
         if missing:
             envs.fail(f"--only: no method {sorted(missing)} in {args.grid}; accepted: {', '.join(sorted({j.method for j in jobs}))}")
-        jobs = [j for j in jobs if j.method in wanted]
+        needed, stack = set(), [n for j in jobs if j.method in wanted for n in j.needs]
+        while stack:  # the stages the chosen methods need, and theirs
+            name = stack.pop()
+            if name not in needed:
+                needed.add(name)
+                stack += stage_of[name].needs
+        jobs = [j for j in jobs if j.method in wanted or j.name in needed]
+    runs, stages = [j for j in jobs if not j.stage], [j for j in jobs if j.stage]
     out_dir, failed_dir = os.path.join(args.results_dir, grid), os.path.join(args.results_dir, grid, "failed")
     os.makedirs(os.path.join(args.workdir, "runs", grid), exist_ok=True)
-    result = {j.name: os.path.join(out_dir, f"{j.name}.json") for j in jobs}
-    todo = [j for j in jobs if not os.path.isfile(result[j.name])]
-    n_done, n_untrained = len(jobs) - len(todo), 0
-    if not args.train:
-        trained = [j for j in todo if os.path.isfile(os.path.join(args.workdir, "runs", j.run_name, "model.pt"))]
-        todo, n_untrained = trained, len(todo) - len(trained)
+    result = {j.name: os.path.join(out_dir, f"{j.name}.json") for j in runs}
+
+    def trained(job: Job) -> bool:
+        return os.path.isfile(job.target(args.workdir))  # model.pt of a run, the output of a stage
+
+    todo_runs = [j for j in runs if not os.path.isfile(result[j.name])]
+    todo_stages = [j for j in stages if not trained(j)]
+    n_done, n_untrained = len(runs) - len(todo_runs), 0
+    if not args.train:  # nothing is trained: no stage runs, and only the trained runs are evaluated
+        ready = [j for j in todo_runs if trained(j)]
+        todo_runs, todo_stages, n_untrained = ready, [], len(todo_runs) - len(ready)
+    todo = todo_stages + todo_runs
     workers = args.workers or os.cpu_count() or 1
-    print(f"grid {grid}: {len(jobs)} runs, {n_done} already done, {len(todo)} to run"
+    print(f"grid {grid}: {len(runs)} runs, {n_done} already done, {len(todo_runs)} to run"
           + (f", {n_untrained} not trained yet (--no-train)" if n_untrained else "")
+          + (f"; {len(stages)} stages, {len(todo_stages)} to run" if stages else "")
           + f" ({args.backend}, {workers if not args.address else 'cluster'} at a time)", flush=True)
+
+    def inputs_missing(job: Job) -> list[str]:
+        """The stages whose output job still waits for (none once its model.pt exists: only evaluation is left)."""
+        if not job.stage and trained(job):
+            return []
+        return [n for n in job.needs if not trained(stage_of[n])]
+
     for j in todo:
         run_dir = os.path.join(args.workdir, "runs", j.run_name)
-        state = ("trained: evaluate" if os.path.isfile(os.path.join(run_dir, "model.pt"))
-                 else "resume" if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")) else "new")
-        print(f"  {j.name}: {state}" + ("  " + " ".join(j.train_command(state == "resume")[1:]) if args.dry_run else ""))
+        state = ("trained: evaluate" if trained(j) else "resume" if os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))
+                 else "new")
+        waits = inputs_missing(j)
+        print(f"  {j.name}: {'stage, ' if j.stage else ''}{state}" + (f" (waits for {', '.join(waits)})" if waits else "")
+              + ("  " + " ".join(j.train_command(state == "resume")[1:]) if args.dry_run else ""))
     if args.dry_run:
         return 0
 
-    n_failed, done, durations, started = 0, 0, [], time.time()
+    n_failed, done, durations, started, failed_stages = 0, 0, [], time.time(), set()
+    in_flight = {"n": 0}
 
     def finished(job: Job, payload: dict | None, error: str | None, seconds: float) -> None:
         nonlocal n_failed, done
         done += 1
         if error is None:
-            evaluation.write_json_atomic(result[job.name], payload)
+            if not job.stage:
+                evaluation.write_json_atomic(result[job.name], payload)
             if os.path.isfile(os.path.join(failed_dir, f"{job.name}.json")):
                 os.remove(os.path.join(failed_dir, f"{job.name}.json"))
             durations.append(seconds)
-            summary = ", ".join(f"{c} {v:.3f}" for c, v in payload["normalised_return"].get("paper-tables", {}).items())
+            summary = (f"stage done: {payload['output']}" if job.stage else
+                       ", ".join(f"{c} {v:.3f}" for c, v in payload["normalised_return"].get("paper-tables", {}).items()))
         else:
             n_failed += 1
+            failed_stages.update([job.name] if job.stage else [])
             evaluation.write_json_atomic(os.path.join(failed_dir, f"{job.name}.json"),
                                          {"run": job.run_name, "command": " ".join(job.train_command(False)), "error": error})
             summary = f"FAILED: {error}"
-        running = min(workers, len(todo) - done)
         eta = (sum(durations) / len(durations)) * (len(todo) - done) / workers / 60 if durations else float("nan")
-        print(f"[{done}/{len(todo)} done, {running} running, {n_failed} failed, {(time.time() - started) / 60:.0f} min, "
+        print(f"[{done}/{len(todo)} done, {in_flight['n']} running, {n_failed} failed, "
+              f"{(time.time() - started) / 60:.0f} min, "
               f"ETA {eta:.0f} min] {job.name} ({seconds / 60:.1f} min): {summary}", flush=True)
+
+    def schedule(limit: int, submit, wait_one) -> None:
+        """Start jobs in grid order as soon as their inputs exist, at most `limit` at a time, until none is left.
+        submit(job) -> handle; wait_one(handles) -> (handle, payload, error, seconds) of a finished one."""
+        pending, running = list(todo), {}
+        while pending or running:
+            for job in [j for j in pending if inputs_missing(j) and set(j.needs) & failed_stages]:
+                pending.remove(job)
+                bad = sorted(set(job.needs) & failed_stages)
+                why = f"needs stage {', '.join(bad)}, which failed (see {os.path.join(failed_dir, bad[0])}.json)"
+                finished(job, None, why, 0.0)
+            while len(running) < limit:
+                job = next((j for j in pending if not inputs_missing(j)), None)
+                if job is None:
+                    break
+                pending.remove(job)
+                running[submit(job)] = job
+                in_flight["n"] = len(running)
+            if not running:  # what is left waits for an output that nothing will write
+                for job in pending:
+                    finished(job, None, f"needs the output of stage {', '.join(inputs_missing(job))}, which is missing", 0.0)
+                return
+            handle, payload, error, seconds = wait_one(list(running))
+            job = running.pop(handle)
+            in_flight["n"] = len(running)
+            finished(job, payload, error, seconds)
 
     if args.backend == "local":
         def timed(job):
@@ -284,10 +427,12 @@ def main(args: Args) -> int:
             except Exception as e:  # noqa: BLE001 - a failed run is recorded, the others continue
                 return None, str(e), time.time() - t0
 
+        def wait_local(futures):
+            fut = next(iter(concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)[0]))
+            return (fut, *fut.result())
+
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(timed, j): j for j in todo}
-            for fut in concurrent.futures.as_completed(futures):
-                finished(futures[fut], *fut.result())
+            schedule(workers, lambda job: pool.submit(timed, job), wait_local)
     else:
         try:
             import ray
@@ -299,22 +444,32 @@ def main(args: Args) -> int:
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers get run_job by value
         remote = ray.remote(num_cpus=1, max_retries=0)(run_job)
-        refs = {remote.remote(j, args.workdir): (j, time.time()) for j in todo}
-        while refs:
-            ready, _ = ray.wait(list(refs), num_returns=1)
-            job, t0 = refs.pop(ready[0])
+        started_at = {}
+
+        def submit_ray(job):
+            ref = remote.remote(job, args.workdir)
+            started_at[ref] = time.time()
+            return ref
+
+        def wait_ray(refs):
+            ready, _ = ray.wait(refs, num_returns=1)
+            t0 = started_at.pop(ready[0])
             try:
-                finished(job, ray.get(ready[0]), None, time.time() - t0)
+                return ready[0], ray.get(ready[0]), None, time.time() - t0
             except Exception as e:  # noqa: BLE001 - ray wraps the job's exception
-                finished(job, None, str(getattr(e, "cause", e)).splitlines()[-1], time.time() - t0)
+                return ready[0], None, str(getattr(e, "cause", e)).splitlines()[-1], time.time() - t0
+
+        limit = workers if not args.address else max(1, int(ray.cluster_resources().get("CPU", 1)))
+        schedule(limit, submit_ray, wait_ray)
         ray.shutdown()
 
-    if args.report:
+    if args.report and os.path.isdir(out_dir):
         import report
 
         report.main(report.Args(results=[out_dir], out=os.path.join(os.path.dirname(args.results_dir), "results.md")))
-    have = sum(os.path.isfile(result[j.name]) for j in jobs)
-    print(f"grid {grid}: {have} of {len(jobs)} runs have results" + (f"; {n_failed} failed, see {failed_dir}" if n_failed else ""))
+    have = sum(os.path.isfile(result[j.name]) for j in runs)
+    print(f"grid {grid}: {have} of {len(runs)} runs have results"
+          + (f"; {n_failed} failed, see {failed_dir}" if n_failed else ""))
     return 1 if n_failed else 0
 
 

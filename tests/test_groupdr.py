@@ -1,11 +1,15 @@
 """GroupDR baseline (paper F.2): algos/groupdr_estimator.py (stage 1) and algos/groupdr_{vdn,qmix,qtran}.py.
 
-* the estimator's network and fit: it recovers synthetic per-environment reward functions, its
-  first layer is a Linear on [standardised s, one-hot a_1..a_N, t / 288], and r_tilde is the
-  minimum over heads taken per sample;
+* the estimator's networks and fits: the released network's shapes and forward pass (three embeddings
+  of the raw s, the one-hot joint action and t / 288), one fitting step (own head's MSE, clipped), the
+  online fit (greedy behaviour over available actions, one joint epsilon coin, the replay, one Adam
+  step), the trunk's first layer (a Linear on [standardised s, one-hot a_1..a_N, t / 288]) and offline
+  fit (it recovers synthetic per-environment reward functions), and r_tilde = the minimum over heads
+  taken per sample;
 * the GroupDR TD target uses r_tilde, never the observed reward, and no rho;
-* end to end with tiny budgets (subprocesses in a tmp cwd): a VDN behaviour policy, the estimator,
-  the three GroupDR scripts, then eval.py on each checkpoint; every training process reports, through
+* end to end with tiny budgets (subprocesses in a tmp cwd): the VDN behaviour policy (groupdr_vdn.py
+  --observed-reward, episodes from env_1..env_5), the estimator (online, as released, and offline), the
+  three GroupDR scripts, then eval.py on each checkpoint; every training process reports, through
   envs.BUILD_LOG, that it built env_1..env_5 and never env_6;
 * bad input (missing, garbage, foreign, mismatched estimator checkpoint; env_6 asked for): exit != 0
   with one stderr line starting with "error:", no traceback.
@@ -13,6 +17,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import runpy
@@ -62,7 +67,7 @@ def est():
 
 def run_chain(tmp, stages, timeout=240):
     """stages: [(script, args)] run in order by CHAIN in one subprocess with cwd tmp ->
-    (CompletedProcess, {script name: {"rc": exit status, "built": configs built}})."""
+    (CompletedProcess, {run name (its --run-name): {"script": ..., "rc": exit status, "built": configs built}})."""
     wrapper = os.path.join(tmp, "chain.py")
     with open(wrapper, "w") as f:
         f.write(CHAIN)
@@ -70,7 +75,8 @@ def run_chain(tmp, stages, timeout=240):
     proc = subprocess.run([sys.executable, wrapper, json.dumps(argvs)], cwd=tmp, capture_output=True, text=True,
                           timeout=timeout, env=_subprocess_env())
     results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    return proc, {os.path.basename(r["script"])[: -len(".py")]: r for r in results}
+    names = [str(args[list(args).index("--run-name") + 1]) for _, args in stages]
+    return proc, dict(zip(names, results))
 
 
 def assert_one_error_line(proc, *needles):
@@ -160,6 +166,147 @@ def test_worst_case_reward_is_min_over_heads_per_sample(est):
     torch.testing.assert_close(r_tilde, torch.tensor([1.0, 2.0, 7.0]))  # not min of means, not a batch min
 
 
+# -------------------------------- the released estimator and its fit --------------------------------
+
+
+def released_reference(net, state, actions, t, time_norm=288.0):
+    """The released estimator written out with an explicit one-hot joint action (N * n_actions columns)."""
+    onehot = torch.nn.functional.one_hot(actions, net.n_actions).flatten(1).float()
+    e_s = torch.relu(state @ net.state_fc.weight.T + net.state_fc.bias)
+    e_a = torch.relu(onehot @ net.action_fc.weight.T + net.action_fc.bias)
+    e_t = torch.relu((t.float() / time_norm)[:, None] @ net.step_fc.weight.T + net.step_fc.bias)
+    h = torch.relu(torch.cat([e_s, e_a, e_t], 1) @ net.combined_fc.weight.T + net.combined_fc.bias)
+    return h @ net.out_fc.weight.T + net.out_fc.bias
+
+
+def test_released_estimator_shapes_and_forward(est):
+    """Building dims (10-dim state, 6 agents x 200 actions, 5 groups): three 64-wide embeddings of the raw
+    state, the 1200-wide one-hot joint action and t / 288, concatenated (192) -> 64 -> 5 heads, no scaling of
+    inputs or outputs; forward() = the written-out network. make_estimator's default widths: 64 / 128."""
+    torch.manual_seed(0)
+    net = est.make_estimator("released", 10, 6, 200, 5)
+    shapes = {k: tuple(v.shape) for k, v in net.named_parameters()}
+    assert shapes == {"state_fc.weight": (64, 10), "state_fc.bias": (64,), "action_fc.weight": (64, 1200),
+                      "action_fc.bias": (64,), "step_fc.weight": (64, 1), "step_fc.bias": (64,),
+                      "combined_fc.weight": (64, 192), "combined_fc.bias": (64,), "out_fc.weight": (5, 64),
+                      "out_fc.bias": (5,)}
+    assert set(net.state_dict()) == set(shapes) | {"time_norm"} and float(net.time_norm) == 288.0
+    state, actions, t = torch.randn(7, 10) * 10 + 20, torch.randint(0, 200, (7, 6)), torch.randint(0, 288, (7,))
+    out = net(state, actions, t)
+    assert out.shape == (7, 5)
+    torch.testing.assert_close(out, released_reference(net, state, actions, t), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net.fit_output(state, actions, t), out)  # the fit regresses raw rewards
+    assert est.make_estimator("trunk", 10, 6, 200, 5).fc2.weight.shape == (128, 128)
+
+
+def test_estimator_update_is_one_clipped_step_on_the_own_heads_mse(est):
+    """estimator_update with plain SGD (lr 1): theta_1 - theta_0 = -clip(grad) of mean_j (r_hat_{k_j}(s_j, a_j, t_j)
+    - r_j)^2, each transition's own head only, the gradient computed here on the written-out network and scaled
+    by clip / ||grad|| (the clip is active: ||grad|| > clip)."""
+    torch.manual_seed(1)
+    rng = np.random.default_rng(0)
+    net = est.ReleasedEstimator(3, 2, 4, 3, hidden_dim=8, time_norm=288.0)
+    replay = est.BanditReplay(20, 3, 2)
+    for _ in range(12):
+        replay.add(rng.normal(size=3), rng.integers(0, 4, 2), rng.integers(0, 3), rng.normal() * 10 - 30, rng.integers(288))
+    idx = np.array([0, 3, 4, 7, 8, 11])
+    ref = copy.deepcopy(net)
+    state, actions, head, reward, t = (torch.from_numpy(x[idx]) for x in (replay.state, replay.actions, replay.head,
+                                                                         replay.reward, replay.t))
+    loss = ((released_reference(ref, state, actions, t).gather(1, head[:, None]).squeeze(1) - reward) ** 2).mean()
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in ref.parameters()))
+    assert norm > 0.5
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    got = est.estimator_update(net, torch.optim.SGD(net.parameters(), lr=1.0), replay, idx, 0.5)
+    assert got == pytest.approx(loss.item(), rel=1e-5)
+    for (name, p), q in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p - before[name], -q.grad * 0.5 / (norm + 1e-6), rtol=1e-4, atol=1e-7, msg=name)
+
+
+class ConstantBehaviour(torch.nn.Module):
+    """A behaviour network whose greedy action is action 0 for every agent, whatever the history."""
+
+    def greedy_q(self, obs_w, prev_a_w):
+        q = torch.zeros(obs_w.shape[1], obs_w.shape[2], 40)
+        q[..., 0] = 1.0
+        return q
+
+
+class WideTask:
+    """2 agents x 40 actions, all available, 25 steps, reward = -sum of the actions."""
+
+    n_agents, n_actions, obs_dim, state_dim, episode_limit = 2, 40, 2, 3, 25
+
+    def reset(self, day):
+        self.t = 0
+        return np.zeros((2, 2), np.float32), np.zeros(3, np.float32), np.ones((2, 40), bool)
+
+    def step(self, actions):
+        self.t += 1
+        return (np.zeros((2, 2), np.float32), np.zeros(3, np.float32), np.ones((2, 40), bool), -float(np.sum(actions)),
+                False, self.t >= 25, {})
+
+
+@pytest.mark.parametrize("joint_coin", [True, False])
+def test_online_fit_flips_one_joint_coin(est, joint_coin):
+    """Epsilon 0.5, a behaviour whose greedy action is 0: with the joint coin (released) a step is all-greedy or
+    all-random, so steps where exactly one agent plays 0 only occur when a random action happens to be 0
+    (~1/40 of the random steps); with one coin per agent they are about half the steps. About half the
+    steps are all-greedy with the joint coin."""
+    vdn = import_file("groupdr_vdn_for_estimator", "algos/groupdr_vdn.py")
+    torch.manual_seed(0)
+    net = est.ReleasedEstimator(3, 2, 40, 1, hidden_dim=4)
+    fit = est.fit_online(net, [WideTask()], (vdn, ConstantBehaviour(), 2), 8, (0, 10), 0.5, joint_coin, 0, 500, 400, 2,
+                         5e-4, 10.0, np.random.default_rng(0))
+    assert fit["updates"] == 0 and fit["transitions"] == 200
+    greedy = fit["replay"].actions[:200] == 0
+    mixed, all_greedy = (greedy.sum(1) == 1).mean(), greedy.all(1).mean()
+    if joint_coin:
+        assert mixed < 0.06 and 0.4 < all_greedy < 0.6, (mixed, all_greedy)
+    else:
+        assert mixed > 0.35, mixed
+
+
+def test_online_fit_one_update_is_one_adam_step(est):
+    """fit_online on MaskedTask (tests/test_loops_groupdr.py: env_1 and env_2 as heads 0, 1; one unavailable
+    action per agent and step), epsilon 0, two days of 4 steps, batch 6, one update every 8 stored transitions:
+    the replay holds (s_t, a_t, head, r_t, t) as the task produced them, every action is the greedy action of the
+    behaviour network over the available actions (windows built here), and the only update is the closed-form
+    first Adam step (lr 5e-4: -lr g / (|g| + 1e-8)) of the clipped gradient of the own-head MSE on the last
+    batch, computed here on the written-out network."""
+    import test_loops_groupdr as loops
+
+    vdn = import_file("groupdr_vdn_for_estimator", "algos/groupdr_vdn.py")
+    torch.manual_seed(0)
+    behaviour = vdn.QNetworks(loops.N, loops.OBS, loops.A, 8, use_kernel=False)
+    net = est.ReleasedEstimator(loops.STATE, loops.N, loops.A, 2, hidden_dim=8, time_norm=4.0)
+    theta0 = copy.deepcopy(net)
+    tasks = [loops.MaskedTask("env_1"), loops.MaskedTask("env_2")]
+    fit = est.fit_online(net, tasks, (vdn, behaviour, loops.WINDOW), 2, (0, 100), 0.0, True, 0, 50, 6, 8, 5e-4, 0.5,
+                         np.random.default_rng(4))
+    replay, idx = fit["replay"], np.array(fit["last_batch"])
+    assert fit["updates"] == 1 and fit["transitions"] == replay.size == 8 and len(set(idx.tolist())) == 6
+    for i in range(replay.size):
+        k, day, t = loops.decode(replay, i)
+        assert replay.head[i] == k - 1 and replay.t[i] == t == i % 4 and fit["heads"][i // 4] == k - 1
+        assert replay.reward[i] == pytest.approx(loops.reward_of(k, t, replay.actions[i]), abs=1e-5)
+    obs_w, prev_w, _, _ = loops.windows(replay, np.arange(8))
+    with torch.no_grad():
+        q = behaviour(obs_w, prev_w)
+    avail = np.stack([loops.avail_of(t) for t in replay.t[:8]])
+    np.testing.assert_array_equal(replay.actions[:8], loops.masked(q, avail).argmax(-1).numpy())
+    state, actions, head, reward, t = (torch.from_numpy(x[idx]) for x in (replay.state, replay.actions, replay.head,
+                                                                         replay.reward, replay.t))
+    loss = ((released_reference(theta0, state, actions, t, 4.0).gather(1, head[:, None]).squeeze(1) - reward) ** 2).mean()
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in theta0.parameters()))
+    assert norm > 0.5  # the clip is active (the first Adam step does not show it; estimator_update's test does)
+    for (name, p), p0 in zip(net.named_parameters(), theta0.parameters()):
+        g = p0.grad * min(1.0, 0.5 / (float(norm) + 1e-6))
+        torch.testing.assert_close(p.detach() - p0.detach(), -5e-4 * g / (g.abs() + 1e-8), rtol=1e-4, atol=1e-9, msg=name)
+
+
 @pytest.mark.parametrize("name", GROUPDR)
 def test_groupdr_target_uses_r_tilde_and_no_rho(name):
     mod = import_file(f"{name}_under_test", f"algos/{name}.py")
@@ -183,13 +330,18 @@ def test_default_configs_and_env6_refused(est):
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """Behaviour VDN -> estimator -> the three GroupDR scripts, all tiny, in one tmp cwd."""
+    """Behaviour VDN (groupdr_vdn.py --observed-reward, as released) -> the estimator (online as released, and
+    the offline trunk fit) -> the three GroupDR scripts on the online estimator, all tiny, in one tmp cwd."""
     tmp = str(tmp_path_factory.mktemp("groupdr"))
     stages = [
-        ("algos/robust_vdn_rho.py", ["--total-episodes", "1", *TINY, "--save-model", "--run-name", "b"]),
-        ("algos/groupdr_estimator.py", ["--behaviour-checkpoint", "runs/b/model.pt", "--episodes-per-config", "2",
-                                        "--parallel-envs", "2", "--episode-steps", "20", "--fit-steps", "20",
-                                        "--fit-batch-size", "16", "--torch-threads", "1", "--run-name", "est"]),
+        ("algos/groupdr_vdn.py", ["--observed-reward", "--single-coin", "--total-episodes", "1", *TINY, "--save-model",
+                                  "--run-name", "b"]),
+        ("algos/groupdr_estimator.py", ["--behaviour-checkpoint", "runs/b/model.pt", "--episodes", "3", "--episode-steps",
+                                        "20", "--batch-size", "16", "--torch-threads", "1", "--run-name", "est"]),
+        ("algos/groupdr_estimator.py", ["--behaviour-checkpoint", "runs/b/model.pt", "--fit", "offline", "--architecture",
+                                        "trunk", "--per-agent-coins", "--episodes-per-config", "2", "--parallel-envs", "2",
+                                        "--episode-steps", "20", "--fit-steps", "20", "--fit-batch-size", "16",
+                                        "--torch-threads", "1", "--run-name", "est_offline"]),
     ] + [(f"algos/{name}.py", ["--estimator-checkpoint", "runs/est/estimator.pt", "--total-episodes", "2", *TINY,
                                "--save-model", "--run-name", name]) for name in GROUPDR]
     proc, results = run_chain(tmp, stages)
@@ -200,21 +352,35 @@ def pipeline(tmp_path_factory):
 def test_pipeline_trains_on_env_1_to_5_only(pipeline):
     _, proc, results = pipeline
     assert all(r["rc"] == 0 for r in results.values()), describe(proc)
-    assert results["robust_vdn_rho"]["built"] == ["env_1"]
-    for name in ["groupdr_estimator", *GROUPDR]:
+    for name in ["b", "est", "est_offline", *GROUPDR]:
         assert results[name]["built"] == TRAIN, (name, results[name])  # every training env built, env_6 never
     assert "Traceback" not in proc.stderr, describe(proc)
 
 
-def test_estimator_checkpoint_contents(pipeline):
+def test_estimator_checkpoint_contents(pipeline, est):
+    """Both estimator checkpoints: format, heads env_1..env_5, time t / 288, the architecture and its width (the
+    released 64-wide network fitted online over the 3 behaviour episodes with the joint coin; the offline trunk,
+    128 wide, with per-agent coins), the behaviour policy (groupdr_vdn.py --observed-reward), and load_estimator
+    rebuilds each network with the saved weights."""
     tmp, _, _ = pipeline
-    ckpt = torch.load(os.path.join(tmp, "runs/est/estimator.pt"), weights_only=False)
-    assert ckpt["format"] == "drigm-groupdr-estimator-v1"
-    assert ckpt["configs"] == TRAIN and ckpt["time_norm"] == 288.0
-    assert (ckpt["n_agents"], ckpt["n_actions"], ckpt["state_dim"]) == (6, 200, 10)
-    assert ckpt["estimator"]["heads.weight"].shape[0] == 5
-    assert ckpt["behaviour"]["algo"] == "robust_vdn_rho"
-    assert not os.path.exists(os.path.join(tmp, "runs/est/estimator.pt.tmp"))
+    for run, architecture, width, heads_key in [("est", "released", 64, "out_fc.weight"), ("est_offline", "trunk", 128,
+                                                                                        "heads.weight")]:
+        ckpt = torch.load(os.path.join(tmp, f"runs/{run}/estimator.pt"), weights_only=False)
+        assert ckpt["format"] == "drigm-groupdr-estimator-v1"
+        assert ckpt["configs"] == TRAIN and ckpt["time_norm"] == 288.0
+        assert (ckpt["n_agents"], ckpt["n_actions"], ckpt["state_dim"]) == (6, 200, 10)
+        assert ckpt["architecture"] == architecture and ckpt["hidden_dim"] == width
+        assert ckpt["estimator"][heads_key].shape == (5, width)
+        assert ckpt["behaviour"]["algo"] == "groupdr_vdn" and ckpt["behaviour"]["joint_coin"] == (run == "est")
+        assert ckpt["fit"]["mode"] == ("online" if run == "est" else "offline")
+        assert not os.path.exists(os.path.join(tmp, f"runs/{run}/estimator.pt.tmp"))
+        net, _ = est.load_estimator(os.path.join(tmp, f"runs/{run}/estimator.pt"), 6, 200, 10)
+        assert type(net).__name__ == ("ReleasedEstimator" if run == "est" else "RewardEstimator")
+        for key, value in ckpt["estimator"].items():
+            assert torch.equal(net.state_dict()[key], value), key
+    fit = torch.load(os.path.join(tmp, "runs/est/estimator.pt"), weights_only=False)["fit"]
+    assert fit["episodes"] == 3 and fit["transitions"] == 60 and sum(fit["episodes_per_head"]) == 3
+    assert fit["updates"] == (60 - 16) // 2 + 1  # one every 2 stored transitions once 16 are stored
 
 
 def test_groupdr_checkpoints_evaluate_with_eval_py(pipeline, eval_mod, monkeypatch):
@@ -280,6 +446,9 @@ def test_groupdr_vdn_update_regresses_on_r_tilde(pipeline):
 
 
 def test_bad_estimator_checkpoints(pipeline, monkeypatch, capsys):
+    """Every bad input of the four scripts (estimator checkpoint missing / unreadable / foreign / mismatched /
+    with an env_6 head, env_6 asked for, --observed-reward with an estimator, another --env, the trunk fitted
+    online, an unknown --fit, no behaviour policy): exit != 0 with one stderr line "error: ...", no traceback."""
     tmp, _, _ = pipeline
     with open(os.path.join(tmp, "garbage.pt"), "wb") as f:
         f.write(b"this is not a torch file")
@@ -296,9 +465,15 @@ def test_bad_estimator_checkpoints(pipeline, monkeypatch, capsys):
         ("groupdr_vdn", ["--estimator-checkpoint", "runs/est/estimator.pt", "--train-configs", "env_1,env_6"],
          ["--train-configs", "--allow-env6"]),
         ("groupdr_qtran", ["--estimator-checkpoint", "with_env6.pt"], ["--estimator-checkpoint", "env_6", "--allow-env6"]),
+        ("groupdr_vdn", ["--observed-reward", "--estimator-checkpoint", "runs/est/estimator.pt"],
+         ["--estimator-checkpoint and --observed-reward exclude each other"]),
+        ("groupdr_qmix", ["--estimator-checkpoint", "runs/est/estimator.pt", "--env", "matrix"], ["--env must be building"]),
     ]
     cases += [("groupdr_estimator", ["--configs", "env_1,env_6"], ["--configs", "env_6", "--allow-env6"]),
-              ("groupdr_estimator", [], ["--behaviour-checkpoint", "robust_vdn_rho.py"]),
+              ("groupdr_estimator", [], ["--behaviour-checkpoint", "groupdr_vdn.py --observed-reward"]),
+              ("groupdr_estimator", ["--behaviour-checkpoint", "runs/b/model.pt", "--architecture", "trunk"],
+               ["--architecture trunk needs --fit offline"]),
+              ("groupdr_estimator", ["--behaviour-checkpoint", "runs/b/model.pt", "--fit", "later"], ["--fit must be one of"]),
               ("groupdr_estimator", ["--behaviour-checkpoint", "garbage.pt"], ["--behaviour-checkpoint", "cannot read"])]
     for name, args, want in cases:
         extra = [] if name == "groupdr_estimator" else ["--total-episodes", "1", *TINY]

@@ -140,3 +140,150 @@ def test_bad_grid_gives_one_error_line(tmp_path, text, expected):
                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=False)
     assert out.returncode != 0 and expected in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------- stages: dependent jobs (GroupDR) -------------------------------
+
+GDR_TINY = ["--save-model", "--torch-threads", "1", "--episode-steps", "20", "--learning-starts", "8", "--batch-size", "8",
+            "--buffer-size", "200", "--train-configs", "env_1,env_2"]
+
+
+def toml_list(flags) -> str:
+    return "[" + ", ".join(f'"{f}"' for f in flags) + "]"
+
+
+def groupdr_grid(path, behaviour_episodes: int) -> str:
+    """The GroupDR pipeline in three kinds of job: the behaviour policy (stage), the estimator (stage, needs it),
+    a GroupDR method with 2 seeds (needs the estimator, no --rho); tiny budgets, configs env_1 and env_2."""
+    behaviour = ["--observed-reward", "--single-coin", *GDR_TINY, "--total-episodes", str(behaviour_episodes),
+                 "--checkpoint-every", "1"]
+    estimator = ["--configs", "env_1,env_2", "--episodes", "2", "--episode-steps", "20", "--batch-size", "8",
+                 "--torch-threads", "1"]
+    path.write_text(
+        f'[defaults]\nflags = {toml_list([*TINY, "--total-episodes", "2"])}\n'
+        '[eval]\nprotocols = ["paper-tables"]\nepisode_steps = 3\n'
+        f'[methods.gvdn]\nscript = "algos/groupdr_vdn.py"\nflags = ["--single-coin", "--train-configs", "env_1,env_2"]\n'
+        f'rho = [0]\nrho_flag = false\nseeds = [1, 2]\npaper = "VDN GroupDR"\nneeds = {{ "--estimator-checkpoint" = "est" }}\n'
+        f'[stages.est]\nscript = "algos/groupdr_estimator.py"\nflags = {toml_list(estimator)}\noutput = "estimator.pt"\n'
+        f'needs = {{ "--behaviour-checkpoint" = "beh" }}\n'  # declared before the stage it needs: the order is resolved
+        f'[stages.beh]\nscript = "algos/groupdr_vdn.py"\nflags = {toml_list(behaviour)}\n')
+    return str(path)
+
+
+def test_stage_tables_resolve_into_dependent_jobs(sweep, tmp_path, capsys):
+    """load_grid: stages first in dependency order (est is declared before beh, which it needs), each stage's
+    needs become `--flag runs/<grid>/<stage>/<output>`, stages get no [defaults] flags and no --rho; the method's
+    jobs get the estimator path and, with rho_flag = false, no --rho (their names keep rho 0). The dry run
+    says which job waits for which stage; --only gvdn brings in both stages."""
+    grid = groupdr_grid(tmp_path / "s.toml", 2)
+    name, jobs = sweep.load_grid(grid)
+    assert [(j.name, j.stage) for j in jobs] == [("beh", True), ("est", True), ("gvdn__rho0.0__seed1", False),
+                                                 ("gvdn__rho0.0__seed2", False)]
+    beh, est, g1, _ = jobs
+    assert est.needs == ["beh"] and g1.needs == ["est"] and beh.needs == [] and est.output == "estimator.pt"
+    assert est.flags[-2:] == ["--behaviour-checkpoint", os.path.join("runs", "s", "beh", "model.pt")]
+    assert g1.flags[-2:] == ["--estimator-checkpoint", os.path.join("runs", "s", "est", "estimator.pt")]
+    assert "--env" not in beh.flags and "--env" in g1.flags  # [defaults] flags go to methods only
+    cmd = g1.train_command(False)
+    assert "--rho" not in cmd and cmd[-4:] == ["--seed", "1", "--run-name", "s/gvdn__rho0.0__seed1"]
+    assert "--rho" not in est.train_command(False) and est.train_command(False)[-2:] == ["--run-name", "s/est"]
+    capsys.readouterr()
+    assert sweep.main(sweep.Args(grid=grid, dry_run=True, workdir=str(tmp_path), results_dir=str(tmp_path / "r"),
+                                 only="gvdn")) == 0
+    out = capsys.readouterr().out
+    assert "2 runs, 0 already done, 2 to run; 2 stages, 2 to run" in out
+    assert "  beh: stage, new  " in out and "  est: stage, new (waits for beh)" in out
+    assert "  gvdn__rho0.0__seed2: new (waits for est)" in out
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('[stages.a]\nscript = "algos/groupdr_vdn.py"\nneeds = { "--x" = "b" }\n[stages.b]\nscript = "algos/groupdr_vdn.py"\n'
+     'needs = { "--y" = "a" }\n', "need each other (a cycle)"),
+    ('[stages.a]\nscript = "algos/groupdr_vdn.py"\nneeds = { "--x" = "nope" }\n', "needs stage 'nope'"),
+    ('[stages.a]\nscript = "algos/groupdr_vdn.py"\nsede = 1\n', "unknown keys ['sede']"),
+    ('[stages.a]\nflags = []\n', "stage 'a' needs 'script'"),
+    ('[stages.m]\nscript = "algos/groupdr_vdn.py"\n', "has the name of a method"),
+    ('[stages.a]\nscript = "algos/groupdr_vdn.py"\nneeds = { "x" = "a" }\n', "is not a flag"),
+])
+def test_bad_stage_tables_give_one_error_line(sweep, tmp_path, capsys, text, expected):
+    path = tmp_path / "bad.toml"
+    path.write_text('[methods.m]\nscript = "algos/robust_vdn_rho.py"\nrho = [0]\nseeds = [1]\n' + text)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sweep.load_grid(str(path))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and err[0].startswith("error: grid:") and expected in err[0], err
+
+
+def test_failed_stage_fails_its_dependents_without_running_them(sweep, tmp_path, capsys):
+    """A stage that cannot run (the estimator without --behaviour-checkpoint) is recorded as failed, and the
+    method that needs it is recorded as failed with the reason, without a run folder: nothing trains on a
+    missing input. The independent method runs."""
+    grid = tmp_path / "f.toml"
+    grid.write_text(
+        f'[defaults]\nflags = {toml_list([*TINY, "--total-episodes", "1"])}\n[eval]\nprotocols = ["paper-tables"]\n'
+        'episode_steps = 3\n[stages.est]\nscript = "algos/groupdr_estimator.py"\nflags = ["--torch-threads", "1"]\n'
+        'output = "estimator.pt"\n[methods.gvdn]\nscript = "algos/groupdr_vdn.py"\nrho = [0]\nrho_flag = false\nseeds = [1]\n'
+        'needs = { "--estimator-checkpoint" = "est" }\n')
+    results = tmp_path / "results"
+    args = sweep.Args(grid=str(grid), workers=2, workdir=str(tmp_path), results_dir=str(results), report=False)
+    assert sweep.main(args) == 1
+    failed_stage = json.loads((results / "f" / "failed" / "est.json").read_text())
+    assert "--behaviour-checkpoint is required" in failed_stage["error"]
+    failed_run = json.loads((results / "f" / "failed" / "gvdn__rho0.0__seed1.json").read_text())
+    assert "needs stage est, which failed" in failed_run["error"]
+    assert not (tmp_path / "runs" / "f" / "gvdn__rho0.0__seed1").exists()
+    assert not list((results / "f").glob("*.json"))
+
+
+def test_groupdr_pipeline_runs_in_dependency_order_and_resumes_after_a_kill(sweep, tmp_path, capsys):
+    """The GroupDR grid (behaviour -> estimator -> 2 GroupDR seeds), as a sweep subprocess with 2 workers, is
+    SIGKILLed once the behaviour stage has written its first checkpoint (a budget of 1000 episodes: it cannot
+    have finished). Nothing that needs it has started (no estimator or GroupDR run folder). The sweep started
+    again (the grid's behaviour budget now 2 episodes: a budget flag, so the checkpoint's run continues)
+    resumes the behaviour stage, then runs the estimator on its model.pt, then both GroupDR seeds on the one
+    estimator.pt: each input file is older than the run that reads it, the estimator records the behaviour
+    checkpoint it used, every GroupDR run the estimator path; a third start runs nothing."""
+    grid = groupdr_grid(tmp_path / "k.toml", 1000)
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "sweep.py"), grid, "--workers", "2", "--workdir", str(tmp_path),
+           "--results-dir", str(tmp_path / "results"), "--no-report"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    runs = tmp_path / "runs" / "k"
+    deadline = time.time() + 300
+    while not (runs / "beh" / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its training subprocess
+    proc.wait()
+    assert (runs / "beh" / "checkpoint.pt").exists(), proc.stdout.read().decode()
+    assert not (runs / "beh" / "model.pt").exists()
+    assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == ["beh"]  # the estimator and GroupDR runs waited
+
+    groupdr_grid(tmp_path / "k.toml", 2)
+    args = sweep.Args(grid=grid, workers=2, workdir=str(tmp_path), results_dir=str(tmp_path / "results"), report=False)
+    capsys.readouterr()
+    assert sweep.main(args) == 0
+    out = capsys.readouterr().out
+    assert "2 runs, 0 already done, 2 to run; 2 stages, 2 to run" in out
+    assert "  beh: stage, resume" in out and "  est: stage, new (waits for beh)" in out
+    behaviour, estimator = runs / "beh" / "model.pt", runs / "est" / "estimator.pt"
+    assert torch.load(behaviour, weights_only=False)["args"]["total_episodes"] == 2
+    assert "resumed runs/k/beh/checkpoint.pt" in (runs / "beh.log").read_text()  # continued, not restarted
+    assert behaviour.stat().st_mtime_ns <= (runs / "est" / "args.json").stat().st_mtime_ns
+    ckpt = torch.load(estimator, weights_only=False)
+    assert ckpt["behaviour"]["checkpoint"] == str(behaviour) and ckpt["configs"] == ["env_1", "env_2"]
+    for seed in (1, 2):
+        run = runs / f"gvdn__rho0.0__seed{seed}"
+        assert estimator.stat().st_mtime_ns <= (run / "args.json").stat().st_mtime_ns
+        assert torch.load(run / "model.pt", weights_only=False)["args"]["estimator_checkpoint"] == "runs/k/est/estimator.pt"
+        payload = json.loads((tmp_path / "results" / "k" / f"gvdn__rho0.0__seed{seed}.json").read_text())
+        assert payload["rho"] == 0.0 and payload["paper"] == "VDN GroupDR" and "--rho" not in payload["command"].split()
+        assert payload["flags"][-2:] == ["--estimator-checkpoint", "runs/k/est/estimator.pt"]
+        assert set(payload["normalised_return"]["paper-tables"]) == {"env_1", "env_6"}
+    assert sorted(p.name for p in (tmp_path / "results" / "k").glob("*.json")) == [
+        "gvdn__rho0.0__seed1.json", "gvdn__rho0.0__seed2.json"]  # stages write no result JSON
+
+    before = {p: p.stat().st_mtime_ns for p in runs.rglob("*.pt")}
+    assert sweep.main(args) == 0
+    assert "2 runs, 2 already done, 0 to run; 2 stages, 0 to run" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("*.pt")} == before
