@@ -101,7 +101,10 @@ class RunArgs:
     log_every: int = 10
     """print a progress line every this many episodes"""
     checkpoint_every: int = 50
-    """write runs/{run_name}/checkpoint.pt every this many episodes, for --resume (0 = only on Ctrl-C / SIGTERM)"""
+    """write runs/{run_name}/checkpoint.pt every this many episodes, for --resume (0 = none by episodes; StarCraft default 0)"""
+    checkpoint_minutes: float = 10.0
+    """also write it at the end of an episode once this many minutes have passed since the last one (or this process's
+    start), and at the end of training (0 = neither; Ctrl-C / SIGTERM always write one)"""
     resume: str = ""
     """continue the run in this folder (runs/<run name>) from its checkpoint.pt; flags left out come from it"""
 
@@ -152,7 +155,8 @@ REAL_FLAGS = {"gamma": ("in [0, 1)", lambda v: 0.0 <= v < 1.0), "learning_rate":
               "qtran_learning_rate": ("> 0", lambda v: v > 0), "dual_learning_rate": ("> 0", lambda v: v > 0),
               "max_grad_norm": (">= 0 (0 = no clip)", lambda v: v >= 0), "dual_max_grad_norm": (">= 0 (0 = no clip)", lambda v: v >= 0),
               "rmsprop_eps": (">= 0", lambda v: v >= 0), "start_e": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0),
-              "end_e": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0), "eval_sigma": (">= 0", lambda v: v >= 0)}
+              "end_e": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0), "eval_sigma": (">= 0", lambda v: v >= 0),
+              "checkpoint_minutes": (">= 0 (0 = no checkpoints by time)", lambda v: v >= 0)}
 
 
 def check_counts(args) -> None:
@@ -170,9 +174,12 @@ def check_counts(args) -> None:
 
 
 # StarCraft: where the paper is silent, SMAC-literature values (pymarl) replace the building
-# defaults of the fields a user left at their default.
+# defaults of the fields a user left at their default. checkpoint_every=0: SMAX episodes are short
+# (~50 steps) and the 50,000-transition buffer makes a checkpoint ~120 MB, so StarCraft runs
+# checkpoint by time only (--checkpoint-minutes, every 10 minutes by default) and at the end.
 STARCRAFT_DEFAULTS = dict(gamma=0.99, end_e=0.05, exploration_steps=50_000, buffer_size=50_000,
-                          target_network_frequency=10_000, total_episodes=1_000_000, total_steps=1_000_000)
+                          target_network_frequency=10_000, total_episodes=1_000_000, total_steps=1_000_000,
+                          checkpoint_every=0)
 
 
 def apply_env_defaults(args, defaults) -> bool:
@@ -514,6 +521,46 @@ def _smax_compiled(map_name: str, max_steps: int = 250):
     return env, reset_fn, step_fn, dims
 
 
+def smax_batch_chunk(n_units: int) -> int:
+    """Episodes per vmapped SMAX call that give bit for bit the numbers of the single-episode step.
+
+    XLA:CPU fuses the step's pairwise-unit reductions (tensors of B x U x U x 2 values, U units)
+    differently once such a tensor reaches 4096 values, and the results then differ from the unbatched
+    step's in the last bit (measured with jax 0.10.2: exact up to B = 31 for 3s_vs_5z's 8 units and up
+    to B = 20 for 2s3z's 10 units, not at 32 / 21). Half that size, for a margin: 16 for 3s_vs_5z."""
+    return max(1, 1024 // (n_units * n_units))
+
+
+def _smax_stack(trees):
+    """Stack pytrees of jax arrays (one per episode) along a new leading axis, as host-made (strongly typed) arrays."""
+    import jax
+
+    leaves = [jax.tree_util.tree_leaves(t) for t in jax.device_get(trees)]
+    stacked = [jax.numpy.asarray(np.stack(column)) for column in zip(*leaves)]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(trees[0]), stacked)
+
+
+@functools.cache
+def _smax_batched(map_name: str, max_steps: int, chunk: int):
+    """jax.vmap of _smax_compiled's jitted step over ``chunk`` episodes, compiled and warmed up once per process
+    and (map, limit, chunk) (a few seconds):
+
+        step_b(key (chunk, 2), env_state (leaves (chunk, ...)), actions (chunk, N) int32) -> (packed, env_state, key)
+
+    Episodes start with the single-episode reset_fn, their states stacked by _smax_stack: the very numbers of
+    reset(day), and host-made arrays carry no weak types, so step_b has one trace (the unbatched step has two)."""
+    jax = _import_jaxmarl_smax()[0]
+    env, reset_fn, step_fn, _ = _smax_compiled(map_name, max_steps)
+    step_b = jax.jit(jax.vmap(step_fn))
+    starts = [reset_fn(jax.random.PRNGKey(0), np.uint32(0))[1:] for _ in range(chunk)]
+    env_state, key = _smax_stack([s for s, _ in starts]), _smax_stack([k for _, k in starts])
+    stop = np.full((chunk, env.num_allies), SMAX_NOOP_ACTION, dtype=np.int32)
+    for _ in range(2):
+        packed, env_state, key = step_b(key, env_state, stop)
+    jax.block_until_ready(packed)
+    return step_b
+
+
 def smax_enemy_feature_indices(env) -> np.ndarray:
     """(n_enemies, nf) observation indices of each enemy's feature block in a SMAX ally obs.
 
@@ -562,6 +609,7 @@ class SMAXTask:
         self._key = None
         self._avail = None
         self._done = True
+        self._chunks = []  # reset_batch / step_batch
 
     def _unpack(self, packed):
         # One device->host transfer; jax hands back read-only buffers, so copy into numpy.
@@ -604,6 +652,74 @@ class SMAXTask:
         if truncated:
             info["episode_limit"] = True  # as SMAC reports a time-out
         return obs, state, avail, reward, terminated, truncated, info
+
+    # Batched episodes (eval.py's lockstep evaluation rounds): reset_batch / step_batch run B
+    # episodes of this seed side by side, stepped as one vmapped call per chunk of
+    # smax_batch_chunk(units) episodes, each row exactly the numbers reset(day) / step() give.
+    # Independent of reset() / step(): a training episode in progress is not disturbed.
+
+    def reset_batch(self, days):
+        """Start episodes ``days`` (B,) side by side -> obs (B, N, obs_dim), state (B, state_dim), avail (B, N, A)."""
+        days = [int(d) % 2**32 for d in np.asarray(days).reshape(-1)]
+        B = len(days)
+        C = smax_batch_chunk(self.n_agents + self.n_enemies)
+        self._step_b = _smax_batched(self.map_name, self.episode_limit, C)
+        starts = [self._reset_fn(self._base_key, np.uint32(d)) for d in days + [days[-1]] * (-B % C)]  # pad rows: never live
+        self._chunks = [[_smax_stack([s[1] for s in starts[c : c + C]]), _smax_stack([s[2] for s in starts[c : c + C]])]
+                        for c in range(0, len(starts), C)]
+        packed = self._jax.device_get([s[0] for s in starts[:B]])
+        self._batch, self._chunk = B, C
+        self._batch_alive = np.ones(B, dtype=bool)  # rows not yet ended
+        self._batch_avail = np.stack([p[2] for p in packed]).astype(bool)
+        return (np.stack([p[0] for p in packed]).astype(np.float32), np.stack([p[1] for p in packed]).astype(np.float32),
+                self._batch_avail.copy())
+
+    def step_batch(self, actions, live):
+        """Step the rows ``live`` (B,) bool of the episodes of reset_batch with actions (B, N); a chunk
+        without a live row is not stepped. -> obs, state, avail, reward (B,), terminated (B,), truncated (B,),
+        battle_won (B,), as step() gives them row by row; rows not live hold meaningless values (reward 0,
+        flags False). A row that is live after its episode ended raises RuntimeError, an unavailable action
+        in a live row ValueError (as step() does)."""
+        if not self._chunks:
+            raise RuntimeError("call reset_batch(days) first")
+        B, N = self._batch, self.n_agents
+        live = np.asarray(live, dtype=bool).reshape(B)
+        if (live & ~self._batch_alive).any():
+            raise RuntimeError("a SMAX episode of the batch is over: it cannot be stepped")
+        actions = np.asarray(actions, dtype=np.int32).reshape(B, N).copy()
+        actions[~live] = self.noop_action  # always available (the stop action)
+        ok = (actions >= 0) & (actions < self.n_actions)
+        rows, agents = np.nonzero(ok)
+        ok[rows, agents] = self._batch_avail[rows, agents, actions[rows, agents]]
+        ok |= ~live[:, None]
+        if not ok.all():
+            e, i = (int(v[0]) for v in np.nonzero(~ok))
+            raise ValueError(f"episode {e} of the batch: agent {i} cannot perform action {int(actions[e, i])} (unavailable)")
+        C = self._chunk
+        padded = np.concatenate([actions, np.full((-B % C, N), self.noop_action, dtype=np.int32)])
+        live_padded = np.concatenate([live, np.zeros(-B % C, dtype=bool)])
+        obs = np.zeros((B, N, self.obs_dim), dtype=np.float32)
+        state = np.zeros((B, self.state_dim), dtype=np.float32)
+        avail = self._batch_avail.copy()
+        reward = np.zeros(B, dtype=np.float32)
+        alive = np.ones((B, N + self.n_enemies), dtype=bool)
+        t = np.zeros(B, dtype=np.int64)
+        for j, chunk in enumerate(self._chunks):
+            lo, hi = j * C, min((j + 1) * C, B)
+            if not live_padded[j * C : (j + 1) * C].any():
+                continue
+            packed, chunk[0], chunk[1] = self._step_b(chunk[1], chunk[0], padded[j * C : (j + 1) * C])
+            o, s, av, r, al, st = self._jax.device_get(packed)
+            obs[lo:hi], state[lo:hi], avail[lo:hi] = o[: hi - lo], s[: hi - lo], av[: hi - lo]
+            reward[lo:hi], alive[lo:hi], t[lo:hi] = r[: hi - lo], al[: hi - lo], st[: hi - lo]
+        allies_alive, enemies_alive = alive[:, :N].any(1), alive[:, N:].any(1)
+        battle_won = live & ~enemies_alive & allies_alive
+        terminated = live & (~allies_alive | ~enemies_alive)
+        truncated = live & ~terminated & (t >= self.episode_limit)
+        reward[~live] = 0.0
+        self._batch_avail[live] = avail[live]
+        self._batch_alive &= ~(terminated | truncated)
+        return obs, state, avail, reward, terminated, truncated, battle_won
 
     def close(self):
         pass

@@ -282,18 +282,101 @@ def run_episode(module, q_network, task, day: int, window: int, device="cpu"):
     return total, won
 
 
+def lockstep_q(q_network, n_rows: int):
+    """-> q(obs_w (W, E, N, obs), prev_a_w (W, E, N)) -> Q (E, N, A) for E <= n_rows episodes in one call, equal
+    bit for bit to E calls of q_network.greedy_q on one episode each (what run_episode and training's acting do).
+
+    One call on E episodes would take other matrix kernels than E calls on one (fused.py's LSTM takes plain dot
+    products for <= 2 rows, BLAS above) and differ in the last bits, which can flip a greedy action. So the N
+    per-agent DRQNs are repeated E times: E * N networks of one row each, the same kernels on the same numbers
+    (torch.func.functional_call with the first E * N copies, no new module, no RNG drawn). Shared-parameter
+    networks (one DRQN, N rows per episode) are called episode by episode instead."""
+    drqn = getattr(q_network, "drqn", None)
+    n_agents = getattr(q_network, "n_agents", 0)
+    names = dict(drqn.named_parameters()) if drqn is not None else {}
+    stacked = bool(names) and all(p.shape[0] == n_agents for p in names.values()) and hasattr(drqn, "rows")
+    if getattr(q_network, "share_params", True) or not stacked:
+        def per_episode(obs_w, prev_a_w):
+            return torch.cat([q_network.greedy_q(obs_w[:, e : e + 1].contiguous(), prev_a_w[:, e : e + 1].contiguous())
+                              for e in range(obs_w.shape[1])])
+        return per_episode
+    wide = {f"drqn.{k}": p.detach().repeat(n_rows, *[1] * (p.dim() - 1)) for k, p in names.items()}
+    stride = drqn.fc1_table.shape[1]  # one-hot rows of one network's table
+    wide["drqn.rows"] = stride * torch.arange(n_rows * n_agents, device=drqn.rows.device).unsqueeze(1)
+
+    @torch.no_grad()
+    def q(obs_w, prev_a_w):
+        W, E, N = prev_a_w.shape
+        sliced = {k: v[: E * N] for k, v in wide.items()}  # the first E * N copies (views)
+        out = torch.func.functional_call(q_network, sliced, (obs_w.reshape(W, 1, E * N, -1), prev_a_w.reshape(W, 1, E * N)))
+        return out.view(E, N, -1)
+
+    return q
+
+
+@torch.no_grad()
+def run_episodes_lockstep(module, q_network, task, days, noise, window: int, device="cpu"):
+    """run_episode on every (days[e], noise[e]) at once -> (team returns (E,), battle won (E,)), the same numbers:
+    one DRQN call per step for the live episodes (lockstep_q), the task stepped as a batch (task.reset_batch /
+    step_batch: SMAX's vmapped step), finished episodes masked. noise[e]: None (clean) or an ObservationNoise
+    whose noise for episode days[e] is drawn exactly as its reset(days[e]) and step() would draw it."""
+    days = [int(d) for d in days]
+    E = len(days)
+    obs, _, avail = task.reset_batch(days)
+    for e, wrap in enumerate(noise):
+        if wrap is not None:
+            wrap.rng = np.random.default_rng((wrap.seed, days[e]))  # as ObservationNoise.reset(day)
+            obs[e] = wrap.perturb(obs[e])
+    history = module.History(E, window, task.n_agents, task.obs_dim)
+    history.reset(obs)
+    q_fn = lockstep_q(q_network, E)
+    returns, won, live = np.zeros(E), np.zeros(E, dtype=bool), np.ones(E, dtype=bool)
+    actions = np.full((E, task.n_agents), task.noop_action, dtype=np.int64)
+    for _ in range(task.episode_limit):
+        rows = np.flatnonzero(live)
+        obs_w, prev_w = history.tensors(device)
+        index = torch.from_numpy(rows).to(device)
+        q = q_fn(obs_w.index_select(1, index), prev_w.index_select(1, index))
+        actions[:] = task.noop_action
+        actions[rows] = module.masked_argmax(q, torch.from_numpy(avail[rows]).to(device)).cpu().numpy()
+        obs, _, step_avail, reward, terminated, truncated, battle_won = task.step_batch(actions, live)
+        for e in rows:
+            if noise[e] is not None:
+                obs[e] = noise[e].perturb(obs[e])
+            returns[e] += float(reward[e])
+            won[e] = bool(battle_won[e])
+        avail[rows] = step_avail[rows]
+        history.push(obs, actions)
+        live &= ~(terminated | truncated)
+        if not live.any():
+            break
+    return returns, won
+
+
 def evaluate_starcraft(module, q_network, task, n_episodes=32, sigma=0.75, noise_seed=0, window=8, device="cpu",
-                       first_day=EVAL_FIRST_DAY):
+                       first_day=EVAL_FIRST_DAY, lockstep=None):
     """Paper Sec. 5.2: n_episodes greedy episodes with clean observations and the same episodes
     with N(0, sigma^2) on every enemy's relative position (test-time shift only). Episode ids
-    start at first_day, far from the ids training episodes use."""
-    noisy = envs.ObservationNoise(task, sigma=sigma, seed=noise_seed)
+    start at first_day, far from the ids training episodes use.
+
+    lockstep (default: whenever the task can step a batch, i.e. SMAX): all 2 * n_episodes episodes at once
+    (run_episodes_lockstep), the same episodes and numbers as the sequential loop (run_episode one episode
+    after the other), which SMAC (one game process) keeps."""
     result = {}
-    days = range(first_day, first_day + n_episodes)
-    for name, env in (("clean", task), ("noisy", noisy)):
-        runs = [run_episode(module, q_network, env, day, window, device) for day in days]
-        result[f"win_rate_{name}"] = float(np.mean([won for _, won in runs]))
-        result[f"return_{name}"] = float(np.mean([ret for ret, _ in runs]))
+    days = list(range(first_day, first_day + n_episodes))
+    if lockstep is None:  # the class's own method (a wrapper's __getattr__ would hand out the unwrapped task's)
+        lockstep = callable(getattr(type(task), "reset_batch", None))
+    if lockstep:
+        wraps = [None] * n_episodes + [envs.ObservationNoise(task, sigma=sigma, seed=noise_seed) for _ in days]
+        returns, won = run_episodes_lockstep(module, q_network, task, days + days, wraps, window, device)
+        runs = {"clean": list(zip(returns[:n_episodes], won[:n_episodes])), "noisy": list(zip(returns[n_episodes:], won[n_episodes:]))}
+    else:
+        noisy = envs.ObservationNoise(task, sigma=sigma, seed=noise_seed)
+        runs = {name: [run_episode(module, q_network, env, day, window, device) for day in days]
+                for name, env in (("clean", task), ("noisy", noisy))}
+    for name in ("clean", "noisy"):
+        result[f"win_rate_{name}"] = float(np.mean([bool(w) for _, w in runs[name]]))
+        result[f"return_{name}"] = float(np.mean([float(r) for r, _ in runs[name]]))
     return result
 
 
@@ -326,9 +409,15 @@ def write_json_atomic(path: str, payload) -> None:
 # ---------------------------------------------------------------------------------------------
 RUN_CHECKPOINT_FORMAT = "drigm-run-checkpoint-v1"
 # Flags a resumed run may change (how long it runs, how often it logs or checkpoints, threads, output).
-BUDGET_FLAGS = ("total_episodes", "total_steps", "checkpoint_every", "log_every", "resume", "torch_threads", "save_model")
+BUDGET_FLAGS = ("total_episodes", "total_steps", "checkpoint_every", "checkpoint_minutes", "log_every", "resume",
+                "torch_threads", "save_model")
 EXIT_NONFINITE = 3  # the NaN guard stopped the run
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as a shell reports it
+
+
+def checkpoint_clock() -> float:
+    """Seconds on a monotonic clock: what --checkpoint-minutes measures (tests replace it)."""
+    return time.monotonic()
 
 
 def _given_flags(argv, fields) -> set:
@@ -432,7 +521,9 @@ def _load_state(obj, state, name: str) -> None:
 class TrainingRun:
     """The fault tolerance of one training run of an algos/ script.
 
-    * checkpoints: every --checkpoint-every episodes (and on Ctrl-C / SIGTERM), at an episode boundary,
+    * checkpoints: at an episode boundary, every --checkpoint-every episodes, at the first episode end
+      --checkpoint-minutes after the last checkpoint (or this process's start), at the end of training
+      (if --checkpoint-minutes > 0) and on Ctrl-C / SIGTERM,
       runs/<run>/checkpoint.pt is written atomically with every object passed as ``state`` (networks,
       targets, optimisers, replay buffer, the script's numpy generator), the python / numpy / torch
       RNG states, the counters passed to episode_end and the args;
@@ -448,6 +539,7 @@ class TrainingRun:
         self.path = os.path.join(run_dir, "checkpoint.pt")
         self.saved_counters = None  # counters of the checkpoint on disk (the last good one)
         self.stop_signal = None
+        self.last_save_time = checkpoint_clock()  # --checkpoint-minutes counts from here, then from each checkpoint
         if resume is not None:
             try:
                 if set(resume["state"]) != set(state):
@@ -516,10 +608,22 @@ class TrainingRun:
         self.stretch, self.update_seconds = (now, global_step, n_updates, done), 0.0
         return []
 
+    def checkpoint_due(self, counters: dict) -> bool:
+        """Whether this episode end writes a checkpoint (Ctrl-C / SIGTERM aside): every --checkpoint-every
+        episodes (0 = never by episodes), or, with --checkpoint-minutes M > 0, once M minutes have passed since
+        the last checkpoint (or since this process started) and at the end of training (a finished run can be
+        extended with --resume --total-steps). Building: every 50 episodes (~2 min); StarCraft (default
+        --checkpoint-every 0): every 10 minutes, not every few seconds of short episodes."""
+        every, minutes = self.args.checkpoint_every, getattr(self.args, "checkpoint_minutes", 0.0)
+        if every > 0 and counters["episode"] % every == 0:
+            return True
+        if minutes <= 0:
+            return False
+        return checkpoint_clock() - self.last_save_time >= 60.0 * minutes or self._done(counters) >= 1.0
+
     def episode_end(self, **counters):
-        """After each episode: a checkpoint every --checkpoint-every episodes, or now and exit after Ctrl-C / SIGTERM."""
-        every = self.args.checkpoint_every
-        if self.stop_signal is None and not (every > 0 and counters["episode"] % every == 0):
+        """After each episode: a checkpoint when checkpoint_due, or now and exit after Ctrl-C / SIGTERM."""
+        if self.stop_signal is None and not self.checkpoint_due(counters):
             return
         self.save(counters)
         if self.stop_signal is not None:
@@ -548,6 +652,7 @@ class TrainingRun:
             os.fsync(f.fileno())
         os.replace(self.path + ".tmp", self.path)
         self.saved_counters = dict(counters)
+        self.last_save_time = checkpoint_clock()
 
     def check_finite(self, global_step: int, **values) -> None:
         """NaN guard, before an optimiser step: every value (loss, target, gradient norm) must be finite."""
