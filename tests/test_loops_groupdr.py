@@ -25,20 +25,32 @@ The test then checks, against its own computation from the formulas above and th
     L_nopt (Q-hat detached, greedy actions at h masked);
   * theta_2 - theta_1 (run B) is the closed-form second optimiser step, with V' still from theta_0: a
     loop that bootstraps from the online network, or copies the target, fails here;
-  * a run with epsilon 1 (random actions) finishes: the random actions are masked too.
+  * a run with epsilon 1 (random actions) finishes: the random actions are masked too;
+  run C (VDN, QMIX, QTRAN): run B's command with a hard copy every 20 steps: the copy after the update at step 20
+    puts theta_1 into every target network (target version 1) and the second step bootstraps from it;
+  run D (VDN, QMIX, QTRAN): run A's command with epsilon 1 -> 0.05 over 16 steps: every generator is seeded from
+    --seed, the online agents act on the day's history window, and every config, day, action and minibatch
+    follows from the logged draws of the script's numpy Generator (test_loops_vdn_qmix.DrawLog), the masks and
+    the epsilon schedule.
+The VDN case clips at 10 (binding) and the Adam QTRAN case weights L_opt and L_nopt unequally (0.7, 1.3), so the
+clip line and a swap of the two weights are seen.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
+import random
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import import_file, run_script_in_process
+from test_loops_vdn_qmix import DrawLog, expected_epsilon
 
 import envs
-from conftest import import_file, run_script_in_process
 
 N, A, OBS, STATE, DAY_LEN = 2, 3, 2, 3, 4
 CONFIGS = ["env_1", "env_2"]  # env_1: truncated at the time limit; env_2: terminated at its last step
@@ -124,11 +136,12 @@ def estimator_file(est, tmp_path_factory):
 # ---------------------------------------- the scripts' runs ---------------------------------------
 
 CASES = {  # case -> (script, extra flags, agent optimiser, (joint optimiser or None), gradient clip)
-    "vdn": ("groupdr_vdn", [], ("rmsprop", 5e-4), None, 0.0),
+    "vdn": ("groupdr_vdn", ["--max-grad-norm", "10"], ("rmsprop", 5e-4), None, 10.0),  # clipped: the clip line runs
     "vdn_observed_reward": ("groupdr_vdn", ["--observed-reward"], ("rmsprop", 5e-4), None, 0.0),
     "qmix": ("groupdr_qmix", ["--mixing-embed-dim", "4"], ("rmsprop", 5e-4), ("rmsprop", 5e-4), 10.0),
     "qtran": ("groupdr_qtran", [], ("rmsprop", 5e-4), ("adam", 1e-3), 10.0),
-    "qtran_adam": ("groupdr_qtran", ["--optimizer", "adam"], ("adam", 1e-3), ("adam", 1e-3), 10.0),
+    "qtran_adam": ("groupdr_qtran", ["--optimizer", "adam", "--lambda-opt", "0.7", "--lambda-nopt", "1.3"], ("adam", 1e-3),
+                   ("adam", 1e-3), 10.0),  # unequal weights of L_opt and L_nopt: a swap of the two shows
 }
 
 
@@ -159,7 +172,7 @@ def runs(estimator_file, tmp_path_factory):
 
 def decode(rb, i: int) -> tuple[int, int, int]:
     k, day, t = rb.state[i]
-    return int(round(k)), int(round(day * 100)), int(round(t))
+    return round(k), round(day * 100), round(t)
 
 
 # ----------------------------------- independent computations -----------------------------------
@@ -245,7 +258,8 @@ def expected_loss(case, g, online, joint, idx, target, target_joint):
         l_opt = ((q_greedy.sum(-1) - q_jt_greedy + v) ** 2).mean()
         nopt = q_taken.sum(-1) - q_tot.detach() + v  # Eq. (13) before the clamp: active where < 0
         l_nopt = (torch.clamp(nopt, max=0.0) ** 2).mean()
-        return ((q_tot - y) ** 2).mean() + l_opt + l_nopt, (r, nopt.detach())
+        a = g["args"]
+        return ((q_tot - y) ** 2).mean() + a.lambda_opt * l_opt + a.lambda_nopt * l_nopt, (r, nopt.detach())
     q_taken = online(obs_w, prev_w).gather(-1, actions[..., None]).squeeze(-1)
     q_tot = q_taken.sum(-1) if joint is None else mixer_value(joint, q_taken, state)
     return ((q_tot - y) ** 2).mean(), (r, None)
@@ -310,6 +324,29 @@ def step_check(case, g, start, idx, prev_grads=None):
     return grads, (*info, norm)
 
 
+def assert_widths(case, g):
+    """The networks have the widths their flags give (step_check rebuilds them from the loop's own weights, so a
+    network built with another flag's width would go unseen otherwise): agents --hidden-dim, the QMIX mixer
+    --mixing-embed-dim, Q_jt / V_tot --hidden-dim; the target networks the online ones' shapes."""
+    a, H = g["args"], g["args"].hidden_dim
+    online, joint, target, target_joint = nets_of(case, g)
+    want = {"drqn.fc1_obs": (N, H, OBS), "drqn.lstm_weight_hh": (N, 4 * H, H), "drqn.fc_out_weight": (N, A, H)}
+    if CASES[case][0] == "groupdr_qmix":
+        E = a.mixing_embed_dim
+        want_joint = {"hyper_w1.weight": (N * E, STATE), "hyper_w2.weight": (E, STATE), "hyper_v.2.weight": (1, E)}
+    elif CASES[case][0] == "groupdr_qtran":
+        want_joint = {"action_fc.weight": (H, N * A), "q_fc.weight": (H, 2 * H), "v_state.weight": (H, STATE)}
+    else:
+        want_joint = {}
+    for net, tgt, want_net in ((online, target, want), (joint, target_joint, want_joint)):
+        if net is None:
+            continue
+        sd = net.state_dict()
+        for key, shape in want_net.items():
+            assert tuple(sd[key].shape) == shape, (case, key, tuple(sd[key].shape), shape)
+        assert {k: v.shape for k, v in tgt.state_dict().items()} == {k: v.shape for k, v in sd.items()}
+
+
 # ------------------------------------------- the tests ------------------------------------------
 
 
@@ -367,10 +404,11 @@ def test_one_update_is_one_optimiser_step_on_the_groupdr_loss(runs, case):
     L_nopt is active on part of the batch (so its clamp and the detached Q_jt matter)."""
     a = runs[case][0]
     assert a["n_updates"] == 1
+    assert_widths(case, a)
     idx = a["idx"]
     ends = [(decode(a["rb"], i)[0], decode(a["rb"], i)[2]) for i in idx]
     assert (2, DAY_LEN - 1) in ends and (1, DAY_LEN - 1) in ends, ends  # a terminal and a time-limit transition
-    _, joint, target_q, target_j = nets_of(case, a)
+    _, _, target_q, target_j = nets_of(case, a)
     start = (target_q.state_dict(), target_j.state_dict() if target_j is not None else None)  # theta_0 = theta-
     _, (r, nopt, norm) = step_check(case, a, start, idx)
     observed = torch.from_numpy(a["rb"].reward[idx])
@@ -391,7 +429,7 @@ def test_second_update_bootstraps_from_the_frozen_target(runs, case):
     a, b = runs[case]
     assert b["n_updates"] == 2
     _, _, ta, tja = nets_of(case, a)
-    qb, jb, tb, tjb = nets_of(case, b)
+    _, _, tb, tjb = nets_of(case, b)
     for x, y in [(ta, tb)] + ([(tja, tjb)] if tja is not None else []):
         for key, value in x.state_dict().items():
             assert torch.equal(value, y.state_dict()[key]), key
@@ -415,3 +453,142 @@ def test_random_actions_are_masked(masked_task, estimator_file, tmp_path, script
     for i in range(rb.size):
         assert avail_of(int(rb.t[i]))[np.arange(N), rb.actions[i]].all()
     assert len({tuple(a) for a in rb.actions[: rb.size]}) > 2  # random: several joint actions
+
+
+# ------------------------------- a copied target, epsilon-greedy acting -------------------------------
+
+EXPLORE = ["--start-e", "1.0", "--end-e", "0.05", "--exploration-steps", "16"]  # epsilon 1 -> 0.05 over run A's 20 steps
+SCRIPT_CASES = ["vdn", "qmix", "qtran"]
+
+
+def recorded_run(case: str, days: int, tmp, estimator_file, *extra) -> tuple[dict, dict]:
+    """run() with taps that only read: every q_network.greedy_q call (the acting windows and Q-values, and the loop's
+    epsilon then; acting is its only use), every draw of the script's numpy Generator (DrawLog), its seed, the torch / python / numpy global
+    generators when the first task is made, and the (config, day) of every reset."""
+    evaluation = importlib.import_module("eval")
+    rec = {"acting": [], "draws": [], "resets": [], "rng_seed": "not made", "seeds": None}
+    real_run, real_default_rng = evaluation.TrainingRun, np.random.default_rng
+
+    class ActingRun(real_run):
+        def __init__(self, *args, **kwargs):
+            greedy_q = kwargs["q_network"].greedy_q
+
+            def acting(obs_w, prev_w, *a, **k):
+                out = greedy_q(obs_w, prev_w, *a, **k)
+                epsilon = sys._getframe(1).f_globals.get("epsilon")  # the loop's epsilon of this step (read only)
+                rec["acting"].append((obs_w.clone(), prev_w.clone(), out.clone(), epsilon))
+                return out
+
+            kwargs["q_network"].greedy_q = acting
+            super().__init__(*args, **kwargs)
+
+    class LoggedTask(MaskedTask):
+        def reset(self, day: int):
+            rec["resets"].append((self.k, int(day)))
+            return super().reset(day)
+
+    def make_env(env_id, config=None, seed=0):
+        if rec["seeds"] is None:
+            rec["seeds"] = (torch.initial_seed(), random.getstate(), np.random.get_state())
+        return LoggedTask(config)
+
+    def default_rng(seed=None):
+        if sys._getframe(1).f_globals.get("__name__") != "__main__":
+            return real_default_rng(seed)
+        rec["rng_seed"] = seed
+        return DrawLog(seed, rec["draws"])
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluation, "TrainingRun", ActingRun)
+        mp.setattr(envs, "make_env", make_env)
+        mp.setattr(np.random, "default_rng", default_rng)
+        g = run(case, days, tmp, estimator_file, *extra)
+    return g, rec
+
+
+@pytest.fixture(scope="module")
+def copy_and_explore_runs(estimator_file, tmp_path_factory):
+    """case -> (run C: run B's command with --target-network-frequency 20, a copy right after the update at step 20;
+    run D: run A's command with epsilon-greedy acting (EXPLORE), recorded)."""
+    tmp = tmp_path_factory.mktemp("copy_explore")
+    out = {}
+    for case in SCRIPT_CASES:
+        c, _ = recorded_run(case, DAYS_B, tmp, estimator_file, "--target-network-frequency", "20")
+        d = recorded_run(case, DAYS_A, tmp, estimator_file, *EXPLORE)
+        out[case] = (c, d)
+    return out
+
+
+@pytest.mark.parametrize("case", SCRIPT_CASES)
+def test_hard_copy_after_the_first_update_bootstraps_the_second_from_it(runs, copy_and_explore_runs, case):
+    """Run C = run B with a hard copy every 20 env steps: its first 20 steps and update are run A's, then theta- <-
+    theta copies theta_1 (agents and mixer / Q_jt, V_tot: one copy, target version 1), so the second update (step
+    24) is the closed-form second optimiser step whose V' comes from theta_1, not from theta_0 (run B's)."""
+    a, b = runs[case]
+    c = copy_and_explore_runs[case][0]
+    assert c["n_updates"] == 2 and c["target_version"] == 1
+    qa, ja, ta, tja = nets_of(case, a)
+    qc, _, tc, tjc = nets_of(case, c)
+    for online, target in [(qa, tc)] + ([(ja, tjc)] if ja is not None else []):  # theta- = theta_1, every tensor
+        for key, value in online.state_dict().items():
+            assert torch.equal(value, target.state_dict()[key]), key
+    assert any(not torch.equal(v, ta.state_dict()[k]) for k, v in tc.state_dict().items())  # theta_1 != theta_0
+    np.testing.assert_array_equal(c["rb"].actions[: DAYS_A * DAY_LEN], a["rb"].actions[: DAYS_A * DAY_LEN])
+    g1, _ = step_check(case, a, (ta.state_dict(), tja.state_dict() if tja is not None else None), a["idx"])
+    step_check(case, c, (qa.state_dict(), ja.state_dict() if ja is not None else None), c["idx"], prev_grads=g1)
+    assert any(not torch.equal(v, b["q_network"].state_dict()[k]) for k, v in qc.state_dict().items())  # not run B's
+
+
+@pytest.mark.parametrize("case", SCRIPT_CASES)
+def test_acting_follows_the_history_the_epsilon_schedule_and_the_seeded_draws(copy_and_explore_runs, case):
+    """Run D (20 steps, epsilon 1 -> 0.05 over 16 steps, the only update at step 20, so every action comes from
+    theta_0 = the never-copied target). (a) Seeding: torch's initial seed, the python and numpy global generators
+    and the numpy Generator all come from --seed. (b) The online agents act (one q_network.greedy_q call per env
+    step) on the window of the day's last W observations and previous actions, built here from the task's formulas,
+    with theta_0's Q-values. (c) The Generator's draws come in the loop's order: at each episode start a training
+    config uniform over --train-configs (the group the task was reset in) and a day uniform on --train-days (the
+    day it was reset to); at each step an (N, A) uniform draw whose argmax over the available actions is the random
+    action and one coin per agent; at the update, --batch-size indices on [0, size) (the update's idx). (d) An
+    agent's action is the random one where its coin < epsilon(step), else the masked argmax of theta_0's Q; the
+    loop's epsilon at each step (read at its acting call) is the linear schedule's value at that env step."""
+    mod = import_file(f"{CASES[case][0]}_loops", f"algos/{CASES[case][0]}.py")
+    g, rec = copy_and_explore_runs[case][1]
+    a, rb = g["args"], g["rb"]
+    torch_seed, py_state, np_state = rec["seeds"]
+    ref = np.random.RandomState(a.seed).get_state()
+    assert torch_seed == a.seed == rec["rng_seed"] and py_state == random.Random(a.seed).getstate()
+    assert np_state[0] == ref[0] and np.array_equal(np_state[1], ref[1]) and np_state[2:] == ref[2:]
+    n = DAYS_A * DAY_LEN
+    assert rb.size == n and g["n_updates"] == 1 and len(rec["acting"]) == n
+    obs_w, prev_w, _, _ = windows(rb, np.arange(n))
+    with torch.no_grad():
+        q_all = agent_net(mod, g["target_network"].state_dict())(obs_w, prev_w)  # theta_0
+    lo, hi = (int(x) for x in a.train_days.split(":"))
+    draws = iter(rec["draws"])
+
+    def draw(kind, shape, bounds=None):
+        got = next(draws, None)
+        assert got is not None and got[0] == kind and got[2].shape == shape, (kind, shape, got)
+        assert bounds is None or tuple(got[1]) == bounds, (kind, got[1], bounds)
+        return got[2]
+
+    n_random = 0
+    for j in range(n):
+        k, day, t = decode(rb, j)
+        if t == 0:
+            config = CONFIGS[int(draw("integers", (), (len(CONFIGS), None)))]
+            assert int(draw("integers", (), (lo, hi))) == day and config == f"env_{k}" and rec["resets"][j // DAY_LEN] == (k, day)
+        acted_obs, acted_prev, q_acted, epsilon = rec["acting"][j]
+        assert epsilon == pytest.approx(expected_epsilon(a, j), rel=1e-9, abs=1e-12), (j, epsilon)
+        assert torch.equal(acted_obs[:, 0], obs_w[:, j]) and torch.equal(acted_prev[:, 0], prev_w[:, j]), j
+        torch.testing.assert_close(q_acted[0], q_all[j], rtol=1e-5, atol=1e-5)
+        uniform = draw("random", (N, A))
+        coins = draw("random", (1,) if a.single_coin else (N,))
+        coins = np.broadcast_to(coins, (N,))
+        explore = coins < epsilon
+        want = np.where(explore, np.argmax(uniform * avail_of(t), axis=1), masked(q_all[j], avail_of(t)).argmax(-1).numpy())
+        np.testing.assert_array_equal(rb.actions[j], want, err_msg=f"step {j} (exploring: {explore})")
+        n_random += int(explore.sum())
+    np.testing.assert_array_equal(draw("integers", (a.batch_size,), (0, n)), g["idx"])
+    assert next(draws, None) is None  # nothing else drawn
+    assert 5 <= n_random <= 2 * n - 5, n_random  # both branches of epsilon-greedy occur

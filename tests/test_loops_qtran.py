@@ -33,6 +33,14 @@ What the tests prove (each for both scripts):
    argmax; exploring: uniform over the available actions), the target argmax and the argmax at h never take an
    unavailable action, on a task whose masks matter (``MaskedTeamGame`` below, which raises, as SMAX does, on an
    unavailable action).
+5. ``test_acting_follows_the_history_the_epsilon_schedule_and_the_seeded_draws``: every generator is seeded from
+   --seed, the online agents act on the episode's history window with the weights in force, and every action, day
+   and minibatch follows from the logged draws of the script's numpy Generator (test_loops_vdn_qmix.DrawLog), the
+   masks and the epsilon schedule (epsilon 1 -> 0.05 while learning; TV with --single-coin).
+
+Two runs weight L_opt and L_nopt unequally (--lambda-opt 0.7 --lambda-nopt 1.3), the TV building run clips the
+dual at 2 and the Q step at 1, and the TV frozen run's dual network is narrower than the agents (12 vs 16), so a
+loop that swaps the two weights, the two clips or the two widths is seen.
 
 The masked task is a test double (monkeypatched into envs.make_env; the scripts run with --env matrix for their
 flags, so MATRIX_DEFAULTS apply where a flag is not given); the building runs use the real task. Seeds are chosen
@@ -44,6 +52,7 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import sys
 
 import numpy as np
@@ -51,6 +60,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import run_script_in_process
+from test_loops_vdn_qmix import DrawLog, expected_epsilon
 
 import envs
 import eval as evaluation  # the module the scripts import (conftest put the root on sys.path): their TrainingRun
@@ -109,11 +119,12 @@ class Recorder:
     """Wraps a task and logs every transition as the task produced it: one dict per env step, in order."""
 
     def __init__(self, env):
-        self.env, self.log, self.episode = env, [], -1
+        self.env, self.log, self.episode, self.days = env, [], -1, []
         for name in ("n_agents", "n_actions", "obs_dim", "state_dim", "episode_limit"):
             setattr(self, name, getattr(env, name))
 
     def reset(self, day):
+        self.days.append(day)
         self.obs, self.state, self.avail = self.env.reset(day)
         self.t, self.episode = 0, self.episode + 1
         return self.obs, self.state, self.avail
@@ -134,10 +145,12 @@ def _weights(obj):
 
 
 class Spy:
-    """The records of one run: ``init`` (weights when the run was set up), ``calls`` (one per check_finite)."""
+    """The records of one run: ``init`` (weights when the run was set up), ``calls`` (one per check_finite),
+    ``acting`` (inputs and output of every q_network.greedy_q call: the acting windows and Q-values, and the loop's
+    epsilon then)."""
 
     def __init__(self):
-        self.init, self.calls = None, []
+        self.init, self.calls, self.acting = None, [], []
 
     def run_class(self):
         spy = self
@@ -146,6 +159,15 @@ class Spy:
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
                 spy.init = {n: _weights(o) for n, o in self.state.items() if isinstance(o, torch.nn.Module)}
+                greedy_q = self.state["q_network"].greedy_q
+
+                def acting(obs_w, prev_w, *args, **kwargs):  # the online network's no-grad forward: acting only
+                    out = greedy_q(obs_w, prev_w, *args, **kwargs)
+                    epsilon = sys._getframe(1).f_globals.get("epsilon")  # the loop's epsilon of this step (read only)
+                    spy.acting.append((obs_w.clone(), prev_w.clone(), out.clone(), epsilon))
+                    return out
+
+                self.state["q_network"].greedy_q = acting
 
             def check_finite(self, global_step, **values):
                 frame = sys._getframe(1).f_globals  # the script's namespace (its loop runs at module level)
@@ -169,20 +191,29 @@ class Run:
     def __init__(self, kind, flags, cwd, task="masked"):
         self.kind, self.spy = kind, Spy()
         inner = MaskedTeamGame() if task == "masked" else None
-        holder = {}
-        real_make_env = envs.make_env
+        holder, self.draws = {}, []
+        real_make_env, real_default_rng = envs.make_env, np.random.default_rng
 
         def make_env(env_id, config=None, seed=0):
+            holder["seeds"] = (seed, torch.initial_seed(), random.getstate(), np.random.get_state())
             holder["env"] = Recorder(inner if inner is not None else real_make_env(env_id, config, seed))
             return holder["env"]
+
+        def default_rng(seed=None):  # the script's own Generator (days, exploration, minibatches), its draws logged
+            if sys._getframe(1).f_globals.get("__name__") != "__main__":
+                return real_default_rng(seed)
+            holder["rng_seed"] = seed
+            return DrawLog(seed, self.draws)
 
         env_flag = ["--env", "matrix", "--train-config", "two-step"] if task == "masked" else ["--env", "building"]
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(envs, "make_env", make_env)
             mp.setattr(evaluation, "TrainingRun", self.spy.run_class())
+            mp.setattr(np.random, "default_rng", default_rng)
             self.g = run_script_in_process(SCRIPTS[kind], [*env_flag, "--torch-threads", 1, "--checkpoint-every", 0,
                                                            "--log-every", 1000, "--run-name", "r", *flags], cwd)
-        self.args, self.log = self.g["args"], holder["env"].log
+        self.args, self.log, self.days = self.g["args"], holder["env"].log, holder["env"].days
+        self.seeds, self.rng_seed = holder["seeds"], holder.get("rng_seed", "not made")
         rb = self.g["rb"]
         assert rb.size == len(self.log) < rb.capacity  # no wrap: slot j holds the j-th transition of the log
         self.updates = [c for c in self.spy.calls if c["kind"] == "q"]
@@ -486,30 +517,37 @@ def masked_flags(kind, n_updates, every=40, batch=32):
 BUILDING = ["--window", 4, "--hidden-dim", 16, "--gamma", 0.9, "--batch-size", 16, "--train-frequency", 16,
             "--learning-starts", 15, "--total-steps", 16, "--episode-steps", 6, "--buffer-size", 200,
             "--target-network-frequency", 10**9]  # one update at env step 16, three 6-step days (cap: a time limit)
+LAMBDAS = ["--lambda-opt", 0.7, "--lambda-nopt", 1.3]  # unequal weights of L_opt and L_nopt: a swap of the two shows
+# epsilon 1 -> 0.05 over 80 of the 120 env steps; learning from step 41 (a multiple of --train-frequency: a loop
+# that starts at >= learning_starts updates at 40 too)
+EXPLORE = ["--start-e", 1, "--end-e", 0.05, "--exploration-steps", 80, "--learning-starts", 40]
 RUNS = {  # name -> (script, task, flags). Seeds where the target depends on V' (TV: eta > 0 or V' < 0 on the batch).
     # One update each: the paper's configuration on the building task, the released one and batch-min on the masked task.
     "rho_building_paper": ("rho", "building", [*BUILDING, "--rho", 0.3]),
     "rho_masked_released": ("rho", "masked", [*masked_flags("rho", 1), "--optimizer", "adam", "--single-coin",
                                               "--max-grad-norm", 0.05]),
     "rho_masked_batchmin_noclip": ("rho", "masked", [*masked_flags("rho", 1), "--worst-value", "batch-min",
-                                                     "--max-grad-norm", 0]),
+                                                     "--max-grad-norm", 0, *LAMBDAS]),
     # batch-min twice each: m = 0 (terminated samples in the batch, V' = 0 there, every other V' > 0) and m < 0.
     "rho_masked_batchmin_m_negative": ("rho", "masked", [*masked_flags("rho", 1), "--worst-value", "batch-min",
                                                          "--max-grad-norm", 1.0, "--seed", 8]),
-    "tv_building_paper": ("tv", "building", [*BUILDING, "--dual-hidden-dim", 16, "--seed", 6]),
-    "tv_masked_paper": ("tv", "masked", [*masked_flags("tv", 1), "--seed", 2]),
+    "tv_building_paper": ("tv", "building", [*BUILDING, "--dual-hidden-dim", 16, "--seed", 6, "--dual-max-grad-norm", 2.0]),
+    "tv_masked_paper": ("tv", "masked", [*masked_flags("tv", 1), "--seed", 2, *LAMBDAS]),
     "tv_masked_released": ("tv", "masked", [*masked_flags("tv", 1), "--optimizer", "adam", "--dual-loss", "squared",
                                             "--no-eta-clamp", "--single-coin", "--seed", 4]),
     "tv_masked_batchmin": ("tv", "masked", [*masked_flags("tv", 1), "--worst-value", "batch-min", "--seed", 8]),
     "tv_masked_batchmin_m_zero": ("tv", "masked", [*masked_flags("tv", 1), "--worst-value", "batch-min", "--seed", 7]),
     # Three updates: the target never copied / copied after every update (--target-network-frequency = the update period).
     "rho_frozen": ("rho", "masked", masked_flags("rho", 3)),
-    "tv_frozen": ("tv", "masked", [*masked_flags("tv", 3), "--seed", 2]),
+    "tv_frozen": ("tv", "masked", [*masked_flags("tv", 3), "--seed", 2, "--dual-hidden-dim", 12]),  # dual narrower than agents
     "rho_copied": ("rho", "masked", [*masked_flags("rho", 3), "--target-network-frequency", 40]),
     "tv_copied": ("tv", "masked", [*masked_flags("tv", 3), "--target-network-frequency", 40, "--seed", 2]),
     # Greedy acting (epsilon 0) while learning: three updates, the target never copied (so theta != theta-).
     "rho_greedy": ("rho", "masked", [*masked_flags("rho", 3), "--start-e", 0, "--end-e", 0]),
     "tv_greedy": ("tv", "masked", [*masked_flags("tv", 3), "--start-e", 0, "--end-e", 0, "--seed", 2]),
+    # Epsilon-greedy while learning (EXPLORE; TV: one coin for all agents), updates at 80 and 120.
+    "rho_explore": ("rho", "masked", [*masked_flags("rho", 3), *EXPLORE]),
+    "tv_explore": ("tv", "masked", [*masked_flags("tv", 3), *EXPLORE, "--single-coin", "--seed", 2]),
 }
 ONE_UPDATE = [n for n in RUNS if n.split("_")[1] in ("building", "masked")]
 
@@ -571,6 +609,25 @@ def wrong_versions(run, name):
     return wrong
 
 
+def assert_widths(run):
+    """Every network has the widths its flags give (the recomputation takes its shapes from the weights, so a network
+    built with another flag's width would go unseen otherwise): the agents' DRQNs, Q_jt and V_tot --hidden-dim, the
+    dual network --dual-hidden-dim; the target networks the shapes of the online ones."""
+    a, init, N, A = run.args, run.spy.init, run.g["N"], run.g["A"]
+    H, S, O = a.hidden_dim, run.g["env"].state_dim, run.g["env"].obs_dim
+    shapes = {"q_network": {"drqn.fc1_obs": (N, H, O), "drqn.lstm_weight_hh": (N, 4 * H, H), "drqn.fc_out_weight": (N, A, H)},
+              "qtran": {"action_fc.weight": (H, N * A), "q_fc.weight": (H, 2 * H), "v_state.weight": (H, S),
+                        "v_feat.weight": (H, H), "v_fc.weight": (H, 2 * H)}}
+    if run.kind == "tv":
+        D = a.dual_hidden_dim
+        shapes["dual_network"] = {"state_fc.weight": (D, S), "action_fc.weight": (D, N * A), "fc.weight": (D, 2 * D)}
+    for net, want in shapes.items():
+        for key, shape in want.items():
+            assert tuple(init[net][key].shape) == shape, (net, key, tuple(init[net][key].shape), shape)
+    for online, target in (("q_network", "target_network"), ("qtran", "target_qtran")):
+        assert {k: v.shape for k, v in init[target].items()} == {k: v.shape for k, v in init[online].items()}
+
+
 # ------------------------------------------------------------------------------------------------
 # 1. One update, exactly
 # ------------------------------------------------------------------------------------------------
@@ -588,6 +645,7 @@ def test_one_update_moves_every_parameter_as_predicted(runs, name):
     theta-: the frozen-target test covers it.)"""
     run = runs(name)
     assert run.g["n_updates"] == 1 and len(run.updates) == 1 and len(run.duals) == (run.kind == "tv")
+    assert_widths(run)
     init, up = run.spy.init, run.updates[0]
     pre = run.duals[0]["weights"] if run.kind == "tv" else up["weights"]
     for net in init:  # nothing moved before the first step
@@ -637,6 +695,7 @@ def test_frozen_target_bootstraps_from_the_initial_weights(runs, kind):
     optimisers' states (not the first step any more)."""
     run = runs(f"{kind}_frozen")
     init = run.spy.init
+    assert_widths(run)  # TV: a dual network narrower than the agents
     assert run.g["n_updates"] == 3 and [u["step"] for u in run.updates] == [40, 80, 120]
     assert run.g["target_version"] == 0
     check_updates(run, lambda k: (init["target_network"], init["target_qtran"]),
@@ -743,3 +802,67 @@ def test_every_argmax_is_masked(runs, name):
     for wrong in ("unmasked_target", "unmasked_h"):
         other = Prediction(run, up, init["target_network"], init["target_qtran"], wrong={wrong})
         assert mismatch(run, up, other, run.final()) > 50, wrong
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Acting: seeds, history windows, the epsilon schedule, the draws
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["rho_explore", "tv_explore"])
+def test_acting_follows_the_history_the_epsilon_schedule_and_the_seeded_draws(runs, name):
+    """Everything that decides an action, over 120 env steps with updates at 80 and 120 (learning starts after step
+    40, a multiple of --train-frequency 40: an update at 40 would be one too early). (a) Seeding: torch's
+    initial seed, the python and numpy global generators, the numpy Generator of days, exploration and minibatches
+    and the task all come from --seed. (b) The online agents act (one q_network.greedy_q call per env step) on the
+    window of the episode's last W observations and previous actions (zeros / action 0 before its start) rebuilt
+    here from the task's log, with the Q-values of the weights in force (the initial ones, then those each update
+    left). (c) The Generator's draws come in the loop's order: a day uniform on --train-days at each episode start
+    (the day the task was reset to), at each step an (N, A) uniform draw whose argmax over the available actions is
+    the random action and one coin per agent (one shared coin with --single-coin, the TV run), and at each update a
+    minibatch of --batch-size indices (TV: 2 x, the dual half first) on [0, size), the ones the update used. (d) An
+    agent's action is the random one where its coin < epsilon(step) (the loop's epsilon, read at its acting call, is
+    asserted to be the schedule's value: linear from --start-e 1 to --end-e 0.05 over
+    --exploration-steps 80, so both branches occur), else the masked argmax of its Q-values."""
+    run = runs(name)
+    a, log = run.args, run.log
+    env_seed, torch_seed, py_state, np_state = run.seeds
+    ref = np.random.RandomState(a.seed).get_state()
+    assert env_seed == a.seed == torch_seed == run.rng_seed and py_state == random.Random(a.seed).getstate()
+    assert np_state[0] == ref[0] and np.array_equal(np_state[1], ref[1]) and np_state[2:] == ref[2:]
+
+    n, N, A = len(log), run.g["N"], run.g["A"]
+    updates = [s for s in range(1, n + 1) if s > a.learning_starts and s % a.train_frequency == 0]
+    assert [u["step"] for u in run.updates] == updates == [80, 120] and len(run.spy.acting) == n
+    weights = [run.spy.init["q_network"]] + [u["weights"]["q_network"] for u in run.updates[1:]] + [run.final()["q_network"]]
+    lo, hi = (int(x) for x in a.train_days.split(":"))
+    draws = iter(run.draws)
+
+    def draw(kind, shape, bounds=None):
+        got = next(draws, None)
+        assert got is not None and got[0] == kind and got[2].shape == shape, (kind, shape, got)
+        assert bounds is None or tuple(got[1]) == bounds, (kind, got[1], bounds)
+        return got[2]
+
+    b = batch_from_log(log, np.arange(n), a.window)
+    n_random = n_greedy = 0
+    for j, tr in enumerate(log):
+        if tr["t"] == 0:
+            assert int(draw("integers", (), (lo, hi))) == run.days[tr["episode"]]
+        obs_w, prev_w, q_acted, epsilon = run.spy.acting[j]
+        assert epsilon == pytest.approx(expected_epsilon(a, j), rel=1e-9, abs=1e-12), (j, epsilon)
+        assert torch.equal(obs_w[:, 0].double(), b["obs_w"][:, j]) and torch.equal(prev_w[:, 0], b["prev_w"][:, j]), j
+        w = weights[sum(u <= j for u in updates)]
+        with torch.no_grad():
+            q, _ = agents_forward(leaf(w, False), b["obs_w"][:, j : j + 1], b["prev_w"][:, j : j + 1], A)
+        torch.testing.assert_close(q_acted.double(), q, rtol=1e-5, atol=1e-5)
+        uniform = draw("random", (N, A))
+        coins = np.broadcast_to(draw("random", (1,) if a.single_coin else (N,)), (N,))
+        explore = coins < epsilon
+        want = np.where(explore, np.argmax(uniform * tr["avail"], axis=1), masked_argmax(q[0], b["avail"][j]).numpy())
+        np.testing.assert_array_equal(tr["actions"], want, err_msg=f"step {j} (exploring: {explore})")
+        n_random, n_greedy = n_random + int(explore.sum()), n_greedy + int((~explore).sum())
+        if j + 1 in updates:
+            up = run.updates[updates.index(j + 1)]
+            drawn = draw("integers", ((2 if run.kind == "tv" else 1) * a.batch_size,), (0, j + 1))
+            np.testing.assert_array_equal(drawn, np.concatenate([up["dual_idx"], up["idx"]]) if run.kind == "tv" else up["idx"])
+    assert next(draws, None) is None  # nothing else drawn
+    assert n_random >= 30 and n_greedy >= 30, (n_random, n_greedy)

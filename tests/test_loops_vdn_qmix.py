@@ -1,4 +1,5 @@
-"""The training loops of robust_vdn_tv.py, robust_qmix_rho.py and robust_qmix_tv.py, checked step by step.
+"""The training loops of robust_vdn_rho.py, robust_vdn_tv.py, robust_qmix_rho.py and robust_qmix_tv.py, checked step
+by step.
 
 Each script runs in this process as __main__ (conftest.run_script_in_process), exactly its own loop, on
 ``FakeTask``: a tiny task written here (3 agents, 5 actions of which only 2 are available to each agent at
@@ -15,14 +16,18 @@ targets and losses from that log (never from the script's functions) and compare
 
 * global optimiser hooks record, for every step of every optimiser, the parameters before and after and the
   gradients it was handed (after the clip); eval.TrainingRun is wrapped to keep a copy of every network's
-  initial weights; F.mse_loss is wrapped to keep the TD target y of each update.
+  initial weights and to log every call of the online network's greedy_q (acting: its windows and Q-values);
+  F.mse_loss is wrapped to keep the TD target y of each update; the script's numpy Generator is a DrawLog (the
+  same PCG64 stream, every draw logged), and envs.make_env notes its seed and the global generators' states.
 * the recomputation is plain torch written out here: the DRQN (fc1 on [obs, one-hot previous action],
   LSTM cell by cell, ReLU, fc_out), the QMIX mixer (hypernetworks on s, |w|), the dual network eta_xi(s, a)
   (Linear on the concatenated one-hot joint action); the targets of Eq. 15 (rho-contamination) and
   Eq. 16-17 (TV) with the masked max over available actions, (1 - terminated) only, and
   torch's clip_grad_norm_ and first RMSprop / Adam steps in closed form.
 
-Four groups of tests, one per item of issue 16, each parametrised over the three scripts:
+Five groups of tests, the first four one per item of issue 16, each parametrised over the four scripts (the
+one-update runs: rho-contamination with rho > 0, rho = 0 under a binding clip and --worst-value batch-min for
+VDN-rho; both dual losses, clamps, clips and optimisers, and a case where Eq. (10)'s upper end binds, for TV):
 
 1. one update (learning starts at 10, 12 env steps: exactly one gradient step): the gradients and the moves
    of every parameter (agents, mixer, dual network) are the ones predicted; plausible wrong computations
@@ -36,12 +41,17 @@ Four groups of tests, one per item of issue 16, each parametrised over the three
 4. unavailable actions: no unavailable action is ever sent to the task (random exploration and greedy
    acting), every greedy action is the masked argmax of the online network in force, and the bootstrap is
    the masked max (the unmasked one would differ).
+5. acting: every generator is seeded from --seed, the online network acts on the episode's history window with
+   the weights in force, and every action, day and minibatch follows from the logged draws, the masks and the
+   epsilon schedule (copy8 runs epsilon 1 -> 0.05 over 24 steps; two cases use --single-coin).
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import random
+import sys
 
 import numpy as np
 import pytest
@@ -54,37 +64,47 @@ import envs
 
 evaluation = importlib.import_module("eval")  # the module the scripts import (``import eval as evaluation``)
 
-SCRIPTS = {"vdn_tv": "algos/robust_vdn_tv.py", "qmix_rho": "algos/robust_qmix_rho.py", "qmix_tv": "algos/robust_qmix_tv.py"}
+SCRIPTS = {"vdn_rho": "algos/robust_vdn_rho.py", "vdn_tv": "algos/robust_vdn_tv.py", "qmix_rho": "algos/robust_qmix_rho.py",
+           "qmix_tv": "algos/robust_qmix_tv.py"}
 N_AGENTS, N_ACTIONS, OBS_DIM, STATE_DIM, N_AVAIL = 3, 5, 4, 6, 2
 EPISODE_LIMIT, CAP = 6, 5  # the task's own limit; the --episode-steps cap the runs use
 KINDS = (("terminal", 3), ("timeout", 4), ("capped", CAP))  # (kind, length): one cycle = 12 env steps
 STATE_SCALE = 5.0  # spreads eta_xi(s, a) at initialisation over both signs
 GAMMA, RHO, WINDOW, HIDDEN, EMBED, DUAL_HIDDEN = 0.9, 0.3, 3, 8, 4, 8
 LR, DUAL_LR, RMSPROP_EPS, ADAM_EPS, ALPHA = 5e-4, 1e-3, 1e-5, 1e-8, 0.99
-ETA_MAX = 2.0 / (RHO * (1.0 - GAMMA))  # Eq. (10)'s upper end of eta
 
 COMMON = ["--env", "building", "--episode-steps", CAP, "--learning-starts", 10, "--train-frequency", 2,
           "--buffer-size", 200, "--window", WINDOW, "--hidden-dim", HIDDEN, "--gamma", GAMMA, "--rho", RHO,
           "--learning-rate", LR, "--torch-threads", 1, "--log-every", 100, "--checkpoint-every", 0, "--seed", 5]
 QMIX_FLAGS = ["--mixing-embed-dim", EMBED]
 TV_FLAGS = ["--dual-hidden-dim", DUAL_HIDDEN, "--dual-learning-rate", DUAL_LR]
-EXTRA = {"vdn_tv": TV_FLAGS, "qmix_rho": QMIX_FLAGS, "qmix_tv": QMIX_FLAGS + TV_FLAGS}
+EXTRA = {"vdn_rho": [], "vdn_tv": TV_FLAGS, "qmix_rho": QMIX_FLAGS, "qmix_tv": QMIX_FLAGS + TV_FLAGS}
 
 # One-update cases: (script, case) -> flags. A clip named here binds (the test asserts the gradient norm
 # exceeds it); every other case runs unclipped (VDN-TV's default 0) or under a clip that does not bind
 # (QMIX's default 10: asserted too).
 ONE_UPDATE = {
-    ("vdn_tv", "linear-clamp"): [],  # the paper's Alg. 5: Eq. 17 as written, eta clamped to Eq. (10)
+    ("vdn_rho", "rho"): [],  # Alg. 2 as written: Eq. 15 with min V = 0; no clip (VDN's default)
+    ("vdn_rho", "rho0-clipped"): ["--rho", 0, "--max-grad-norm", 0.05],  # plain VDN, the clip binds
+    ("vdn_rho", "batch-min"): ["--worst-value", "batch-min", "--single-coin"],  # Eq. 27-28: + rho m, m = min V' of the batch
+    # the paper's Alg. 5: Eq. 17 as written, eta clamped to Eq. (10); a dual network narrower than the agents' (6 vs 8)
+    ("vdn_tv", "linear-clamp"): ["--dual-hidden-dim", 6],
+    ("vdn_tv", "batch-min"): ["--worst-value", "batch-min", "--seed", 1],  # Eq. 29, Eq. (10) around m = min V' of the batch
     ("vdn_tv", "squared-noclamp-clipped"): ["--dual-loss", "squared", "--no-eta-clamp", "--max-grad-norm", 0.05,
-                                            "--dual-max-grad-norm", 0.05],  # the released code's dual, both clips bind
+                                            "--dual-max-grad-norm", 0.02],  # the released code's dual, both clips bind
     ("qmix_rho", "rmsprop-clipped"): ["--max-grad-norm", 0.05],
     ("qmix_rho", "adam"): ["--optimizer", "adam"],  # the released QMIX optimiser; clip 10 does not bind
     ("qmix_tv", "linear-clamp-rmsprop"): [],
+    ("qmix_tv", "batch-min"): ["--worst-value", "batch-min"],
+    ("qmix_tv", "batch-min-squared"): ["--worst-value", "batch-min", "--dual-loss", "squared"],  # m enters the gradient
+    # eta_max = 2 / (rho (1 - gamma)) = 5, and a dual step large enough to take eta above it on part of the batch
+    ("qmix_tv", "upper-clamp"): ["--rho", 0.8, "--gamma", 0.5, "--dual-learning-rate", 0.5],
     ("qmix_tv", "squared-noclamp-adam-clipped"): ["--dual-loss", "squared", "--no-eta-clamp", "--optimizer", "adam",
-                                                  "--max-grad-norm", 0.05],
+                                                  "--max-grad-norm", 0.05, "--dual-max-grad-norm", 0.02, "--single-coin",
+                                                  "--dual-hidden-dim", 12],
 }
-CLIPS = {("vdn_tv", "squared-noclamp-clipped"): (0.05, 0.05), ("qmix_rho", "rmsprop-clipped"): (0.05, 0.0),
-         ("qmix_tv", "squared-noclamp-adam-clipped"): (0.05, 0.0)}  # (Q clip, dual clip); 0 = none
+CLIPS = {("vdn_rho", "rho0-clipped"): (0.05, 0.0), ("vdn_tv", "squared-noclamp-clipped"): (0.05, 0.02), ("qmix_rho", "rmsprop-clipped"): (0.05, 0.0),
+         ("qmix_tv", "squared-noclamp-adam-clipped"): (0.05, 0.02), ("qmix_tv", "upper-clamp"): (10.0, 0.0)}  # (Q clip, dual clip); 0 = none
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,7 +138,7 @@ class FakeTask:
 
     def reset(self, day: int):
         kind, length = KINDS[len(self.episodes) % len(KINDS)]
-        self.episodes.append({"kind": kind, "length": length, "obs": [], "state": [], "avail": [], "actions": [], "reward": [],
+        self.episodes.append({"kind": kind, "length": length, "day": day, "obs": [], "state": [], "avail": [], "actions": [], "reward": [],
                                   "terminated": [], "truncated": []})
         return self._observe()
 
@@ -183,13 +203,36 @@ def batch(tr: dict, idx) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Running a script and recording what its loop did
 # ------------------------------------------------------------------------------------------------
+class DrawLog(np.random.Generator):
+    """np.random.default_rng(seed) for the script (the same PCG64 stream, so the same numbers), logging every
+    ``integers`` and ``random`` draw as (name, (low, high) or None, result)."""
+
+    def __init__(self, seed, log: list):
+        super().__init__(np.random.PCG64(seed))
+        self.log = log
+
+    def integers(self, low, high=None, size=None, *args, **kwargs):
+        out = super().integers(low, high, size, *args, **kwargs)
+        self.log.append(("integers", (low, high), np.copy(out)))
+        return out
+
+    def random(self, size=None, *args, **kwargs):
+        out = super().random(size, *args, **kwargs)
+        self.log.append(("random", None, np.copy(out)))
+        return out
+
+
 class Recording:
     """What one in-process run did: ``g`` (its globals at the end), ``task``, ``init`` (each network's
     initial state dict), ``steps`` (one dict per optimiser step: which, before, grad, after), ``targets``
-    (the y handed to F.mse_loss at each update)."""
+    (the y handed to F.mse_loss at each update), ``acting`` (the inputs and output of every q_network.greedy_q
+    call: the acting windows, Q-values and the loop's epsilon then), ``draws`` (every draw of the script's numpy Generator, see DrawLog),
+    ``rng_seed`` (the seed it was made from), ``env_kwargs`` (of the envs.make_env call) and ``seeds`` (torch's
+    initial seed and the python and numpy global states when the task was made)."""
 
     def __init__(self):
         self.g, self.task, self.init, self.state, self.steps, self.targets = None, None, {}, {}, [], []
+        self.acting, self.draws, self.rng_seed, self.env_kwargs, self.seeds = [], [], "not made", None, None
 
     def q_steps(self):
         return [s for s in self.steps if s["which"] == "q"]
@@ -221,6 +264,15 @@ def run(script: str, flags, cwd: str) -> Recording:
             state = {k: v for k, v in kwargs.items() if k != "resume"}
             rec.state = state
             rec.init = {k: copy.deepcopy(v.state_dict()) for k, v in state.items() if isinstance(v, torch.nn.Module)}
+            greedy_q = state["q_network"].greedy_q
+
+            def acting(obs_w, prev_w, *a, **k):
+                out = greedy_q(obs_w, prev_w, *a, **k)
+                epsilon = sys._getframe(1).f_globals.get("epsilon")  # the loop's epsilon of this step (read only)
+                rec.acting.append((obs_w.clone(), prev_w.clone(), out.clone(), epsilon))
+                return out
+
+            state["q_network"].greedy_q = acting  # the online network's no-grad forward: acting only in these scripts
             super().__init__(*args, **kwargs)
 
     def which(opt):
@@ -241,8 +293,17 @@ def run(script: str, flags, cwd: str) -> Recording:
         return real_mse(input, target, *args, **kwargs)
 
     def make_env(*args, **kwargs):
+        rec.env_kwargs, rec.seeds = kwargs, (torch.initial_seed(), random.getstate(), np.random.get_state())
         rec.task = FakeTask()
         return rec.task
+
+    real_default_rng = np.random.default_rng
+
+    def default_rng(seed=None):
+        if sys._getframe(1).f_globals.get("__name__") != "__main__":  # not the script's own generator
+            return real_default_rng(seed)
+        rec.rng_seed = seed
+        return DrawLog(seed, rec.draws)
 
     handles = [register_optimizer_step_pre_hook(pre),
                register_optimizer_step_post_hook(post)]
@@ -250,6 +311,7 @@ def run(script: str, flags, cwd: str) -> Recording:
         mp.setattr(evaluation, "TrainingRun", CapturingRun)
         mp.setattr(envs, "make_env", make_env)
         mp.setattr(F, "mse_loss", mse)
+        mp.setattr(np.random, "default_rng", default_rng)
         try:
             rec.g = run_script_in_process(SCRIPTS[script], [*COMMON, *EXTRA[script], *flags], cwd)
         finally:
@@ -266,9 +328,9 @@ def runs(tmp_path_factory):
     def get(script: str, case: str) -> Recording:
         if (script, case) not in cache:
             cwd = str(tmp_path_factory.mktemp(f"{script}_{case}"))
-            if case in ("frozen", "copy8"):
-                freq = 10**9 if case == "frozen" else 8
-                flags = ["--total-episodes", 9, "--batch-size", 8, "--start-e", 0, "--end-e", 0,
+            if case in ("frozen", "copy8"):  # frozen: greedy acting; copy8: epsilon from 1 to 0.05 over 24 steps
+                freq, explore = (10**9, [0, "--end-e", 0]) if case == "frozen" else (8, [1, "--end-e", 0.05, "--exploration-steps", 24])
+                flags = ["--total-episodes", 9, "--batch-size", 8, "--start-e", *explore,
                          "--target-network-frequency", freq, "--run-name", case]
             else:
                 flags = ["--total-episodes", 3, "--batch-size", 32, "--target-network-frequency", 1000,
@@ -321,8 +383,16 @@ def dual_eta(d: dict, s, a):
     return linear(d, "out", torch.relu(linear(d, "fc", x)))[:, 0]
 
 
+def is_tv(script: str) -> bool:
+    return script.endswith("_tv")
+
+
+def is_vdn(script: str) -> bool:
+    return script.startswith("vdn")
+
+
 def q_tot(script: str, agents: dict, mixer: dict | None, q_per_agent, s):
-    return q_per_agent.sum(-1) if script == "vdn_tv" else mix(mixer, q_per_agent, s)
+    return q_per_agent.sum(-1) if is_vdn(script) else mix(mixer, q_per_agent, s)
 
 
 def next_value(script: str, target: dict, target_mixer: dict | None, b: dict, masked=True):
@@ -335,13 +405,27 @@ def next_value(script: str, target: dict, target_mixer: dict | None, b: dict, ma
         return q_tot(script, target, target_mixer, q.max(-1).values, b["next_state"])
 
 
-def bootstrap(script: str, v, eta=None):
-    """Eq. 15 (rho-contamination): (1 - rho) V'; Eq. 16 (TV): (1 - rho) eta - [eta - V']_+."""
-    return (1.0 - RHO) * v if script == "qmix_rho" else (1.0 - RHO) * eta - torch.relu(eta - v)
+def worst_value(f: dict, v, terminated):
+    """min V: 0 (Assumption 1/2, --worst-value zero) or, with batch-min, m = the smallest V' of the minibatch, V' = 0
+    at a terminated transition (its next state is terminal)."""
+    return (v * (1.0 - terminated)).min() if f["worst"] == "batch-min" else 0.0
 
 
-def clamp_eta(raw, clamp=True):
-    return raw.clamp(0.0, ETA_MAX) if clamp else raw
+def bootstrap(script: str, v, eta, f: dict, terminated):
+    """Eq. 15 (rho-contamination): (1 - rho) V', + rho m with batch-min (Eq. 27-28); Eq. 16 (TV): (1 - rho) eta -
+    [eta - V']_+, with batch-min (Eq. 29) m + (1 - rho) (eta - m) - [eta - V']_+."""
+    rho, m = f["rho"], worst_value(f, v, terminated)
+    if is_tv(script):
+        return m + (1.0 - rho) * (eta - m) - torch.relu(eta - v)
+    return (1.0 - rho) * v + rho * m
+
+
+def clamp_eta(raw, f: dict, v, terminated, clamp=None):
+    """eta clamped to Eq. (10)'s [m, m + 2 / (rho (1 - gamma))] (m = min V of the batch of V' v, 0 with --worst-value
+    zero) if clamp (default: the run's --eta-clamp)."""
+    clamp = f["clamp"] if clamp is None else clamp
+    m = worst_value(f, v, terminated)
+    return raw.clamp(m, m + 2.0 / (f["rho"] * (1.0 - f["gamma"]))) if clamp else raw
 
 
 def leaves(sd: dict) -> dict:
@@ -366,17 +450,18 @@ def first_step(grads: dict, optimiser: str, lr: float) -> dict:
 def flags_of(rec: Recording) -> dict:
     a = rec.g["args"]
     return {"optimizer": getattr(a, "optimizer", "rmsprop"), "clip": a.max_grad_norm, "dual_clip": getattr(a, "dual_max_grad_norm", 0),
-                "squared": getattr(a, "dual_loss", "") == "squared", "clamp": getattr(a, "eta_clamp", True)}
+            "squared": getattr(a, "dual_loss", "") == "squared", "clamp": getattr(a, "eta_clamp", True), "rho": a.rho,
+            "worst": a.worst_value, "gamma": a.gamma}
 
 
-def dual_prediction(dual_params: dict, v, b: dict, squared: bool, clamp: bool, dual_clip: float):
-    """Eq. (17) on the dual minibatch: mean over non-terminated transitions of [eta - V']_+ - (1 - rho) eta
-    (squared: its square), eta the clamped output, + (raw - eta)^2 (pulls a clamped eta back; 0 without the
-    clamp) -> (loss, clipped gradients of xi, gradient norm)."""
+def dual_prediction(dual_params: dict, v, b: dict, f: dict, squared: bool, clamp: bool, dual_clip: float):
+    """Eq. (17) on the dual minibatch: mean over non-terminated transitions of [eta - V']_+ - (1 - rho) (eta - m)
+    (m = 0, or the batch's min V' with batch-min; squared: its square), eta the clamped output, + (raw - eta)^2
+    (pulls a clamped eta back; 0 without the clamp) -> (loss, clipped gradients of xi, gradient norm)."""
     d = leaves(dual_params)
     raw = dual_eta(d, b["state"], b["actions"])
-    eta = clamp_eta(raw, clamp)
-    term = torch.relu(eta - v) - (1.0 - RHO) * eta
+    eta = clamp_eta(raw, f, v, b["terminated"], clamp)
+    term = torch.relu(eta - v) - (1.0 - f["rho"]) * (eta - worst_value(f, v, b["terminated"]))
     term = term**2 if squared else term
     term = term + (raw - eta.detach()) ** 2
     live = 1.0 - b["terminated"]
@@ -397,10 +482,10 @@ def q_prediction(script: str, agents: dict, mixer: dict | None, y, b: dict, clip
     return clipped(grads, clip)
 
 
-def target_y(script: str, b: dict, v, eta=None, time_limit_terminal=False):
+def target_y(script: str, b: dict, v, eta, f: dict, time_limit_terminal=False):
     """y = r + gamma (1 - terminated) bootstrap; time_limit_terminal (a wrong variant): also 0 at a time limit."""
     done = torch.maximum(b["terminated"], b["time_limit"].float()) if time_limit_terminal else b["terminated"]
-    return b["reward"] + GAMMA * (1.0 - done) * bootstrap(script, v, eta)
+    return b["reward"] + f["gamma"] * (1.0 - done) * bootstrap(script, v, eta, f, b["terminated"])
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -441,6 +526,29 @@ def assert_moves(init: dict, final: dict, predicted: dict, what: str, lr: float)
                                    msg=lambda m, k=k: f"{what} {k}: {m}")
 
 
+def assert_widths(rec: Recording):
+    """Every network has the widths its flags give: the agents' DRQNs --hidden-dim, the mixer's hypernetworks
+    --mixing-embed-dim, the dual network --dual-hidden-dim (the recomputation takes its shapes from the weights, so
+    a network built with another flag's width would go unseen otherwise)."""
+    a, H, S = rec.g["args"], rec.g["args"].hidden_dim, STATE_DIM
+    shapes = {"q_network": {"drqn.fc1_obs": (N_AGENTS, H, OBS_DIM), "drqn.fc1_table": (N_AGENTS, N_ACTIONS, H),
+                            "drqn.lstm_weight_hh": (N_AGENTS, 4 * H, H), "drqn.fc_out_weight": (N_AGENTS, N_ACTIONS, H)}}
+    if "mixer" in rec.init:
+        E = a.mixing_embed_dim
+        shapes["mixer"] = {"hyper_w1.weight": (N_AGENTS * E, S), "hyper_b1.weight": (E, S), "hyper_w2.weight": (E, S),
+                           "hyper_v.0.weight": (E, S), "hyper_v.2.weight": (1, E)}
+    if "dual_network" in rec.init:
+        D = a.dual_hidden_dim
+        shapes["dual_network"] = {"state_fc.weight": (D, S), "action_fc.weight": (D, N_AGENTS * N_ACTIONS),
+                                  "fc.weight": (D, 2 * D), "out.weight": (1, D)}
+    for net, want in shapes.items():
+        for key, shape in want.items():
+            assert tuple(rec.init[net][key].shape) == shape, (net, key, tuple(rec.init[net][key].shape), shape)
+        target = {"q_network": "target_network", "mixer": "target_mixer"}.get(net)
+        if target is not None:
+            assert {k: v.shape for k, v in rec.init[target].items()} == {k: v.shape for k, v in rec.init[net].items()}
+
+
 # ------------------------------------------------------------------------------------------------
 # 1. one update
 # ------------------------------------------------------------------------------------------------
@@ -457,12 +565,13 @@ def test_one_update_moves_every_parameter_as_predicted(runs, script, case):
     network before its step, the other dual loss, terminated transitions in the dual loss -- give gradients
     more than 10 tolerances away from the recorded ones somewhere: the check sees each of them."""
     rec = runs(script, case)
-    g, f = rec.g, flags_of(rec)
+    g, f, a = rec.g, flags_of(rec), rec.g["args"]
     assert g["n_updates"] == 1 and g["global_step"] == 12
-    tv = script != "qmix_rho"
+    tv = is_tv(script)
     assert [s["which"] for s in rec.steps] == (["dual", "q"] if tv else ["q"])  # TV: the dual step comes first
     tr = transitions(rec.task)
     theta0, mixer0 = rec.init["q_network"], rec.init.get("mixer")
+    assert_widths(rec)
     assert all(torch.equal(theta0[k], rec.init["target_network"][k]) for k in theta0)  # theta- = theta at the start
     clip, dual_clip = CLIPS.get((script, case), (f["clip"], 0.0))
     assert (clip, dual_clip) == (f["clip"], f["dual_clip"])
@@ -480,17 +589,21 @@ def test_one_update_moves_every_parameter_as_predicted(runs, script, case):
         bd = batch(tr, dual_idx)
         assert 2 in set(dual_idx.tolist()) and len(set(dual_idx.tolist()) & {6, 11}) > 0
         vd = next_value(script, theta0, mixer0, bd)
-        _, dgrads, dnorm = dual_prediction(xi0, vd, bd, f["squared"], f["clamp"], dual_clip)
+        _, dgrads, dnorm = dual_prediction(xi0, vd, bd, f, f["squared"], f["clamp"], dual_clip)
         assert not dual_clip or dnorm > dual_clip, (dnorm, dual_clip)
         assert_grads({k[1]: v_ for k, v_ in dual_step["grad"].items()}, dgrads, "dual grad")
-        dmove = first_step(dgrads, "adam", DUAL_LR)
-        assert_moves(xi0, g["dual_network"].state_dict(), dmove, "dual move", DUAL_LR)
+        dmove = first_step(dgrads, "adam", a.dual_learning_rate)
+        assert_moves(xi0, g["dual_network"].state_dict(), dmove, "dual move", a.dual_learning_rate)
         xi1 = {k: xi0[k] + dmove[k] for k in xi0}
         with torch.no_grad():
             raw = dual_eta(xi1, b["state"], b["actions"])
-            assert (raw < 0).any()  # the clamp's floor matters on this batch
-            eta = clamp_eta(raw, f["clamp"])
-    y = target_y(script, b, v, eta)
+            eta_max = 2.0 / (f["rho"] * (1.0 - f["gamma"]))
+            if case == "upper-clamp":  # Eq. (10)'s upper end binds on part of the batch
+                assert (raw > eta_max).any() and (raw < eta_max).any(), (raw, eta_max)
+            else:  # the clamp's floor (0, or m with batch-min) matters on this batch
+                assert (raw < worst_value(f, v, b["terminated"])).any()
+            eta = clamp_eta(raw, f, v, b["terminated"])
+    y = target_y(script, b, v, eta, f)
     torch.testing.assert_close(rec.targets[-1], y, rtol=1e-5, atol=1e-5)
 
     grads, norm = q_prediction(script, theta0, mixer0, y, b, clip)
@@ -507,25 +620,43 @@ def test_one_update_moves_every_parameter_as_predicted(runs, script, case):
     assert_moves(init, final, move, "Q move", LR)
 
     # Plausible wrong computations predict gradients the loop did not produce.
-    wrong = {"truncation as terminal": target_y(script, b, v, eta, time_limit_terminal=True),
-             "unmasked max": target_y(script, b, next_value(script, theta0, mixer0, b, masked=False), eta)}
+    wrong = {"truncation as terminal": target_y(script, b, v, eta, f, time_limit_terminal=True),
+             "unmasked max": target_y(script, b, next_value(script, theta0, mixer0, b, masked=False), eta, f)}
     if tv:
         with torch.no_grad():
-            wrong["eta clamp flipped"] = target_y(script, b, v, clamp_eta(raw, not f["clamp"]))
+            wrong["eta clamp flipped"] = target_y(script, b, v, clamp_eta(raw, f, v, b["terminated"], not f["clamp"]), f)
             wrong["eta of the dual net before its step"] = target_y(
-                script, b, v, clamp_eta(dual_eta(xi0, b["state"], b["actions"]), f["clamp"]))
+                script, b, v, clamp_eta(dual_eta(xi0, b["state"], b["actions"]), f, v, b["terminated"]), f)
+            if case == "upper-clamp":
+                wrong["eta clamped at 0 only (no upper end)"] = target_y(script, b, v, raw.clamp(min=0.0), f)
         recorded = {k[1]: v_ for k, v_ in dual_step["grad"].items()}
-        assert_distinct(recorded, dual_prediction(xi0, vd, bd, not f["squared"], f["clamp"], dual_clip)[1], "dual loss kind")
-        assert_distinct(recorded, dual_prediction(xi0, vd, bd, f["squared"], not f["clamp"], dual_clip)[1], "dual clamp")
+        assert_distinct(recorded, dual_prediction(xi0, vd, bd, f, not f["squared"], f["clamp"], dual_clip)[1], "dual loss kind")
+        assert_distinct(recorded, dual_prediction(xi0, vd, bd, f, f["squared"], not f["clamp"], dual_clip)[1], "dual clamp")
         live_all = dict(bd, terminated=torch.zeros_like(bd["terminated"]))
-        assert_distinct(recorded, dual_prediction(xi0, vd, live_all, f["squared"], f["clamp"], dual_clip)[1],
+        assert_distinct(recorded, dual_prediction(xi0, vd, live_all, f, f["squared"], f["clamp"], dual_clip)[1],
                         "terminated transitions in the dual loss")
-    else:
-        wrong["rho dropped"] = b["reward"] + GAMMA * (1.0 - b["terminated"]) * v
+    elif f["rho"] > 0:
+        wrong["rho dropped"] = b["reward"] + f["gamma"] * (1.0 - b["terminated"]) * v
+    else:  # plain VDN (--rho 0): a loop that used some other rho (e.g. the default radius of another script)
+        wrong["rho not the flag's"] = target_y(script, b, v, None, dict(f, rho=RHO))
+    if f["worst"] == "batch-min":
+        live_v, zero = v * (1.0 - b["terminated"]), dict(f, worst="zero")
+        assert live_v.min() < 0  # m < 0 on this batch: the batch-min target is not the zero one
+        if tv:
+            with torch.no_grad():
+                wrong["m dropped (min V = 0)"] = target_y(script, b, v, clamp_eta(raw, zero, v, b["terminated"]), zero)
+            assert_distinct(recorded, dual_prediction(xi0, vd, bd, zero, f["squared"], f["clamp"], dual_clip)[1],
+                            "m dropped from the dual loss")
+        else:
+            wrong["m dropped (min V = 0)"] = target_y(script, b, v, None, zero)
+            wrong["m without gamma (Eq. 28 as printed)"] = (b["reward"] + (1.0 - b["terminated"]) * (
+                f["gamma"] * (1.0 - f["rho"]) * v + f["rho"] * live_v.min()))
+            wrong["m over V' not zeroed at a terminal state"] = (b["reward"] + f["gamma"] * (1.0 - b["terminated"]) * (
+                (1.0 - f["rho"]) * v + f["rho"] * v.min()))
     for name, y_wrong in wrong.items():
         bad, _ = q_prediction(script, theta0, mixer0, y_wrong, b, clip)
         assert_distinct(step["grad"], bad, name)
-    if script != "vdn_tv":
+    if not is_vdn(script):
         p = leaves(theta0)
         q = agent_q(p, b["obs_w"], b["prev_w"]).gather(-1, b["actions"][..., None]).squeeze(-1)
         vdn_loss = ((q.sum(-1) - y) ** 2).mean()
@@ -570,20 +701,22 @@ def check_last_update(rec: Recording, script: str, tr: dict, target: dict, targe
     q_step = rec.q_steps()[-1]
     agents, mixer = split(q_step["before"])
     b = batch(tr, g["idx"])
-    eta = None
-    if script != "qmix_rho":
+    raw = None
+    if is_tv(script):
         dual_step = rec.dual_steps()[-1]
         bd = batch(tr, g["dual_idx"])
         xi_before = {k[1]: v for k, v in dual_step["before"].items()}
-        _, dgrads, _ = dual_prediction(xi_before, next_value(script, target, target_mixer, bd), bd, f["squared"], f["clamp"],
+        _, dgrads, _ = dual_prediction(xi_before, next_value(script, target, target_mixer, bd), bd, f, f["squared"], f["clamp"],
                                        f["dual_clip"])
         assert_grads({k[1]: v for k, v in dual_step["grad"].items()}, dgrads, "last dual grad")
         xi_after = {k[1]: v for k, v in dual_step["after"].items()}
         with torch.no_grad():
-            eta = clamp_eta(dual_eta(xi_after, b["state"], b["actions"]), f["clamp"])
+            raw = dual_eta(xi_after, b["state"], b["actions"])
 
     def predicted(t_agents, t_mixer):
-        y = target_y(script, b, next_value(script, t_agents, t_mixer, b), eta)
+        v = next_value(script, t_agents, t_mixer, b)
+        eta = None if raw is None else clamp_eta(raw, f, v, b["terminated"])
+        y = target_y(script, b, v, eta, f)
         return y, q_prediction(script, agents, mixer, y, b, f["clip"])[0]
 
     y, grads = predicted(target, target_mixer)
@@ -673,10 +806,10 @@ def test_time_limits_bootstrap_and_true_ends_do_not(runs, script, case):
     b = batch(tr, idx)
     v = next_value(script, rec.init["q_network"], rec.init.get("mixer"), b)
     eta = None
-    if script != "qmix_rho":
+    if is_tv(script):
         with torch.no_grad():
-            eta = clamp_eta(dual_eta(g["dual_network"].state_dict(), b["state"], b["actions"]), f["clamp"])
-    boot = GAMMA * bootstrap(script, v, eta)
+            eta = clamp_eta(dual_eta(g["dual_network"].state_dict(), b["state"], b["actions"]), f, v, b["terminated"])
+    boot = f["gamma"] * bootstrap(script, v, eta, f, b["terminated"])
     y, seen = rec.targets[-1], 0
     for slot in (6, 11):
         at = torch.from_numpy(idx == slot)
@@ -735,3 +868,92 @@ def test_no_unavailable_action_is_taken_or_bootstrapped(runs, script):
     b = batch(tr, slots)
     unmasked = next_value(script, theta0, rec.init.get("mixer"), b, masked=False) * (1.0 - b["terminated"])
     assert (unmasked - ours).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. acting: seeds, history windows, the epsilon schedule, the draws
+# ------------------------------------------------------------------------------------------------
+def expected_epsilon(a, step: int) -> float:
+    """Linear decay from --start-e to --end-e over --exploration-steps env steps, then --end-e."""
+    return max(a.start_e + (a.end_e - a.start_e) * step / a.exploration_steps, a.end_e)
+
+
+def update_steps(a, n_steps: int) -> list[int]:
+    """The env steps (1-based counts) after which the loop makes a gradient step: past --learning-starts, every
+    --train-frequency steps."""
+    return [s for s in range(1, n_steps + 1) if s > a.learning_starts and s % a.train_frequency == 0]
+
+
+@pytest.mark.parametrize("script,case", [*ONE_UPDATE, *((s, "copy8") for s in SCRIPTS)])
+def test_acting_follows_the_history_the_epsilon_schedule_and_the_seeded_draws(runs, script, case):
+    """Everything that decides an action, from the run's records. (a) Seeding: torch's initial seed, the python
+    and numpy global generators (as random.seed / np.random.seed leave them), the numpy Generator of days,
+    exploration and minibatches, and the task (envs.make_env's seed) all come from --seed. (b) The online network
+    acts (one q_network.greedy_q call per env step) on the window of the last W observations and previous actions
+    of this episode (zeros / action 0 before its start), rebuilt here from the task's log, and its Q-values are
+    those of the weights in force (theta_0, then the weights after the latest update). (c) The Generator's draws
+    come in the loop's order: a training day uniform on --train-days at each episode start (the day the task was
+    reset to), at each step an (N, A) uniform draw whose argmax over the available actions is the random action
+    and one coin per agent (one shared coin with --single-coin), and a minibatch draw of --batch-size indices
+    (TV: 2 x, the dual half first) on [0, size) at each update (the last one = the recorded idx). (d) The action
+    of agent i is the random one where its coin < epsilon(step) (the loop's epsilon, read at its acting call, is
+    asserted to be the schedule's value), epsilon decaying linearly from --start-e to
+    --end-e over --exploration-steps env steps (copy8: 1 -> 0.05 over 24 steps, so both branches occur), else the
+    masked greedy one (checked where the two best available Q-values are not near-tied)."""
+    rec = runs(script, case)
+    a, tr, task = rec.g["args"], transitions(rec.task), rec.task
+    torch_seed, py_state, np_state = rec.seeds
+    assert torch_seed == a.seed and py_state == random.Random(a.seed).getstate()
+    ref = np.random.RandomState(a.seed).get_state()
+    assert np_state[0] == ref[0] and np.array_equal(np_state[1], ref[1]) and np_state[2:] == ref[2:]
+    assert rec.rng_seed == a.seed and rec.env_kwargs.get("seed") == a.seed
+
+    n = len(tr["reward"])
+    updates, steps, theta0 = update_steps(a, n), rec.q_steps(), rec.init["q_network"]
+    assert len(updates) == len(steps) == rec.g["n_updates"] and len(rec.acting) == n
+    lo, hi = (int(x) for x in a.train_days.split(":"))
+    n_batch = (2 if is_tv(script) else 1) * a.batch_size
+    draws = iter(rec.draws)
+
+    def draw(name, shape=None, bounds=None):
+        got = next(draws, None)
+        assert got is not None and got[0] == name, (name, got)
+        assert shape is None or got[2].shape == shape, (name, got[2].shape, shape)
+        assert bounds is None or tuple(got[1]) == bounds, (name, got[1], bounds)
+        return got[2]
+
+    j, n_random, n_greedy = 0, 0, 0
+    for ep in task.episodes:
+        assert int(draw("integers", (), (lo, hi))) == ep["day"]
+        for t in range(len(ep["actions"])):
+            obs_w, prev_w, q_acted, epsilon = rec.acting[j]
+            assert epsilon == pytest.approx(expected_epsilon(a, j), rel=1e-9, abs=1e-12), (j, epsilon)
+            np.testing.assert_array_equal(obs_w[:, 0].numpy(), tr["obs_w"][j])
+            np.testing.assert_array_equal(prev_w[:, 0].numpy(), tr["prev_w"][j])
+            n_done = sum(u <= j for u in updates)  # updates made before the action of step j
+            params = theta0 if n_done == 0 else split(steps[n_done - 1]["after"])[0]
+            with torch.no_grad():
+                q = agent_q(params, torch.from_numpy(tr["obs_w"][j][:, None]), torch.from_numpy(tr["prev_w"][j][:, None]))[0]
+            torch.testing.assert_close(q_acted[0], q, rtol=1e-5, atol=1e-5)
+
+            avail, taken = tr["avail"][j], tr["actions"][j]
+            uniform = draw("random", (N_AGENTS, N_ACTIONS))
+            coins = draw("random", (1,) if a.single_coin else (N_AGENTS,))
+            explore = np.broadcast_to(coins, (N_AGENTS,)) < epsilon
+            random_actions = np.argmax(uniform * avail, axis=1)
+            masked = q.masked_fill(~torch.from_numpy(avail), -float("inf"))
+            top2 = masked.topk(2, -1).values
+            clear = ((top2[:, 0] - top2[:, 1]) > 1e-5).numpy()
+            greedy = masked.argmax(-1).numpy()
+            np.testing.assert_array_equal(taken[explore], random_actions[explore], err_msg=f"step {j}: exploring agents")
+            np.testing.assert_array_equal(taken[~explore & clear], greedy[~explore & clear], err_msg=f"step {j}: greedy agents")
+            n_random, n_greedy = n_random + int(explore.sum()), n_greedy + int((~explore & clear).sum())
+            j += 1
+            if j in updates:
+                idx = draw("integers", (n_batch,), (0, j))
+                if j == updates[-1]:
+                    np.testing.assert_array_equal(idx, np.concatenate([rec.g["dual_idx"], rec.g["idx"]]) if is_tv(script)
+                                                  else rec.g["idx"])
+    assert next(draws, None) is None  # nothing else drawn
+    if case == "copy8":  # both branches of epsilon-greedy are exercised
+        assert n_random >= 20 and n_greedy >= 20, (n_random, n_greedy)
