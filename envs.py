@@ -38,6 +38,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -84,36 +85,11 @@ def check_env_args(env_id: str, config: str, flag: str = "--train-config") -> No
 
 
 @dataclass
-class RunArgs:
-    """The run flags of every algos/ training script: its Args extends this class (GroupDR) or EnvArgs
-    (the six robust scripts) with the algorithm's flags; tyro shows them all in --help."""
+class EnvArgs:
+    """The task flags of the six robust scripts (checked by runs.check_run_args); their Args extends this class and
+    runs.RunArgs."""
 
-    run_name: str = ""
-    """run folder under runs/ (default: {env}__{exp_name}__{seed}__{unix time})"""
-    seed: int = 1
-    """seed of python, numpy, torch and the environment (training days / configs, exploration)"""
-    device: str = "cpu"
-    """torch device (cpu or cuda)"""
-    torch_threads: int = 0
-    """torch intra-op threads (0 = torch's default; 1 is fastest on a 2-core machine)"""
-    save_model: bool = False
-    """save weights, args and env config to runs/{run_name}/model.pt"""
-    log_every: int = 10
-    """print a progress line every this many episodes"""
-    checkpoint_every: int = 50
-    """write runs/{run_name}/checkpoint.pt every this many episodes, for --resume (0 = none by episodes; StarCraft default 0)"""
-    checkpoint_minutes: float = 10.0
-    """also write it at the end of an episode once this many minutes have passed since the last one (or this process's
-    start), and at the end of training (0 = neither; Ctrl-C / SIGTERM always write one)"""
-    resume: str = ""
-    """continue the run in this folder (runs/<run name>) from its checkpoint.pt; flags left out come from it"""
-
-
-@dataclass
-class EnvArgs(RunArgs):
-    """RunArgs + the environment flags of the six robust scripts (checked by check_run_args)."""
-
-    env: str = "building"
+    env: Literal["building", "matrix", "smax", "smac"] = "building"
     """task: building (SustainGym), smax (JaxMARL 3s_vs_5z), smac (StarCraft II) or matrix (one-step / two-step games)"""
     train_config: str = ""
     """building config env_1..env_6 (paper Table 3) or StarCraft map (default: env_1 / 3s_vs_5z)"""
@@ -129,48 +105,6 @@ class EnvArgs(RunArgs):
     """StarCraft: greedy episodes per evaluation"""
     eval_sigma: float = 0.75
     """StarCraft: std of the test-time N(0, sigma^2) noise on enemy positions"""
-
-
-
-def check_run_args(args) -> None:
-    """The flags every algos/ script shares: --env, --train-config, --train-days and the sizes.
-    One clear line naming the flag, then exit != 0."""
-    try:
-        check_env_args(args.env, args.train_config or default_config(args.env))
-    except EnvArgError as e:
-        fail(str(e))
-    lo, _, hi = args.train_days.partition(":")
-    if not (lo.isdigit() and hi.isdigit() and int(lo) < int(hi)):
-        fail(f"--train-days must look like a:b with integers a < b (got '{args.train_days}')")
-    check_counts(args)
-
-
-# Count and frequency flags of the algos/ scripts -> the least accepted value (every field an Args
-# has is checked, so one table serves all nine scripts), then the few real-valued ones.
-COUNT_FLAGS = {"total_episodes": 1, "batch_size": 1, "buffer_size": 1, "window": 1, "hidden_dim": 1,
-               "mixing_embed_dim": 1, "dual_hidden_dim": 1, "log_every": 1, "train_frequency": 1,
-               "target_network_frequency": 1, "exploration_steps": 1, "eval_episodes": 1, "checkpoint_every": 0,
-               "eval_every": 0, "total_steps": 0, "episode_steps": 0, "learning_starts": 0, "torch_threads": 0}
-REAL_FLAGS = {"gamma": ("in [0, 1)", lambda v: 0.0 <= v < 1.0), "learning_rate": ("> 0", lambda v: v > 0),
-              "qtran_learning_rate": ("> 0", lambda v: v > 0), "dual_learning_rate": ("> 0", lambda v: v > 0),
-              "max_grad_norm": (">= 0 (0 = no clip)", lambda v: v >= 0), "dual_max_grad_norm": (">= 0 (0 = no clip)", lambda v: v >= 0),
-              "rmsprop_eps": (">= 0", lambda v: v >= 0), "start_e": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0),
-              "end_e": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0), "eval_sigma": (">= 0", lambda v: v >= 0),
-              "checkpoint_minutes": (">= 0 (0 = no checkpoints by time)", lambda v: v >= 0)}
-
-
-def check_counts(args) -> None:
-    """Every count / frequency flag (and the real-valued ones above) of an algos/ script's Args, before
-    anything is built or written: one line "--flag must be ... (got X)", then exit != 0."""
-    for field, least in COUNT_FLAGS.items():
-        value = getattr(args, field, least)
-        if value < least:
-            fail(f"--{field.replace('_', '-')} must be >= {least} (got {value})")
-    for field, (accepted, ok) in REAL_FLAGS.items():
-        if hasattr(args, field) and not ok(getattr(args, field)):
-            fail(f"--{field.replace('_', '-')} must be {accepted} (got {getattr(args, field)})")
-    if args.buffer_size <= args.window:  # sample() skips the W oldest slots once the buffer wraps
-        fail(f"--buffer-size must be larger than --window (got {args.buffer_size} <= {args.window})")
 
 
 # StarCraft: where the paper is silent, SMAC-literature values (pymarl) replace the building
