@@ -111,9 +111,9 @@ class EnvArgs:
 # defaults of the fields a user left at their default. checkpoint_every=0: SMAX episodes are short
 # (~50 steps) and the 50,000-transition buffer makes a checkpoint ~120 MB, so StarCraft runs
 # checkpoint by time only (--checkpoint-minutes, every 10 minutes by default) and at the end.
-STARCRAFT_DEFAULTS = dict(gamma=0.99, end_e=0.05, exploration_steps=50_000, buffer_size=50_000,
-                          target_network_frequency=10_000, total_episodes=1_000_000, total_steps=1_000_000,
-                          checkpoint_every=0)
+STARCRAFT_DEFAULTS = {"gamma": 0.99, "end_e": 0.05, "exploration_steps": 50_000, "buffer_size": 50_000,
+                      "target_network_frequency": 10_000, "total_episodes": 1_000_000, "total_steps": 1_000_000,
+                      "checkpoint_every": 0}
 
 
 def apply_env_defaults(args, defaults) -> bool:
@@ -128,12 +128,37 @@ def apply_env_defaults(args, defaults) -> bool:
     return starcraft
 
 
+class History:
+    """What the agents' DRQNs see (paper F.2), like a frame stack: the acting window of E parallel episodes, the last
+    W (obs, previous action) pairs, padded at the front with zero observations and previous-action index 0 (also the
+    t=0 previous action). The algos/ scripts act on it; their replay buffers rebuild the same windows at sample time."""
+
+    def __init__(self, n_envs, window, n_agents, obs_dim):
+        self.obs = np.zeros((window, n_envs, n_agents, obs_dim), dtype=np.float32)
+        self.prev_a = np.zeros((window, n_envs, n_agents), dtype=np.int64)
+
+    def reset(self, obs):
+        self.obs[:] = 0.0
+        self.prev_a[:] = 0
+        self.obs[-1] = obs
+
+    def push(self, obs, prev_actions):
+        self.obs = np.roll(self.obs, -1, axis=0)
+        self.prev_a = np.roll(self.prev_a, -1, axis=0)
+        self.obs[-1], self.prev_a[-1] = obs, prev_actions
+
+    def tensors(self, device):
+        import torch
+
+        return torch.from_numpy(self.obs).to(device), torch.from_numpy(self.prev_a).to(device)
+
+
 def default_config(env_id: str) -> str:
     """The config a script trains on when --train-config is left at its default."""
     return {"building": "env_1", "matrix": "two-step"}.get(env_id, STARCRAFT_DEFAULT_MAP)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _building_parameters(config: str) -> dict:
     """sustaingym's ParameterGenerator for one config, built once per process (it takes ~1 s)."""
     from sustaingym.envs.building import ParameterGenerator
@@ -176,7 +201,7 @@ class BuildingTask:
 
     def step(self, actions):
         actions = np.asarray(actions).reshape(self.n_agents)
-        obss, rewards, _, truncs, infos = self.env.step([int(a) for a in actions])
+        obss, rewards, _, truncs, _ = self.env.step([int(a) for a in actions])
         agent0 = self.env.possible_agents[0]
         self._t += 1
         team_reward = float(sum(rewards[a] for a in self.env.possible_agents))
@@ -228,7 +253,8 @@ MATRIX_GAMES = ("one-step", "two-step")
 # gamma 0.99 as in the QMIX paper's two-step game; a target copy every 100 steps (25,000 would
 # never come); a budget of episodes that converges (one or two steps each); fewer progress lines;
 # no periodic resume checkpoint (a run takes seconds; one every 50 one-step episodes would dominate).
-MATRIX_DEFAULTS = dict(gamma=0.99, target_network_frequency=100, total_episodes=4000, log_every=500, checkpoint_every=0)
+MATRIX_DEFAULTS = {"gamma": 0.99, "target_network_frequency": 100, "total_episodes": 4000, "log_every": 500,
+                   "checkpoint_every": 0}
 
 
 class MatrixGame:
@@ -381,7 +407,7 @@ def _import_jaxmarl_smax():
     return jax, jaxmarl, smax_env
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _smax_compiled(map_name: str, max_steps: int = 250):
     """One HeuristicEnemySMAX per (map, limit) and process, with its jitted reset/step, warmed up.
 

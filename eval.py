@@ -35,13 +35,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import random
 import re
-import shlex
-import signal
-import sys
-import threading
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -135,10 +129,15 @@ def load_agent_state_dict(drqn, k: int, state: dict) -> None:
     """A released per-agent state dict into network k of a script's DRQN (every key and shape checked first)."""
     for key, value in agent_state_dict(drqn, k).items():
         if key not in state or state[key].shape != value.shape:
-            raise RuntimeError(f"{key}: expected shape {tuple(value.shape)}, "
-                               f"got {tuple(state[key].shape) if key in state else 'nothing'}")
+            raise RuntimeError(
+                f"{key}: expected shape {tuple(value.shape)}, got {tuple(state[key].shape) if key in state else 'nothing'}"
+            )
     obs_dim = drqn.fc1.weight_obs.shape[-1]
-    own = {**state, "fc1.weight_obs": state["fc1.weight"][:, :obs_dim], "fc1.weight_onehot": state["fc1.weight"][:, obs_dim:].t()}
+    own = {
+        **state,
+        "fc1.weight_obs": state["fc1.weight"][:, :obs_dim],
+        "fc1.weight_onehot": state["fc1.weight"][:, obs_dim:].t(),
+    }
     for key, param in drqn.state_dict(keep_vars=True).items():
         param[k].copy_(own[key])
 
@@ -186,7 +185,11 @@ def authors_label(path: str) -> str:
 def load_authors_dir(path: str, device):
     """The released per-agent checkpoints agent_{i}_q_network.pt (keys fc1.*, lstm.*, fc_out.*)
     loaded into our per-agent network (robust_vdn_rho's QNetworks; all six scripts share it)."""
-    files = sorted(f for f in os.listdir(path) if f.startswith("agent_") and f.endswith("_q_network.pt")) if os.path.isdir(path) else []
+    files = (
+        sorted(f for f in os.listdir(path) if f.startswith("agent_") and f.endswith("_q_network.pt"))
+        if os.path.isdir(path)
+        else []
+    )
     if not files:
         envs.fail(f"--authors-dir: '{path}' holds no agent_{{i}}_q_network.pt files")
     module = load_algo_module("robust_vdn_rho")
@@ -213,7 +216,7 @@ def run_episodes(module, q_network, env_id: str, config: str, days: list[int], w
     obs = np.stack([f[0] for f in first])
     avail = np.stack([f[2] for f in first])
     E, N = len(days), tasks[0].n_agents
-    history = module.History(E, window, N, tasks[0].obs_dim)
+    history = envs.History(E, window, N, tasks[0].obs_dim)
     history.reset(obs)
     returns, done = np.zeros(E), np.zeros(E, dtype=bool)
     limit = min(episode_steps or tasks[0].episode_limit, tasks[0].episode_limit)
@@ -236,7 +239,7 @@ def run_episode(module, q_network, task, day: int, window: int, device="cpu"):
     """One greedy episode on one task (StarCraft: episodes end at different times, and a real
     SMAC env is one game process) -> (team return, battle won)."""
     obs, _, avail = task.reset(day)
-    history = module.History(1, window, task.n_agents, task.obs_dim)
+    history = envs.History(1, window, task.n_agents, task.obs_dim)
     history.reset(obs[None])
     total, won = 0.0, False
     for _ in range(task.episode_limit):
@@ -265,9 +268,15 @@ def lockstep_q(q_network, n_rows: int):
     names = dict(drqn.named_parameters()) if drqn is not None else {}
     stacked = bool(names) and all(p.shape[0] == n_agents for p in names.values()) and hasattr(drqn, "fc1")
     if getattr(q_network, "share_params", True) or not stacked:
+
         def per_episode(obs_w, prev_a_w):
-            return torch.cat([q_network.greedy_q(obs_w[:, e : e + 1].contiguous(), prev_a_w[:, e : e + 1].contiguous())
-                              for e in range(obs_w.shape[1])])
+            return torch.cat(
+                [
+                    q_network.greedy_q(obs_w[:, e : e + 1].contiguous(), prev_a_w[:, e : e + 1].contiguous())
+                    for e in range(obs_w.shape[1])
+                ]
+            )
+
         return per_episode
     wide = {f"drqn.{k}": p.detach().repeat(n_rows, *[1] * (p.dim() - 1)) for k, p in names.items()}
     stride = drqn.fc1.weight_onehot.shape[1]  # one-hot rows of one network's table
@@ -296,7 +305,7 @@ def run_episodes_lockstep(module, q_network, task, days, noise, window: int, dev
         if wrap is not None:
             wrap.rng = np.random.default_rng((wrap.seed, days[e]))  # as ObservationNoise.reset(day)
             obs[e] = wrap.perturb(obs[e])
-    history = module.History(E, window, task.n_agents, task.obs_dim)
+    history = envs.History(E, window, task.n_agents, task.obs_dim)
     history.reset(obs)
     q_fn = lockstep_q(q_network, E)
     returns, won, live = np.zeros(E), np.zeros(E, dtype=bool), np.ones(E, dtype=bool)
@@ -322,8 +331,18 @@ def run_episodes_lockstep(module, q_network, task, days, noise, window: int, dev
     return returns, won
 
 
-def evaluate_starcraft(module, q_network, task, n_episodes=32, sigma=0.75, noise_seed=0, window=8, device="cpu",
-                       first_day=EVAL_FIRST_DAY, lockstep=None):
+def evaluate_starcraft(
+    module,
+    q_network,
+    task,
+    n_episodes=32,
+    sigma=0.75,
+    noise_seed=0,
+    window=8,
+    device="cpu",
+    first_day=EVAL_FIRST_DAY,
+    lockstep=None,
+):
     """Paper Sec. 5.2: n_episodes greedy episodes with clean observations and the same episodes
     with N(0, sigma^2) on every enemy's relative position (test-time shift only). Episode ids
     start at first_day, far from the ids training episodes use.
@@ -338,25 +357,34 @@ def evaluate_starcraft(module, q_network, task, n_episodes=32, sigma=0.75, noise
     if lockstep:
         wraps = [None] * n_episodes + [envs.ObservationNoise(task, sigma=sigma, seed=noise_seed) for _ in days]
         returns, won = run_episodes_lockstep(module, q_network, task, days + days, wraps, window, device)
-        runs = {"clean": list(zip(returns[:n_episodes], won[:n_episodes])), "noisy": list(zip(returns[n_episodes:], won[n_episodes:]))}
+        runs = {
+            "clean": list(zip(returns[:n_episodes], won[:n_episodes])),
+            "noisy": list(zip(returns[n_episodes:], won[n_episodes:])),
+        }
     else:
         noisy = envs.ObservationNoise(task, sigma=sigma, seed=noise_seed)
-        runs = {name: [run_episode(module, q_network, env, day, window, device) for day in days]
-                for name, env in (("clean", task), ("noisy", noisy))}
+        runs = {
+            name: [run_episode(module, q_network, env, day, window, device) for day in days]
+            for name, env in (("clean", task), ("noisy", noisy))
+        }
     for name in ("clean", "noisy"):
         result[f"win_rate_{name}"] = float(np.mean([bool(w) for _, w in runs[name]]))
         result[f"return_{name}"] = float(np.mean([float(r) for r, _ in runs[name]]))
     return result
 
 
-def starcraft_eval_round(module, q_network, task, args, step, writer, run_dir, device="cpu") -> None:
-    """Training-time evaluation of the algos/ scripts (Sec. 5.2): clean and noisy win rates to
-    TensorBoard (eval/*), to runs/<run>/eval.jsonl (for --protocol starcraft-curves) and stdout."""
-    result = evaluate_starcraft(module, q_network, task, args.eval_episodes, args.eval_sigma, args.seed, args.window, device)
+def starcraft_eval_round(module, q_network, task, step, run, device="cpu") -> None:
+    """Training-time evaluation of the algos/ scripts (Sec. 5.2) at env step `step` of `run` (a runs.Run): clean and
+    noisy win rates to TensorBoard (eval/*), to runs/<run>/eval.jsonl (for --protocol starcraft-curves) and stdout."""
+    a = run.args
+    result = evaluate_starcraft(module, q_network, task, a.eval_episodes, a.eval_sigma, a.seed, a.window, device)
     for key, value in result.items():
-        writer.add_scalar(f"eval/{key}", value, step)
-    append_jsonl(os.path.join(run_dir, "eval.jsonl"), {"step": step, **result})
-    print(f"eval at {step} steps | win rate clean {result['win_rate_clean']:.3f} | noisy {result['win_rate_noisy']:.3f}", flush=True)
+        run.writer.add_scalar(f"eval/{key}", value, step)
+    append_jsonl(os.path.join(run.run_dir, "eval.jsonl"), {"step": step, **result})
+    print(
+        f"eval at {step} steps | win rate clean {result['win_rate_clean']:.3f} | noisy {result['win_rate_noisy']:.3f}",
+        flush=True,
+    )
 
 
 def append_jsonl(path: str, record: dict) -> None:
@@ -415,8 +443,16 @@ def main(args: Args) -> dict:
         for config in configs:
             returns = run_episodes(module, net, "building", config, days, a["window"], args.episode_steps, device)
             norm = [envs.normalised_return(r) for r in returns]
-            episodes.append({"checkpoint": path, "label": label, "config": config, "days": days,
-                             "returns": returns.tolist(), "normalised": norm})
+            episodes.append(
+                {
+                    "checkpoint": path,
+                    "label": label,
+                    "config": config,
+                    "days": days,
+                    "returns": returns.tolist(),
+                    "normalised": norm,
+                }
+            )
             groups.setdefault(label, {}).setdefault(config, []).append(float(np.mean(norm)))
 
     table = {label: {c: summarise(v) for c, v in rows.items()} for label, rows in groups.items()}
@@ -426,10 +462,16 @@ def main(args: Args) -> dict:
     for label, rows in table.items():
         n = len(groups[label][configs[0]])
         print(f"{label:<{width}}  {n:>5}  " + "  ".join(f"{rows[c][0]:6.3f}+-{rows[c][1]:5.3f}" for c in configs))
-    payload = {"protocol": args.protocol, "configs": configs, "days": days,
-               "table": {lbl: {c: {"mean": m, "se": s, "n_seeds": len(groups[lbl][c])} for c, (m, s) in rows.items()}
-                         for lbl, rows in table.items()},
-               "episodes": episodes}
+    payload = {
+        "protocol": args.protocol,
+        "configs": configs,
+        "days": days,
+        "table": {
+            lbl: {c: {"mean": m, "se": s, "n_seeds": len(groups[lbl][c])} for c, (m, s) in rows.items()}
+            for lbl, rows in table.items()
+        },
+        "episodes": episodes,
+    }
     write_json_atomic(args.out, payload)
     print(f"wrote {args.out}")
     if args.protocol == "climate":
@@ -448,7 +490,9 @@ def starcraft_table(args: Args) -> dict:
     for path in args.checkpoints:
         label, module, net, env_info, a = load_checkpoint(path, device)
         if env_info["env"] not in envs.STARCRAFT_ENV_IDS:
-            envs.fail(f"--checkpoints: '{path}' was trained on --env {env_info['env']}; --protocol starcraft needs smax or smac")
+            envs.fail(
+                f"--checkpoints: '{path}' was trained on --env {env_info['env']}; --protocol starcraft needs smax or smac"
+            )
         try:
             task = envs.make_env(env_info["env"], env_info["config"], seed=10_000 + int(a.get("seed", 0)))
         except envs.EnvArgError as e:
@@ -489,7 +533,8 @@ def starcraft_curves(args: Args) -> dict:
             points = [json.loads(line) for line in f if line.strip()]
         steps = np.array([p["step"] for p in points])
         curves.setdefault((a["exp_name"], float(a["rho"])), []).append(
-            (steps, np.array([p["win_rate_clean"] for p in points]), np.array([p["win_rate_noisy"] for p in points])))
+            (steps, np.array([p["win_rate_clean"] for p in points]), np.array([p["win_rate_noisy"] for p in points]))
+        )
     fig, ax = plt.subplots(figsize=(7, 4))
     final = {}
     for (algo, rho), seeds in sorted(curves.items()):
@@ -524,9 +569,11 @@ def starcraft_curves(args: Args) -> dict:
     fig.savefig(stem + "_fig4.tmp.png", dpi=120)
     os.replace(stem + "_fig4.tmp.png", stem + "_fig4.png")
     plt.close(fig)
-    payload = {"protocol": "starcraft-curves",
-               "final_noisy": {f"{k[0]} rho={k[1]}": v.tolist() for k, v in final.items()},
-               "gain_over_rho0": {k: v for k, v in gains.items()}}
+    payload = {
+        "protocol": "starcraft-curves",
+        "final_noisy": {f"{k[0]} rho={k[1]}": v.tolist() for k, v in final.items()},
+        "gain_over_rho0": {k: v for k, v in gains.items()},
+    }
     write_json_atomic(args.out, payload)
     print(f"wrote {stem}_fig3.png, {stem}_fig4.png and {args.out}")
     return payload

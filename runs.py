@@ -47,8 +47,17 @@ import envs
 from envs import fail  # one error line naming the flag, exit 2
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-ALGOS = ("robust_vdn_rho", "robust_vdn_tv", "robust_qmix_rho", "robust_qmix_tv", "robust_qtran_rho", "robust_qtran_tv",
-         "groupdr_vdn", "groupdr_qmix", "groupdr_qtran")  # the scripts a checkpoint may name (algos/<algo>.py)
+ALGOS = (
+    "robust_vdn_rho",
+    "robust_vdn_tv",
+    "robust_qmix_rho",
+    "robust_qmix_tv",
+    "robust_qtran_rho",
+    "robust_qtran_tv",
+    "groupdr_vdn",
+    "groupdr_qmix",
+    "groupdr_qtran",
+)  # the scripts a checkpoint may name (algos/<algo>.py)
 EXIT_NONFINITE = 3  # the NaN guard stopped the run
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as a shell reports it
 
@@ -61,6 +70,8 @@ class RunArgs:
     """The run flags of every algos/ training script: its Args extends this class (GroupDR) or envs.EnvArgs
     (the six robust scripts; EnvArgs extends this one) with the algorithm's flags; tyro shows them all in --help."""
 
+    exp_name: str = ""
+    """the name of this experiment (default: the script's name)"""
     run_name: str = ""
     """run folder under runs/ (default: {env}__{exp_name}__{seed}__{unix time})"""
     seed: int = 1
@@ -84,17 +95,39 @@ class RunArgs:
 
 # Count and frequency flags of the algos/ scripts -> the least accepted value (every field an Args
 # has is checked, so one table serves all nine scripts), then the few real-valued ones.
-COUNT_FLAGS = {"total_episodes": 1, "batch_size": 1, "buffer_size": 1, "window": 1, "hidden_dim": 1,
-               "mixing_embed_dim": 1, "dual_hidden_dim": 1, "log_every": 1, "train_frequency": 1,
-               "target_network_frequency": 1, "exploration_steps": 1, "eval_episodes": 1, "checkpoint_every": 0,
-               "eval_every": 0, "total_steps": 0, "episode_steps": 0, "learning_starts": 0, "torch_threads": 0}
-REAL_FLAGS = {"gamma": ("in [0, 1)", lambda v: 0.0 <= v < 1.0), "learning_rate": ("> 0", lambda v: v > 0),
-              "qtran_learning_rate": ("> 0", lambda v: v > 0), "dual_learning_rate": ("> 0", lambda v: v > 0),
-              "max_grad_norm": (">= 0 (0 = no clip)", lambda v: v >= 0),
-              "dual_max_grad_norm": (">= 0 (0 = no clip)", lambda v: v >= 0),
-              "rmsprop_eps": (">= 0", lambda v: v >= 0), "start_e": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0),
-              "end_e": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0), "eval_sigma": (">= 0", lambda v: v >= 0),
-              "checkpoint_minutes": (">= 0 (0 = no checkpoints by time)", lambda v: v >= 0)}
+COUNT_FLAGS = {
+    "total_episodes": 1,
+    "batch_size": 1,
+    "buffer_size": 1,
+    "window": 1,
+    "hidden_dim": 1,
+    "mixing_embed_dim": 1,
+    "dual_hidden_dim": 1,
+    "log_every": 1,
+    "train_frequency": 1,
+    "target_network_frequency": 1,
+    "exploration_steps": 1,
+    "eval_episodes": 1,
+    "checkpoint_every": 0,
+    "eval_every": 0,
+    "total_steps": 0,
+    "episode_steps": 0,
+    "learning_starts": 0,
+    "torch_threads": 0,
+}
+REAL_FLAGS = {
+    "gamma": ("in [0, 1)", lambda v: 0.0 <= v < 1.0),
+    "learning_rate": ("> 0", lambda v: v > 0),
+    "qtran_learning_rate": ("> 0", lambda v: v > 0),
+    "dual_learning_rate": ("> 0", lambda v: v > 0),
+    "max_grad_norm": (">= 0 (0 = no clip)", lambda v: v >= 0),
+    "dual_max_grad_norm": (">= 0 (0 = no clip)", lambda v: v >= 0),
+    "rmsprop_eps": (">= 0", lambda v: v >= 0),
+    "start_e": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0),
+    "end_e": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0),
+    "eval_sigma": (">= 0", lambda v: v >= 0),
+    "checkpoint_minutes": (">= 0 (0 = no checkpoints by time)", lambda v: v >= 0),
+}
 
 
 def check_counts(args) -> None:
@@ -127,8 +160,11 @@ def check_run_args(args) -> None:
 def choice_fields(cls) -> dict:
     """The Literal[...] fields of an Args class -> their accepted values."""
     hints = typing.get_type_hints(cls)
-    return {f.name: typing.get_args(hints[f.name]) for f in dataclasses.fields(cls)
-            if typing.get_origin(hints[f.name]) is typing.Literal}
+    return {
+        f.name: typing.get_args(hints[f.name])
+        for f in dataclasses.fields(cls)
+        if typing.get_origin(hints[f.name]) is typing.Literal
+    }
 
 
 def check_choices(cls, argv) -> None:
@@ -144,8 +180,16 @@ def check_choices(cls, argv) -> None:
 
 
 # Flags a resumed run may change (how long it runs, how often it logs or checkpoints, threads, output).
-BUDGET_FLAGS = ("total_episodes", "total_steps", "checkpoint_every", "checkpoint_minutes", "log_every", "resume",
-                "torch_threads", "save_model")
+BUDGET_FLAGS = (
+    "total_episodes",
+    "total_steps",
+    "checkpoint_every",
+    "checkpoint_minutes",
+    "log_every",
+    "resume",
+    "torch_threads",
+    "save_model",
+)
 
 
 def _given_flags(argv, fields) -> set:
@@ -168,7 +212,8 @@ def parse_args(cls, script: str, check=None, argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     check_choices(cls, argv)
     args = tyro.cli(cls, args=argv)
-    if args.resume:
+    args.exp_name = args.exp_name or os.path.basename(script)[: -len(".py")]
+    if getattr(args, "resume", ""):  # (groupdr_estimator.py has no --resume)
         args.resume = os.path.normpath(args.resume)
         ckpt = read_run_checkpoint(args.resume, script)
         fields, saved = vars(args), ckpt["args"]
@@ -178,9 +223,11 @@ def parse_args(cls, script: str, check=None, argv=None):
                 continue
             if key in given and fields[key] != saved[key]:
                 flag = "--" + key.replace("_", "-")
-                fail(f"{flag} {fields[key]} differs from the checkpoint's {flag} {saved[key]} "
-                     f"({os.path.join(args.resume, 'checkpoint.pt')}); leave it out to continue with {saved[key]}, "
-                     "or start a new run without --resume")
+                fail(
+                    f"{flag} {fields[key]} differs from the checkpoint's {flag} {saved[key]} "
+                    f"({os.path.join(args.resume, 'checkpoint.pt')}); leave it out to continue with {saved[key]}, "
+                    "or start a new run without --resume"
+                )
             setattr(args, key, saved[key])
     if check is not None:
         check(args)
@@ -193,12 +240,21 @@ def parse_args(cls, script: str, check=None, argv=None):
 RUN_CHECKPOINT_FORMAT = "drigm-run-checkpoint-v2"  # v1 (before 2026-12-02): numpy arrays, eight counters
 MODEL_FORMATS = ("drigm-checkpoint-v1", "drigm-checkpoint-v2", "drigm-checkpoint-v3")
 # v1 -> v2 DRQN parameter names (2026-12-02: the DRQN became named layers fc1 -> lstm -> fc_out, same tensors)
-RENAMED = {"fc1_obs": "fc1.weight_obs", "fc1_table": "fc1.weight_onehot", "fc1_bias": "fc1.bias",
-           "lstm_weight_ih": "lstm.weight_ih_l0", "lstm_weight_hh": "lstm.weight_hh_l0", "lstm_bias_ih": "lstm.bias_ih_l0",
-           "lstm_bias_hh": "lstm.bias_hh_l0", "fc_out_weight": "fc_out.weight", "fc_out_bias": "fc_out.bias"}
+RENAMED = {
+    "fc1_obs": "fc1.weight_obs",
+    "fc1_table": "fc1.weight_onehot",
+    "fc1_bias": "fc1.bias",
+    "lstm_weight_ih": "lstm.weight_ih_l0",
+    "lstm_weight_hh": "lstm.weight_hh_l0",
+    "lstm_bias_ih": "lstm.bias_ih_l0",
+    "lstm_bias_hh": "lstm.bias_hh_l0",
+    "fc_out_weight": "fc_out.weight",
+    "fc_out_bias": "fc_out.bias",
+}
 # The three numpy globals a v1 checkpoint's arrays need: numpy's array constructor, no code of ours or anyone's.
 NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype] + [
-    type(np.dtype(t)) for t in ("float32", "float64", "int64", "int32", "uint32", "bool")]
+    type(np.dtype(t)) for t in ("float32", "float64", "int64", "int32", "uint32", "bool")
+]
 
 
 def safe_load(path: str, what: str, map_location="cpu"):
@@ -257,8 +313,11 @@ def _load_state(obj, state, name: str) -> None:
     else:  # a replay buffer: every array with its shape and dtype, and its pointers
         here = {k: v for k, v in vars(obj).items() if isinstance(v, (np.ndarray, int, float))}
         state = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
-        bad = sorted(set(here) ^ set(state)) + [k for k in set(here) & set(state) if isinstance(here[k], np.ndarray)
-                                               and (here[k].shape, here[k].dtype) != (state[k].shape, state[k].dtype)]
+        bad = sorted(set(here) ^ set(state)) + [
+            k
+            for k in set(here) & set(state)
+            if isinstance(here[k], np.ndarray) and (here[k].shape, here[k].dtype) != (state[k].shape, state[k].dtype)
+        ]
         if bad:
             raise ValueError(f"{name}: {', '.join(bad)} differ")
         vars(obj).update(state)
@@ -275,8 +334,12 @@ def upgrade_run_checkpoint(ckpt: dict) -> dict:
         elif isinstance(value, dict) and any(k.rpartition(".")[2] in RENAMED for k in value):
             value = rename_drqn(value)
         state[name] = value
-    return {**ckpt, "format": RUN_CHECKPOINT_FORMAT, "state": state,
-            "counters": {"episode": int(counters["episode"]), "global_step": int(counters["global_step"])}}
+    return {
+        **ckpt,
+        "format": RUN_CHECKPOINT_FORMAT,
+        "state": state,
+        "counters": {"episode": int(counters["episode"]), "global_step": int(counters["global_step"])},
+    }
 
 
 _READ = {}  # path -> the run checkpoint parse_args read (Run uses it again rather than reading the file twice)
@@ -303,6 +366,16 @@ def write_json_atomic(path: str, payload) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(payload, f, indent=1)
     os.replace(path + ".tmp", path)
+
+
+def torch_setup(args) -> torch.device:
+    """Deterministic algorithms (the same seed gives the same numbers on one CPU), no NaN-fill of every torch.empty
+    (~1 ms a step), --torch-threads (0 = torch's default) -> the --device."""
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+    return torch.device(args.device)
 
 
 def checkpoint_clock() -> float:
@@ -334,14 +407,14 @@ class Run:
 
         self.run_dir, self.args, self.script = run_dir, args, script
         self.path = os.path.join(run_dir, "checkpoint.pt")
-        self.resumed = _READ.get(os.path.abspath(self.path)) if args.resume else None
+        self.resumed = _READ.pop(os.path.abspath(self.path), None) if args.resume else None  # pop: track() frees it
         if args.resume and self.resumed is None:
             self.resumed = read_run_checkpoint(run_dir, script)
-        self.episode, self.global_step = (self.resumed["counters"].values() if self.resumed else (0, 0))
+        self.episode, self.global_step = self.resumed["counters"].values() if self.resumed else (0, 0)
         if self.resumed is None:
             self.writer = SummaryWriter(run_dir)
-            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % (
-                "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
+            rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+            self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
         else:
             self.writer = SummaryWriter(run_dir, purge_step=self.global_step + 1)
             log = os.path.join(run_dir, "eval.jsonl")
@@ -356,9 +429,14 @@ class Run:
         self.previous_handlers = {}
 
     def track(self, **state) -> None:
-        """The objects a checkpoint holds (networks, targets, optimisers, replay buffer, the script's numpy
-        generator); on --resume they, the RNGs and the counters are loaded back. Starts the clocks."""
-        self.state = state
+        """Objects a checkpoint holds (networks, targets, optimisers, replay buffer, the script's numpy generator);
+        may be called more than once. On --resume they, the RNGs and the counters are loaded back when the loop
+        starts (``with run:``)."""
+        self.state.update(state)
+
+    def __enter__(self):
+        """The loop starts: on --resume every tracked object is restored in place; the clocks and Ctrl-C start."""
+        state = self.state
         if self.resumed is not None:
             try:
                 if set(self.resumed["state"]) != set(state):
@@ -370,8 +448,11 @@ class Run:
             rng = self.resumed["rng"]
             random.setstate(rng["python"])
             numpy_state = rng["numpy"]
-            np.random.set_state(tuple(v.numpy().astype(np.uint32) if isinstance(v, torch.Tensor) else v for v in numpy_state)
-                                if isinstance(numpy_state, (tuple, list)) else numpy_state)
+            np.random.set_state(
+                tuple(v.numpy().astype(np.uint32) if isinstance(v, torch.Tensor) else v for v in numpy_state)
+                if isinstance(numpy_state, (tuple, list))
+                else numpy_state
+            )
             torch.set_rng_state(rng["torch"])
             if rng.get("cuda") is not None:
                 torch.cuda.set_rng_state_all(rng["cuda"])
@@ -384,9 +465,6 @@ class Run:
         if threading.current_thread() is threading.main_thread():
             for sig in EXIT_SIGNAL:
                 self.previous_handlers[sig] = signal.signal(sig, self._on_signal)
-
-    # --- the loop's calls -----------------------------------------------------------------
-    def __enter__(self):
         return self
 
     def __exit__(self, kind, error, tb):
@@ -395,11 +473,17 @@ class Run:
         self.close()
         return False
 
-    def episode_end(self, episode: int, global_step: int, episode_return: float, epsilon: float) -> bool:
-        """After each episode: the progress line every --log-every episodes, a checkpoint when due, and after
-        Ctrl-C / SIGTERM a checkpoint and exit. Returns True once the budget is spent (--total-episodes,
-        --total-steps), i.e. the loop ends."""
+    def episode_end(self, episode: int, global_step: int, episode_return: float, epsilon: float, info=None) -> bool:
+        """After each episode: charts/episodic_return (building: also charts/normalised_return, Eq. 33; StarCraft:
+        charts/battle_won from the last step's info), the progress line every --log-every episodes, a checkpoint when
+        due, and after Ctrl-C / SIGTERM a checkpoint and exit. Returns True once the budget is spent
+        (--total-episodes, --total-steps), i.e. the loop ends."""
         self.episode, self.global_step = episode, global_step
+        self.writer.add_scalar("charts/episodic_return", episode_return, global_step)
+        if getattr(self.args, "env", "building") == "building":
+            self.writer.add_scalar("charts/normalised_return", envs.normalised_return(episode_return), global_step)
+        if info is not None and "battle_won" in info:
+            self.writer.add_scalar("charts/battle_won", float(info["battle_won"]), global_step)
         self.recent.append(episode_return)
         done = self._done() >= 1.0
         if episode % self.args.log_every == 0 or done:
@@ -409,8 +493,11 @@ class Run:
         if self.stop_signal is not None:
             script = os.path.relpath(self.script)
             command = shlex.join(["python", self.script if script.startswith("..") else script, "--resume", self.run_dir])
-            print(f"stopped by {signal.Signals(self.stop_signal).name} after episode {episode} "
-                  f"(env step {global_step}): checkpoint {self.path}; continue with: {command}", flush=True)
+            print(
+                f"stopped by {signal.Signals(self.stop_signal).name} after episode {episode} "
+                f"(env step {global_step}): checkpoint {self.path}; continue with: {command}",
+                flush=True,
+            )
             self.close()
             raise SystemExit(EXIT_SIGNAL[self.stop_signal])
         return done
@@ -426,8 +513,11 @@ class Run:
         if share <= 0.99 or not a.eta_clamp or a.worst_value != "zero" or "eta_floor" in self.noted:
             return
         self.noted.add("eta_floor")
-        print(f"note: eta sat at its floor for {100 * share:.0f}% of a minibatch's samples (env step {global_step}): "
-              "here the TV target equals the nominal one; see docs/robust_operators.md", flush=True)
+        print(
+            f"note: eta sat at its floor for {100 * share:.0f}% of a minibatch's samples (env step {global_step}): "
+            "here the TV target equals the nominal one; see docs/robust_operators.md",
+            flush=True,
+        )
 
     # --- internals ------------------------------------------------------------------------
     def _updates(self, global_step: int) -> int:
@@ -445,9 +535,12 @@ class Run:
         now, (t0, steps0, updates0, _) = time.time(), self.stretch
         done, updates = self._done(), self._updates(self.global_step)
         left = (now - self.start[0]) * (1 - done) / max(done - self.start[3], 1e-9)
-        print(f"episode {self.episode}/{self.args.total_episodes} | return {np.mean(self.recent):.1f} "
-              f"| epsilon {epsilon:.3f} | SPS {(self.global_step - steps0) / max(now - t0, 1e-9):.0f} "
-              f"| updates/s {(updates - updates0) / max(now - t0, 1e-9):.1f} | left {left / 60:.1f} min", flush=True)
+        print(
+            f"episode {self.episode}/{self.args.total_episodes} | return {np.mean(self.recent):.1f} "
+            f"| epsilon {epsilon:.3f} | SPS {(self.global_step - steps0) / max(now - t0, 1e-9):.0f} "
+            f"| updates/s {(updates - updates0) / max(now - t0, 1e-9):.1f} | left {left / 60:.1f} min",
+            flush=True,
+        )
         self.stretch, self.recent = (now, self.global_step, updates, done), []
 
     def checkpoint_due(self, done: bool) -> bool:
@@ -465,19 +558,30 @@ class Run:
 
     def save(self) -> None:
         """checkpoint.pt, atomically: a temporary file, fsync, then os.replace over the previous one."""
-        bad = [name for name, obj in self.state.items() if isinstance(obj, torch.nn.Module)
-               and not all(t.isfinite().all() for t in obj.state_dict().values())]
+        bad = [
+            name
+            for name, obj in self.state.items()
+            if isinstance(obj, torch.nn.Module) and not all(t.isfinite().all() for t in obj.state_dict().values())
+        ]
         if bad:
             self._stop_nonfinite(f"weights of {', '.join(bad)}")
         self.writer.flush()  # everything logged up to this step is on disk before the checkpoint says so
         kind, keys, pos, has_gauss, cached = np.random.get_state()
-        rng = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-               "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+        rng = {
+            "python": random.getstate(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        }
         counters = {"episode": self.episode, "global_step": self.global_step}
-        checkpoint = {"format": RUN_CHECKPOINT_FORMAT, "algo": os.path.basename(self.script)[: -len(".py")],
-                      "args": dict(vars(self.args)), "counters": counters,
-                      "state": {name: _state_of(obj) for name, obj in self.state.items()}, "rng": rng}
+        checkpoint = {
+            "format": RUN_CHECKPOINT_FORMAT,
+            "algo": os.path.basename(self.script)[: -len(".py")],
+            "args": dict(vars(self.args)),
+            "counters": counters,
+            "state": {name: _state_of(obj) for name, obj in self.state.items()},
+            "rng": rng,
+        }
         with open(self.path + ".tmp", "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
@@ -498,10 +602,17 @@ class Run:
 
     def _stop_nonfinite(self, what: str):
         c = self.saved
-        last = (f"last good checkpoint {self.path} (episode {c['episode']}, env step {c['global_step']})" if c
-                else "no checkpoint written yet")
-        print(f"error: non-finite {what} in episode {self.episode + 1} (after env step {self.global_step} at the "
-              f"last episode end): run stopped, model.pt not written; {last}", file=sys.stderr, flush=True)
+        last = (
+            f"last good checkpoint {self.path} (episode {c['episode']}, env step {c['global_step']})"
+            if c
+            else "no checkpoint written yet"
+        )
+        print(
+            f"error: non-finite {what} in episode {self.episode + 1} (after env step {self.global_step} at the "
+            f"last episode end): run stopped, model.pt not written; {last}",
+            file=sys.stderr,
+            flush=True,
+        )
         self.close()
         raise SystemExit(EXIT_NONFINITE)
 
@@ -514,18 +625,32 @@ class Run:
 # ---------------------------------------------------------------------------------------------
 # model.pt: what eval.py reads
 # ---------------------------------------------------------------------------------------------
-def save_model(run_dir: str, script: str, args, env_info: dict, **parts) -> str:
+def save_model(run_dir: str, script: str, args, env, config: str = "", **parts) -> str:
     """Write run_dir/model.pt atomically (.tmp, then rename): algo (the script's name; load_model imports
-    algos/<algo>.py for the network classes), args, env_info, and parts (modules as state dicts). Prints its path."""
+    algos/<algo>.py for the network classes), args, the task (--env, config: --train-config unless given, and the
+    sizes of env) and parts (modules as state dicts). Prints its path."""
     path = os.path.join(run_dir, "model.pt")
-    bad = [k for k, v in parts.items() if isinstance(v, torch.nn.Module)
-           and not all(t.isfinite().all() for t in v.state_dict().values())]
+    sizes = ("n_agents", "n_actions", "obs_dim", "state_dim")
+    env_info = (
+        env
+        if isinstance(env, dict)
+        else {"env": args.env, "config": config or args.train_config, **{k: getattr(env, k) for k in sizes}}
+    )
+    bad = [
+        k
+        for k, v in parts.items()
+        if isinstance(v, torch.nn.Module) and not all(t.isfinite().all() for t in v.state_dict().values())
+    ]
     if bad:  # the NaN guard stops a diverging run before this; never write such weights
         print(f"error: non-finite weights in {', '.join(bad)}; {path} not written", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_NONFINITE)
-    checkpoint = {"format": MODEL_FORMATS[-1], "algo": os.path.basename(script)[: -len(".py")],
-                  "args": dict(vars(args)), "env": env_info,
-                  **{k: v.state_dict() if isinstance(v, torch.nn.Module) else v for k, v in parts.items()}}
+    checkpoint = {
+        "format": MODEL_FORMATS[-1],
+        "algo": os.path.basename(script)[: -len(".py")],
+        "args": dict(vars(args)),
+        "env": env_info,
+        **{k: v.state_dict() if isinstance(v, torch.nn.Module) else v for k, v in parts.items()},
+    }
     torch.save(checkpoint, path + ".tmp")
     os.replace(path + ".tmp", path)
     print(f"model saved to {path}")

@@ -23,15 +23,12 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import envs  # noqa: E402  (the tasks: building, StarCraft, matrix games)
 import eval as evaluation  # noqa: E402  (StarCraft win-rate evaluation during training)
-import fused  # noqa: E402  (C++ kernels: the agents' LSTMs in one call, RMSprop in one pass; same equations)
+import fused  # noqa: E402  (per-agent layers, C++ kernels: the agents' LSTMs in one call, RMSprop in one pass)
 import runs  # noqa: E402  (run plumbing: flags, run folder, checkpoint / resume, Ctrl-C, NaN guard, progress)
 
 
 @dataclass
 class Args(runs.RunArgs, envs.EnvArgs):  # + the run flags (--seed, --resume, ...) and the task flags (--env, ...)
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-
     # Algorithm (paper F.2 defaults)
     total_episodes: int = 600
     """number of training episodes E (Alg. 2 l.5)"""
@@ -91,9 +88,7 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
     return max(slope * t + start_e, end_e)
 
 
-# ---------------------------------------------------------------------------------------------
-# Robust TD target
-# ---------------------------------------------------------------------------------------------
+# --- Robust TD target ---
 def robust_target(reward, next_value, terminated, gamma, rho, worst_value="zero"):
     """Alg. 2 l.15, Eq. (15): y = r + gamma * (1 - rho) * Q_tot(h', a_bar'; theta-).
 
@@ -108,74 +103,18 @@ def robust_target(reward, next_value, terminated, gamma, rho, worst_value="zero"
     return reward + gamma * (1.0 - terminated) * bootstrap
 
 
-# ---------------------------------------------------------------------------------------------
-# Agent network: one DRQN per agent, exactly as released (paper F.2 "Robust individual Q-networks")
-# ---------------------------------------------------------------------------------------------
-def agent_parameter(n_nets, *shape, fan_in):
-    """One weight per agent network, stacked: torch.nn's Linear / LSTM init U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    return nn.Parameter(torch.empty(n_nets, *shape).uniform_(-(fan_in**-0.5), fan_in**-0.5))
-
-
-class AgentsInput(nn.Module):
-    """fc1 of K networks, Linear(obs + onehot(prev action) [+ onehot(agent id)], H) each. The weight is kept as its
-    obs columns (K, H, obs) and its one-hot columns as the rows of a lookup table (K, n_actions [+ n_ids], H):
-    a one-hot vector times a matrix is one row of it."""
-
-    def __init__(self, n_nets, obs_dim, n_actions, n_ids, hidden_dim):
-        super().__init__()
-        self.n_actions, fan_in = n_actions, obs_dim + n_actions + n_ids
-        self.weight_obs = agent_parameter(n_nets, hidden_dim, obs_dim, fan_in=fan_in)
-        self.weight_onehot = agent_parameter(n_nets, n_actions + n_ids, hidden_dim, fan_in=fan_in)
-        self.bias = agent_parameter(n_nets, hidden_dim, fan_in=fan_in)
-        self.register_buffer("rows", (n_actions + n_ids) * torch.arange(n_nets).unsqueeze(1), persistent=False)
-
-    def forward(self, obs, prev_a, agent_ids=None):
-        """obs (K, W, M, obs_dim), prev_a (K, W, M) long [, agent_ids (M,)] -> (K, W, M, H)."""
-        K, W, M, O = obs.shape
-        table = self.weight_onehot.reshape(-1, self.weight_onehot.shape[-1])  # network k's row r: rows[k] + r
-        x = torch.baddbmm(self.bias.unsqueeze(1), obs.reshape(K, W * M, O), self.weight_obs.transpose(1, 2))
-        x = x + table.index_select(0, (prev_a.reshape(K, W * M) + self.rows).reshape(-1)).view(K, W * M, -1)
-        if agent_ids is not None:
-            x = x + table.index_select(0, self.n_actions + agent_ids.repeat(W)).view(K, W * M, -1)
-        return x.view(K, W, M, -1)
-
-
-class AgentsLSTM(nn.Module):
-    """K LSTM(H, H) (nn.LSTM's parameter names), each run over its window from a zero state; returns the last
-    output h_W. fused.lstm_last runs all K in one call."""
-
-    def __init__(self, n_nets, hidden_dim, use_kernel=True):
-        super().__init__()
-        self.use_kernel, H = use_kernel, hidden_dim
-        self.weight_ih_l0, self.weight_hh_l0 = (agent_parameter(n_nets, 4 * H, H, fan_in=H) for _ in "ih")
-        self.bias_ih_l0, self.bias_hh_l0 = (agent_parameter(n_nets, 4 * H, fan_in=H) for _ in "ih")
-
-    def forward(self, x):
-        """x (K, W, M, H) -> h_W (K, M, H)."""
-        return fused.lstm_last(x, self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0, self.use_kernel)
-
-
-class AgentsLinear(nn.Module):
-    """K Linear(in, out), one batched matrix product: x (K, M, in) -> (K, M, out)."""
-
-    def __init__(self, n_nets, in_dim, out_dim):
-        super().__init__()
-        self.weight, self.bias = agent_parameter(n_nets, out_dim, in_dim, fan_in=in_dim), agent_parameter(n_nets, out_dim, fan_in=in_dim)
-
-    def forward(self, x):
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
-
-
+# --- Agent network: one DRQN per agent, exactly as released (paper F.2 "Robust individual Q-networks") ---
 class DRQN(nn.Module):
-    """K DRQNs, each fc1 -> ReLU -> LSTM -> ReLU -> fc_out (paper F.2: Linear(obs + onehot(prev action), 64), LSTM(64, 64)
-    from a zero state over the history window, Linear(64, n_actions)); eval.agent_state_dict(drqn, k) gives network k
-    in the released format (agent_{k}_q_network.pt)."""
+    """K DRQNs (paper F.2): fc1 = Linear(obs + onehot(prev action) [+ onehot(agent id)], 64) -> ReLU -> LSTM(64, 64)
+    from a zero state over the history window, its last output -> ReLU -> fc_out = Linear(64, n_actions). Each layer
+    holds one set of weights per network, stacked (fused.py: batched products, the one-hot columns as a lookup, the
+    LSTM kernel); eval.agent_state_dict(drqn, k) gives network k in the released format (agent_{k}_q_network.pt)."""
 
     def __init__(self, n_nets: int, obs_dim: int, n_actions: int, hidden_dim: int, n_ids: int = 0, use_kernel=True):
         super().__init__()
-        self.fc1 = AgentsInput(n_nets, obs_dim, n_actions, n_ids, hidden_dim)
-        self.lstm = AgentsLSTM(n_nets, hidden_dim, use_kernel)
-        self.fc_out = AgentsLinear(n_nets, hidden_dim, n_actions)
+        self.fc1 = fused.AgentsInput(n_nets, obs_dim, n_actions, n_ids, hidden_dim)
+        self.lstm = fused.AgentsLSTM(n_nets, hidden_dim, use_kernel)
+        self.fc_out = fused.AgentsLinear(n_nets, hidden_dim, n_actions)
 
     def forward(self, obs_w, prev_a_w, agent_ids=None):
         """obs_w (K, W, M, obs_dim), prev_a_w (K, W, M) long [, agent_ids (M,)] -> Q (K, M, n_actions), h_W (K, M, H)."""
@@ -214,31 +153,7 @@ def masked_argmax(q, avail):
     return q.masked_fill(~avail, -float("inf")).argmax(-1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Histories and replay
-# ---------------------------------------------------------------------------------------------
-class History:
-    """The acting window of E parallel episodes: the last W (obs, previous action) pairs, padded
-    at the front with zero observations and previous-action index 0 (also the t=0 previous action)."""
-
-    def __init__(self, n_envs, window, n_agents, obs_dim):
-        self.obs = np.zeros((window, n_envs, n_agents, obs_dim), dtype=np.float32)
-        self.prev_a = np.zeros((window, n_envs, n_agents), dtype=np.int64)
-
-    def reset(self, obs):
-        self.obs[:] = 0.0
-        self.prev_a[:] = 0
-        self.obs[-1] = obs
-
-    def push(self, obs, prev_actions):
-        self.obs = np.roll(self.obs, -1, axis=0)
-        self.prev_a = np.roll(self.prev_a, -1, axis=0)
-        self.obs[-1], self.prev_a[-1] = obs, prev_actions
-
-    def tensors(self, device):
-        return torch.from_numpy(self.obs).to(device), torch.from_numpy(self.prev_a).to(device)
-
-
+# --- Replay ---
 class Batch:
     """Slots idx of a replay buffer as device tensors: state, actions, reward, terminated, next_state, next_avail and
     next_value (V', cached); history and next_history, the (obs, previous action) windows ending at t and at t+1
@@ -258,24 +173,16 @@ class Batch:
 
 
 class ReplayBuffer:
-    """Each transition (o, s, a, r, o', s', avail', terminated, truncated) is stored once, with its
-    step index t in the episode; the window ending at t and the one ending at t+1 are gathered at
-    sample time. The last transition of every episode is stored with its truncation flag. The buffer
-    also caches V' = Q_tot(h', a_bar'; theta-) per slot: theta- only changes at the hard copy
-    (target_changed), so a value computed once per target period equals recomputing it at every update."""
+    """D: each transition (o, s, a, r, o', s', avail', terminated, truncated) stored once with its step t in the episode
+    (windows are gathered at sample time), and V' per slot, cached: theta- only changes at the hard copy."""
 
     def __init__(self, capacity, n_agents, obs_dim, state_dim, n_actions, window, device="cpu"):
         self.capacity, self.window, self.ptr, self.size, self.device = capacity, window, 0, 0, device
-        self.obs = np.zeros((capacity, n_agents, obs_dim), dtype=np.float32)
-        self.next_obs = np.zeros_like(self.obs)
-        self.state = np.zeros((capacity, state_dim), dtype=np.float32)
-        self.next_state = np.zeros_like(self.state)
-        self.actions = np.zeros((capacity, n_agents), dtype=np.int64)
+        self.obs, self.next_obs = np.zeros((2, capacity, n_agents, obs_dim), dtype=np.float32)
+        self.state, self.next_state = np.zeros((2, capacity, state_dim), dtype=np.float32)
+        self.actions, self.t = np.zeros((capacity, n_agents), dtype=np.int64), np.zeros(capacity, dtype=np.int64)
         self.next_avail = np.zeros((capacity, n_agents, n_actions), dtype=bool)
-        self.reward = np.zeros(capacity, dtype=np.float32)
-        self.terminated = np.zeros(capacity, dtype=np.float32)
-        self.truncated = np.zeros(capacity, dtype=np.float32)
-        self.t = np.zeros(capacity, dtype=np.int64)
+        self.reward, self.terminated, self.truncated = np.zeros((3, capacity), dtype=np.float32)
         self.next_value = np.zeros(capacity, dtype=np.float32)  # V' of theta- version value_version[slot]
         self.value_version = np.full(capacity, -1, dtype=np.int64)
         self.version = 0  # hard copies theta- <- theta so far
@@ -293,8 +200,8 @@ class ReplayBuffer:
         self.version += 1
 
     def sample(self, batch_size, rng, next_values, n=1):
-        """n minibatches of batch_size slots (drawn at once), V' filled in: next_values(Batch) -> V' of the slots
-        without a cached value for the current theta-. -> a Batch (n = 1) or a list of n."""
+        """n minibatches of batch_size slots (drawn at once) -> a Batch (n = 1) or a list; next_values(Batch) gives V'
+        of the slots without a cached value for the current theta-."""
         idx = self.sample_slots(n * batch_size, rng)
         todo = self.stale(idx)
         if len(todo):
@@ -304,17 +211,14 @@ class ReplayBuffer:
         return batches[0] if n == 1 else batches
 
     def sample_slots(self, k, rng):
-        """Uniform over stored transitions whose window is intact: once the buffer wraps, the
-        W oldest slots may have lost the start of their window (W-1 earlier observations plus the
-        previous action before the first of them) and are skipped."""
+        """Uniform over stored slots whose window is intact (once the buffer wraps, the W oldest are skipped)."""
         if self.size < self.capacity:
             return rng.integers(0, self.size, k)
         return (self.ptr + rng.integers(self.window, self.capacity, k)) % self.capacity
 
     def stale(self, idx, newest=32):
-        """Slots among idx without a cached V' for the current theta-; if there are any, the stale ones among
-        the `newest` latest slots join them: one larger target pass instead of many tiny ones (each value is
-        still computed once per target period)."""
+        """Slots among idx without a cached V' for the current theta-, and then also the stale ones among the `newest`
+        latest slots: one larger target pass instead of many tiny ones."""
         todo = idx[self.value_version[idx] != self.version]
         if len(todo):
             recent = (self.ptr - 1 - np.arange(min(newest, self.size))) % self.capacity
@@ -322,8 +226,7 @@ class ReplayBuffer:
         return todo
 
     def windows(self, idx):
-        """Current windows (ending at t) and next windows (ending at t+1) of slots idx:
-        obs (W, B, N, obs_dim) and previous actions (W, B, N), both pairs."""
+        """Windows ending at t and at t+1 of slots idx: obs (W, B, N, obs_dim), previous actions (W, B, N), twice."""
         d = np.arange(1 - self.window, 1)  # offsets -(W-1) .. 0
         src = (idx[None, :] + d[:, None]) % self.capacity  # (W, B)
         tau = self.t[idx][None, :] + d[:, None]  # time step of each window position
@@ -355,12 +258,8 @@ if __name__ == "__main__":
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN-fill of every torch.empty (~1 ms a step)
     rng = np.random.default_rng(args.seed)
-    device = torch.device(args.device)
-    if args.torch_threads > 0:
-        torch.set_num_threads(args.torch_threads)
+    device = runs.torch_setup(args)  # deterministic algorithms, --torch-threads, --device
 
     # Environment
     env = envs.make_env(args.env, args.train_config, seed=args.seed)
@@ -370,16 +269,17 @@ if __name__ == "__main__":
 
     # Alg. 2 l.3-4: Q_i with parameters theta, target theta- = theta
     q_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.fused).to(device)
-    optimizer = fused.RMSprop(q_network.parameters(), lr=args.learning_rate, eps=args.rmsprop_eps, use_kernel=args.fused)
+    params = list(q_network.parameters())
+    optimizer = fused.RMSprop(params, lr=args.learning_rate, eps=args.rmsprop_eps, use_kernel=args.fused)
     target_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.fused).to(device)
     target_network.load_state_dict(q_network.state_dict())
     max_norm = args.max_grad_norm or float("inf")  # inf: the norm is only measured (logged, NaN guard)
 
     # Alg. 2 l.2: replay buffer D
     rb = ReplayBuffer(args.buffer_size, N, env.obs_dim, env.state_dim, A, args.window, device)
-    history = History(1, args.window, N, env.obs_dim)
+    history = envs.History(1, args.window, N, env.obs_dim)  # acting: each agent's last W (obs, prev. action)
 
-    run.track(q_network=q_network, target_network=target_network, optimizer=optimizer, rb=rb, rng=rng)  # --resume
+    run.track(q_network=q_network, target_network=target_network, optimizer=optimizer, rb=rb, rng=rng)  # --resume: restored
     global_step = run.global_step
     with run:  # Ctrl-C / SIGTERM: checkpoint at the episode's end; a non-finite gradient: one error line
         for episode in range(run.episode, args.total_episodes):  # Alg. 2 l.5
@@ -414,7 +314,7 @@ if __name__ == "__main__":
                     td_loss = F.mse_loss(q_tot, y)  # Alg. 2 l.16
                     optimizer.zero_grad()
                     td_loss.backward()  # Alg. 2 l.17
-                    grad_norm = nn.utils.clip_grad_norm_(q_network.parameters(), max_norm, foreach=True, error_if_nonfinite=True)
+                    grad_norm = nn.utils.clip_grad_norm_(params, max_norm, foreach=True, error_if_nonfinite=True)
                     optimizer.step()
 
                     if global_step % (100 * args.train_frequency) == 0:  # logging, every 100 gradient steps
@@ -431,17 +331,10 @@ if __name__ == "__main__":
                 if terminated or truncated:
                     break
 
-            writer.add_scalar("charts/episodic_return", episode_return, global_step)
-            if args.env == "building":
-                writer.add_scalar("charts/normalised_return", envs.normalised_return(episode_return), global_step)
-            if starcraft:
-                writer.add_scalar("charts/battle_won", float(info.get("battle_won", False)), global_step)
             if starcraft and args.eval_every and global_step // args.eval_every > episode_start // args.eval_every:
-                evaluation.starcraft_eval_round(sys.modules[__name__], q_network, env, args, global_step, writer, run_dir, device)
-            if run.episode_end(episode + 1, global_step, episode_return, epsilon):  # progress, checkpoint, Ctrl-C
+                evaluation.starcraft_eval_round(sys.modules[__name__], q_network, env, global_step, run, device)
+            if run.episode_end(episode + 1, global_step, episode_return, epsilon, info):  # progress, checkpoint, Ctrl-C
                 break  # --total-steps reached
 
     if args.save_model:  # weights, args and env config, written atomically (eval.py reads them back)
-        env_info = {"env": args.env, "config": args.train_config, "n_agents": N, "n_actions": A,
-                    "obs_dim": env.obs_dim, "state_dim": env.state_dim}
-        runs.save_model(run_dir, __file__, args, env_info, q_network=q_network)
+        runs.save_model(run_dir, __file__, args, env, q_network=q_network)

@@ -11,6 +11,7 @@ from the first to the last logged point.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ def table(run_dir: str, tags: list[str], bins: int) -> str:
     wall = max(data[t][2].max() for t in shown) - min(data[t][2].min() for t in shown)
     lines = [f"{os.path.basename(os.path.normpath(run_dir))}: {last} env steps, {wall / 60:.1f} min first to last point", "",
              "| env steps | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         cells = []
         for t in shown:
             steps, values, _ = data[t]

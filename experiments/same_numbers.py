@@ -24,7 +24,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import runs  # noqa: E402
+import runs
 
 TASKS = {
     "building": ["--env", "building", "--total-episodes", "3", "--episode-steps", "40", "--learning-starts", "16",
@@ -50,7 +50,7 @@ GROUPDR_TASKS = ("building",)
 def run(tree: str, script: str, flags: list[str], cwd: str) -> None:
     cmd = [sys.executable, os.path.join(tree, "algos", f"{script}.py"), *flags, "--torch-threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
 
@@ -103,23 +103,29 @@ def compare(a: dict, b: dict) -> list[str]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--before", required=True, help="checkout of the old code (e.g. git worktree add /tmp/before <commit>)")
-    p.add_argument("--scripts", nargs="*", default=list(SCRIPTS))
+    p.add_argument("--scripts", nargs="+", default=list(SCRIPTS), choices=list(SCRIPTS))
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="GroupDR: building only")
+    p.add_argument("--fused-modes", nargs="+", default=["fused", "no-fused"], choices=["fused", "no-fused"])
     p.add_argument("--estimator", default="", help="GroupDR: estimator.pt (default: made once with the old tree, tiny)")
     a = p.parse_args()
-    failures = 0
+    failures, compared = 0, 0
     with tempfile.TemporaryDirectory() as tmp:
         estimator = a.estimator
         if any(s.startswith("groupdr") for s in a.scripts) and not estimator:
-            run(a.before, "groupdr_estimator", ["--run-name", "est", "--architecture", "offline", "--episodes-per-config",
-                                                "1", "--fit-steps", "20", "--episode-steps", "20"], tmp)
+            run(a.before, "groupdr_vdn", ["--observed-reward", "--total-episodes", "1", "--episode-steps", "20",  # stage 0
+                                          "--learning-starts", "8", "--batch-size", "8", "--save-model", "--run-name",
+                                          "b"], tmp)
+            run(a.before, "groupdr_estimator", ["--run-name", "est", "--behaviour-checkpoint", "runs/b/model.pt", "--fit",
+                                                "offline", "--episodes-per-config", "1", "--fit-steps", "20",
+                                                "--episode-steps", "20"], tmp)
             estimator = os.path.join(tmp, "runs", "est", "estimator.pt")
         for script in a.scripts:
-            tasks = GROUPDR_TASKS if script.startswith("groupdr") else TASKS
+            tasks = [t for t in a.tasks if not script.startswith("groupdr") or t in GROUPDR_TASKS]
             extra = SCRIPTS[script] + (["--estimator-checkpoint", estimator] if script.startswith("groupdr") else [])
             for task in tasks:
-                for fused in ("--fused", "--no-fused"):
+                for fused in (f"--{m}" for m in a.fused_modes):
                     base = TASKS[task][2:] if script.startswith("groupdr") else TASKS[task]
                     flags = [*base, *extra, fused, "--save-model", "--checkpoint-every", "1"]
                     tag = f"{script}-{task}-{fused[2:]}"
@@ -137,10 +143,14 @@ def main() -> int:
                     bad3, n3 = compare(run_state(f"{d['after']}/checkpoint.pt"), run_state(f"{tmp}/runs/{tag}-cut/checkpoint.pt"))
                     status = "EQUAL" if not (bad or bad2 or bad3) else "DIFFERENT"
                     failures += status != "EQUAL"
+                    compared += 1
                     print(f"{tag:42s} {status}: checkpoint {n1} leaves, model {n2}, old-run resumed {n3}", flush=True)
                     for line in (bad + bad2 + [f"resumed: {x}" for x in bad3])[:12]:
                         print(f"    {line}")
-    print("all equal" if not failures else f"{failures} comparisons differ")
+    if not compared:
+        print("nothing compared")
+        return 1
+    print(f"all {compared} comparisons equal" if not failures else f"{failures} of {compared} comparisons differ")
     return 1 if failures else 0
 
 

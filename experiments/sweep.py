@@ -49,9 +49,9 @@ from dataclasses import dataclass, field
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]  # envs, eval; report
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]  # envs, runs; report
 import envs  # noqa: E402  (envs.fail: one error line, exit 2)
-import eval as evaluation  # noqa: E402  (write_json_atomic)
+from runs import write_json_atomic  # noqa: E402  (result JSON written atomically)
 
 PROTOCOLS = ("paper-tables", "climate", "season", "climate-season")
 CURVE_BIN = 10  # training curve: mean normalised return per this many episodes
@@ -376,7 +376,7 @@ def main(args: Args) -> int:
         done += 1
         if error is None:
             if not job.stage:
-                evaluation.write_json_atomic(result[job.name], payload)
+                write_json_atomic(result[job.name], payload)
             if os.path.isfile(os.path.join(failed_dir, f"{job.name}.json")):
                 os.remove(os.path.join(failed_dir, f"{job.name}.json"))
             durations.append(seconds)
@@ -385,8 +385,8 @@ def main(args: Args) -> int:
         else:
             n_failed += 1
             failed_stages.update([job.name] if job.stage else [])
-            evaluation.write_json_atomic(os.path.join(failed_dir, f"{job.name}.json"),
-                                         {"run": job.run_name, "command": " ".join(job.train_command(False)), "error": error})
+            write_json_atomic(os.path.join(failed_dir, f"{job.name}.json"),
+                              {"run": job.run_name, "command": " ".join(job.train_command(False)), "error": error})
             summary = f"FAILED: {error}"
         eta = (sum(durations) / len(durations)) * (len(todo) - done) / workers / 60 if durations else float("nan")
         print(f"[{done}/{len(todo)} done, {in_flight['n']} running, {n_failed} failed, "

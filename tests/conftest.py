@@ -131,7 +131,7 @@ def pytest_collection_modifyitems(session, config, items):
 def run_script_in_process(script: str, args, cwd: str) -> dict:
     """ROOT/script run as __main__ in this process (argv = args, working directory cwd) -> the
     script's global namespace when it ends: its replay buffer ``rb``, networks, optimiser, last
-    minibatch ``idx`` ... so a test can check what the real training loop did. No interpreter
+    minibatch ``b`` (a Batch) ... so a test can check what the real training loop did. No interpreter
     start-up (torch is already imported). sys.argv, the cwd and torch's global settings (deterministic
     algorithms, threads, NaN-fill of torch.empty) are restored afterwards."""
     import runpy

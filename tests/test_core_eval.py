@@ -18,9 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from conftest import run_py, run_script_in_process
 
 import envs
-from conftest import run_py, run_script_in_process
+import fused
 
 SCRIPT = "algos/robust_vdn_rho.py"
 EVAL = "eval.py"
@@ -113,7 +114,7 @@ def progress_returns(stdout):
 
 
 def load_ckpt(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)  # model.pt holds tensors and plain types only
 
 
 def test_training_smoke_and_atomic_save(trained, sp):
@@ -129,12 +130,12 @@ def test_training_smoke_and_atomic_save(trained, sp):
         assert len(progress_returns(p.stdout)) == N_EPISODES, sp.describe(p)
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir))
     ckpt = load_ckpt(trained["seed1a"]["model"])
-    assert ckpt["format"] == "drigm-checkpoint-v2" and ckpt["algo"] == "robust_vdn_rho"
+    assert ckpt["format"] == "drigm-checkpoint-v3" and ckpt["algo"] == "robust_vdn_rho"
     assert ckpt["env"] == {"env": "building", "config": "env_1", "n_agents": 6, "n_actions": 200,
                            "obs_dim": 5, "state_dim": 10}
     assert ckpt["args"]["seed"] == 1 and ckpt["args"]["rho"] == 0.0 and ckpt["args"]["episode_steps"] == 30
-    assert tuple(ckpt["q_network"]["drqn.fc1_obs"].shape) == (6, 64, 5)
-    assert tuple(ckpt["q_network"]["drqn.fc1_table"].shape) == (6, 200, 64)
+    assert tuple(ckpt["q_network"]["drqn.fc1.weight_obs"].shape) == (6, 64, 5)
+    assert tuple(ckpt["q_network"]["drqn.fc1.weight_onehot"].shape) == (6, 200, 64)
     assert len(ckpt["q_network"]) == 9
 
 
@@ -188,20 +189,27 @@ def rmsprop_first_step(net, loss, lr, eps, alpha=0.99):
     return {name: -lr * p.grad / ((1 - alpha) ** 0.5 * p.grad.abs() + eps) for name, p in net.named_parameters()}
 
 
-def test_one_update_moves_the_weights_as_rmsprop_on_the_td_loss_predicts(vdn, tmp_path):
+def test_one_update_moves_the_weights_as_rmsprop_on_the_td_loss_predicts(vdn, tmp_path, monkeypatch):
     """robust_vdn_rho.py as __main__, 12 steps, exactly one gradient step (step 12): theta_1 - theta_0 must
     be what one RMSprop step (lr 5e-4, eps 1e-5) on the mean squared TD error of Eq. (15) gives, computed
-    here on the same minibatch (the loop's last idx) with a plain-torch copy of theta_0 (the target network:
+    here on the same minibatch (the loop's last Batch b) with a plain-torch copy of theta_0 (the target network:
     no hard copy yet): y = r + gamma (1 - rho) (1 - terminated) sum_i max_a Q_i(h'_i, a). The same
     computation without rho, or with the loss sign flipped, must not match: the check sees both."""
     rho, gamma, lr, eps = 0.5, 0.9, 5e-4, 1e-5
+    steps, step_fn = [], fused.RMSprop.step
+
+    def counted_step(self, *a, **k):  # the optimiser steps the loop takes
+        steps.append(1)
+        return step_fn(self, *a, **k)
+
+    monkeypatch.setattr(fused.RMSprop, "step", counted_step)
     g = run_script_in_process(SCRIPT, ["--total-episodes", 1, "--episode-steps", 12, "--learning-starts", 10,
                                        "--batch-size", 8, "--buffer-size", 50, "--rho", rho, "--gamma", gamma,
                                        "--target-network-frequency", 1000, "--torch-threads", 1, "--run-name", "one"],
                               str(tmp_path))
-    assert g["n_updates"] == 1 and g["global_step"] == 12
+    assert len(steps) == 1 and g["global_step"] == 12
     theta0, theta1 = g["target_network"].state_dict(), g["q_network"].state_dict()
-    rb, idx = g["rb"], g["idx"]
+    rb, idx = g["rb"], g["b"].idx
     net = vdn.QNetworks(6, 5, 200, 64, use_kernel=False)
     net.load_state_dict(theta0)
     obs_w, prev_w, next_obs_w, next_prev_w = (torch.from_numpy(x) for x in rb.windows(idx))
@@ -467,7 +475,8 @@ def eval_case(name, d, model):
         return ["--checkpoints", path, *custom, *small], "--checkpoints"
     if name == "wrong-shape-checkpoint":
         ckpt = load_ckpt(model)
-        ckpt["q_network"]["drqn.fc_out_weight"] = torch.zeros(6, 199, 64)
+        assert ckpt["q_network"]["drqn.fc_out.weight"].shape == (6, 200, 64)  # a real key, one row short below
+        ckpt["q_network"]["drqn.fc_out.weight"] = torch.zeros(6, 199, 64)
         path = os.path.join(d, "wrong_shape.pt")
         torch.save(ckpt, path)
         return ["--checkpoints", path, *custom, *small], "--checkpoints"
@@ -476,8 +485,8 @@ def eval_case(name, d, model):
         adir = os.path.join(d, "authors")
         os.makedirs(adir, exist_ok=True)
         for i in range(6):
-            sd = {"fc1.weight": torch.cat([q["drqn.fc1_obs"][i], q["drqn.fc1_table"][i].t()], 1),
-                  **{key: q["drqn." + key.replace(".", "_").replace("_l0", "")][i] for key in
+            sd = {"fc1.weight": torch.cat([q["drqn.fc1.weight_obs"][i], q["drqn.fc1.weight_onehot"][i].t()], 1),
+                  **{key: q["drqn." + key][i] for key in
                      ("fc1.bias", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_ih_l0", "lstm.bias_hh_l0",
                       "fc_out.weight", "fc_out.bias")}}
             if i == 4:

@@ -201,7 +201,7 @@ def test_sample_after_wrap_never_reads_overwritten_data(vdn, W, capacity):
             truth.items.append(dict(ep=ep, t=t, obs=obs, action=action, next_obs=obs + 0.5))
             n_added += 1
             owner = slot_owner(n_added, capacity)
-            idx = rb.sample(400, rng)
+            idx = rb.sample_slots(400, rng)
             assert ((0 <= idx) & (idx < capacity)).all()
             assert set(idx.tolist()) <= set(owner)  # only filled slots
             for slot in np.unique(idx):
@@ -213,7 +213,7 @@ def test_sample_after_wrap_never_reads_overwritten_data(vdn, W, capacity):
             if n_added >= capacity:
                 # sample is not overly strict: every slot but the W oldest can be drawn
                 oldest = {(rb.ptr + k) % capacity for k in range(W)}
-                drawn = set(rb.sample(40 * capacity, rng).tolist())
+                drawn = set(rb.sample_slots(40 * capacity, rng).tolist())
                 assert set(range(capacity)) - oldest <= drawn
     assert n_added > 2 * capacity
 
@@ -260,7 +260,7 @@ def test_cached_target_values_equal_recomputation_in_the_training_loop(vdn, tmp_
                                        "--target-network-frequency", 30, "--torch-threads", 1, "--log-every", 100,
                                        "--run-name", "cache"], str(tmp_path))
     rb = g["rb"]
-    assert g["global_step"] == 75 and g["target_version"] == 75 // 30
+    assert g["global_step"] == 75 and rb.version == 75 // 30  # the buffer counted both hard copies
     assert set(rb.value_version.tolist()) <= {-1, 0, 1, 2}
     assert rb.value_version[(rb.ptr - 1) % capacity] == -1  # written at step 75, after the last update (step 74)
     oldest = {(rb.ptr + k) % capacity for k in range(W)}  # windows may have lost data: never sampled
@@ -273,16 +273,60 @@ def test_cached_target_values_equal_recomputation_in_the_training_loop(vdn, tmp_
 
 
 def test_stale_joins_the_newest_stale_slots(vdn):
-    """rb.stale(idx, v): the sampled slots without a value for version v, plus (only when there are
-    any) the stale slots among the newest ones; nothing when every sampled slot is fresh."""
+    """rb.stale(idx): the sampled slots without a value for the buffer's version rb.version, plus (only when
+    there are any) the stale slots among the newest ones; nothing when every sampled slot is fresh."""
     W, capacity = 4, 10
     rb, truth = make_rb(vdn, capacity, W), Truth()
     truth.add_synthetic(rb, 0, 6)  # slots 0..5, all never computed
-    assert rb.stale(np.array([1, 4]), 0, newest=2).tolist() == [1, 4, 5]  # + newest stale 4, 5
+    assert rb.version == 0
+    assert rb.stale(np.array([1, 4]), newest=2).tolist() == [1, 4, 5]  # + newest stale 4, 5
     rb.value_version[[1, 4, 5]] = 0
-    assert rb.stale(np.array([1, 4, 5]), 0, newest=3).tolist() == []  # all fresh: no call at all
-    assert rb.stale(np.array([0, 5]), 0, newest=3).tolist() == [0, 3]  # newest are 3, 4, 5; 4, 5 fresh
+    assert rb.stale(np.array([1, 4, 5]), newest=3).tolist() == []  # all fresh: no call at all
+    assert rb.stale(np.array([0, 5]), newest=3).tolist() == [0, 3]  # newest are 3, 4, 5; 4, 5 fresh
     truth.add_synthetic(rb, 1, 7)  # wraps: ptr is 3, newest slots 2, 1, 0 (overwritten: stale again)
+    rb.value_version[:] = 0
+    rb.target_changed()  # a hard copy: every cached value is stale
+    assert rb.version == 1 and rb.stale(np.array([5]), newest=0).tolist() == [5]
     rb.value_version[:] = 1
     rb.value_version[[0, 8]] = -1
-    assert rb.stale(np.array([8, 8, 5]), 1, newest=3).tolist() == [0, 8]  # unique, sorted, across the wrap
+    assert rb.stale(np.array([8, 8, 5]), newest=3).tolist() == [0, 8]  # unique, sorted, across the wrap
+
+
+def test_sample_returns_batches_and_caches_next_values(vdn):
+    """rb.sample(B, rng, next_values, n): the slots sample_slots draws (the same rng draws), as Batches of the
+    stored arrays (and windows); next_values is called once, with a Batch of exactly rb.stale(idx), its values
+    cached for rb.version; a second draw of fresh slots calls nothing; after target_changed() everything is
+    recomputed; n = 2 splits one draw of 2B slots into halves."""
+    W, capacity = 4, 40
+    rb, truth = make_rb(vdn, capacity, W), Truth()
+    for ep, length in enumerate([9, 14, 7]):
+        truth.add_synthetic(rb, ep, length)
+    calls = []
+
+    def next_values(b):  # a value per slot that names the slot and the version
+        calls.append(b.idx.copy())
+        assert isinstance(b, vdn.Batch)
+        return torch.from_numpy(b.idx * 10.0 + rb.version)
+
+    idx = rb.sample_slots(8, np.random.default_rng(5))
+    want_todo = rb.stale(idx)
+    b = rb.sample(8, np.random.default_rng(5), next_values)
+    np.testing.assert_array_equal(b.idx, idx)
+    assert len(calls) == 1 and np.array_equal(calls[0], want_todo) and set(idx) <= set(want_todo.tolist())
+    for name in ("state", "actions", "reward", "terminated", "next_state", "next_avail"):
+        assert torch.equal(getattr(b, name), torch.from_numpy(getattr(rb, name)[idx])), name
+    assert torch.equal(b.next_value, torch.from_numpy((idx * 10.0).astype(np.float32)))
+    assert (rb.value_version[want_todo] == 0).all()
+    for got, want in zip([*b.history, *b.next_history], rb.windows(idx)):
+        assert torch.equal(got, torch.from_numpy(want))
+    again = rb.sample(8, np.random.default_rng(5), next_values)  # the same slots, all fresh now
+    assert len(calls) == 1 and torch.equal(again.next_value, b.next_value)
+    rb.target_changed()
+    again = rb.sample(8, np.random.default_rng(5), next_values)
+    assert len(calls) == 2 and torch.equal(again.next_value, torch.from_numpy((idx * 10.0 + 1).astype(np.float32)))
+    idx2 = rb.sample_slots(16, np.random.default_rng(6))
+    first, second = rb.sample(8, np.random.default_rng(6), next_values, n=2)
+    np.testing.assert_array_equal(first.idx, idx2[:8])
+    np.testing.assert_array_equal(second.idx, idx2[8:])
+    both = torch.cat([first.next_value, second.next_value])
+    assert torch.equal(both, torch.from_numpy((idx2 * 10.0 + 1).astype(np.float32)))

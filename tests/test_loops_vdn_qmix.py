@@ -15,8 +15,10 @@ The task logs everything it showed and every action it was sent, so the tests bu
 targets and losses from that log (never from the script's functions) and compare with what the loop did:
 
 * global optimiser hooks record, for every step of every optimiser, the parameters before and after and the
-  gradients it was handed (after the clip); eval.TrainingRun is wrapped to keep a copy of every network's
-  initial weights and to log every call of the online network's greedy_q (acting: its windows and Q-values);
+  gradients it was handed (after the clip); runs.Run.track (the call that hands the run its training objects)
+  is wrapped to keep a copy of every network's initial weights and to log every call of the online network's
+  greedy_q (acting: its windows and Q-values); the number of gradient steps is the number of optimiser steps
+  recorded, the number of hard copies the replay buffer's target version (rb.version);
   F.mse_loss is wrapped to keep the TD target y of each update; the script's numpy Generator is a DrawLog (the
   same PCG64 stream, every draw logged), and envs.make_env notes its seed and the global generators' states.
 * the recomputation is plain torch written out here: the DRQN (fc1 on [obs, one-hot previous action],
@@ -49,7 +51,6 @@ VDN-rho; both dual losses, clamps, clips and optimisers, and a case where Eq. (1
 from __future__ import annotations
 
 import copy
-import importlib
 import random
 import sys
 
@@ -61,8 +62,7 @@ from conftest import run_script_in_process
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import envs
-
-evaluation = importlib.import_module("eval")  # the module the scripts import (``import eval as evaluation``)
+import runs as run_plumbing  # the scripts' runs module: they look up runs.Run when they run, so a subclass patched in is used
 
 SCRIPTS = {"vdn_rho": "algos/robust_vdn_rho.py", "vdn_tv": "algos/robust_vdn_tv.py", "qmix_rho": "algos/robust_qmix_rho.py",
            "qmix_tv": "algos/robust_qmix_tv.py"}
@@ -257,11 +257,10 @@ def _snapshot(state: dict, which: str, grads: bool) -> dict:
 def run(script: str, flags, cwd: str) -> Recording:
     """SCRIPTS[script] as __main__ on a FakeTask, with the hooks that fill a Recording."""
     rec = Recording()
-    real_run, real_mse = evaluation.TrainingRun, F.mse_loss
+    real_run, real_mse = run_plumbing.Run, F.mse_loss
 
     class CapturingRun(real_run):
-        def __init__(self, *args, **kwargs):
-            state = {k: v for k, v in kwargs.items() if k != "resume"}
+        def track(self, **state):
             rec.state = state
             rec.init = {k: copy.deepcopy(v.state_dict()) for k, v in state.items() if isinstance(v, torch.nn.Module)}
             greedy_q = state["q_network"].greedy_q
@@ -273,7 +272,7 @@ def run(script: str, flags, cwd: str) -> Recording:
                 return out
 
             state["q_network"].greedy_q = acting  # the online network's no-grad forward: acting only in these scripts
-            super().__init__(*args, **kwargs)
+            super().track(**state)
 
     def which(opt):
         return "q" if opt is rec.state.get("optimizer") else "dual" if opt is rec.state.get("dual_optimizer") else None
@@ -308,7 +307,7 @@ def run(script: str, flags, cwd: str) -> Recording:
     handles = [register_optimizer_step_pre_hook(pre),
                register_optimizer_step_post_hook(post)]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evaluation, "TrainingRun", CapturingRun)
+        mp.setattr(run_plumbing, "Run", CapturingRun)
         mp.setattr(envs, "make_env", make_env)
         mp.setattr(F, "mse_loss", mse)
         mp.setattr(np.random, "default_rng", default_rng)
@@ -351,16 +350,16 @@ def agent_q(p: dict, obs_w, prev_w):
     W, B = prev_w.shape[:2]
     qs = []
     for k in range(N_AGENTS):
-        x = obs_w[:, :, k] @ p["drqn.fc1_obs"][k].T + p["drqn.fc1_table"][k][prev_w[:, :, k]] + p["drqn.fc1_bias"][k]
+        x = obs_w[:, :, k] @ p["drqn.fc1.weight_obs"][k].T + p["drqn.fc1.weight_onehot"][k][prev_w[:, :, k]] + p["drqn.fc1.bias"][k]
         x = torch.relu(x)
-        h = c = x.new_zeros(B, p["drqn.lstm_weight_hh"].shape[-1])
+        h = c = x.new_zeros(B, p["drqn.lstm.weight_hh_l0"].shape[-1])
         for t in range(W):
-            gates = (x[t] @ p["drqn.lstm_weight_ih"][k].T + p["drqn.lstm_bias_ih"][k]
-                     + h @ p["drqn.lstm_weight_hh"][k].T + p["drqn.lstm_bias_hh"][k])
+            gates = (x[t] @ p["drqn.lstm.weight_ih_l0"][k].T + p["drqn.lstm.bias_ih_l0"][k]
+                     + h @ p["drqn.lstm.weight_hh_l0"][k].T + p["drqn.lstm.bias_hh_l0"][k])
             i, f, g, o = gates.chunk(4, -1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
-        qs.append(torch.relu(h) @ p["drqn.fc_out_weight"][k].T + p["drqn.fc_out_bias"][k])
+        qs.append(torch.relu(h) @ p["drqn.fc_out.weight"][k].T + p["drqn.fc_out.bias"][k])
     return torch.stack(qs, 1)
 
 
@@ -531,8 +530,8 @@ def assert_widths(rec: Recording):
     --mixing-embed-dim, the dual network --dual-hidden-dim (the recomputation takes its shapes from the weights, so
     a network built with another flag's width would go unseen otherwise)."""
     a, H, S = rec.g["args"], rec.g["args"].hidden_dim, STATE_DIM
-    shapes = {"q_network": {"drqn.fc1_obs": (N_AGENTS, H, OBS_DIM), "drqn.fc1_table": (N_AGENTS, N_ACTIONS, H),
-                            "drqn.lstm_weight_hh": (N_AGENTS, 4 * H, H), "drqn.fc_out_weight": (N_AGENTS, N_ACTIONS, H)}}
+    shapes = {"q_network": {"drqn.fc1.weight_obs": (N_AGENTS, H, OBS_DIM), "drqn.fc1.weight_onehot": (N_AGENTS, N_ACTIONS, H),
+                            "drqn.lstm.weight_hh_l0": (N_AGENTS, 4 * H, H), "drqn.fc_out.weight": (N_AGENTS, N_ACTIONS, H)}}
     if "mixer" in rec.init:
         E = a.mixing_embed_dim
         shapes["mixer"] = {"hyper_w1.weight": (N_AGENTS * E, S), "hyper_b1.weight": (E, S), "hyper_w2.weight": (E, S),
@@ -566,7 +565,7 @@ def test_one_update_moves_every_parameter_as_predicted(runs, script, case):
     more than 10 tolerances away from the recorded ones somewhere: the check sees each of them."""
     rec = runs(script, case)
     g, f, a = rec.g, flags_of(rec), rec.g["args"]
-    assert g["n_updates"] == 1 and g["global_step"] == 12
+    assert len(rec.q_steps()) == 1 and g["global_step"] == 12
     tv = is_tv(script)
     assert [s["which"] for s in rec.steps] == (["dual", "q"] if tv else ["q"])  # TV: the dual step comes first
     tr = transitions(rec.task)
@@ -576,7 +575,7 @@ def test_one_update_moves_every_parameter_as_predicted(runs, script, case):
     clip, dual_clip = CLIPS.get((script, case), (f["clip"], 0.0))
     assert (clip, dual_clip) == (f["clip"], f["dual_clip"])
 
-    idx = g["idx"]
+    idx = g["b"].idx  # the loop's last (here: only) Q minibatch
     b = batch(tr, idx)
     assert {2, 6, 11} <= set(idx.tolist())  # terminal, time-out, capped: all in the Q minibatch
     v = next_value(script, theta0, mixer0, b)
@@ -585,7 +584,7 @@ def test_one_update_moves_every_parameter_as_predicted(runs, script, case):
     if tv:
         (dual_step,) = rec.dual_steps()
         xi0 = rec.init["dual_network"]
-        dual_idx = g["dual_idx"]
+        dual_idx = g["dual_b"].idx
         bd = batch(tr, dual_idx)
         assert 2 in set(dual_idx.tolist()) and len(set(dual_idx.tolist()) & {6, 11}) > 0
         vd = next_value(script, theta0, mixer0, bd)
@@ -700,11 +699,11 @@ def check_last_update(rec: Recording, script: str, tr: dict, target: dict, targe
     g, f = rec.g, flags_of(rec)
     q_step = rec.q_steps()[-1]
     agents, mixer = split(q_step["before"])
-    b = batch(tr, g["idx"])
+    b = batch(tr, g["b"].idx)
     raw = None
     if is_tv(script):
         dual_step = rec.dual_steps()[-1]
-        bd = batch(tr, g["dual_idx"])
+        bd = batch(tr, g["dual_b"].idx)
         xi_before = {k[1]: v for k, v in dual_step["before"].items()}
         _, dgrads, _ = dual_prediction(xi_before, next_value(script, target, target_mixer, bd), bd, f, f["squared"], f["clamp"],
                                        f["dual_clip"])
@@ -733,7 +732,7 @@ def test_frozen_target_bootstraps_from_the_initial_weights(runs, script):
     online weights (a bootstrap from the online network) the cache and the gradients do not match."""
     rec = runs(script, "frozen")
     g = rec.g
-    assert g["n_updates"] == N_LONG_UPDATES and g["target_version"] == 0 and len(rec.q_steps()) == N_LONG_UPDATES
+    assert len(rec.q_steps()) == N_LONG_UPDATES and g["rb"].version == 0  # 13 gradient steps, no hard copy
     tr = transitions(rec.task)
     theta0, mixer0 = rec.init["q_network"], rec.init.get("mixer")
     for name, online_name in (("target_network", "q_network"), ("target_mixer", "mixer")):
@@ -761,7 +760,7 @@ def test_hard_copy_every_8_steps_puts_the_online_weights_in_the_target(runs, scr
     the weights of the copy before (version 3, after the update of step 24) nor theta_0."""
     rec = runs(script, "copy8")
     g = rec.g
-    assert g["n_updates"] == N_LONG_UPDATES and g["target_version"] == 4
+    assert len(rec.q_steps()) == N_LONG_UPDATES and g["rb"].version == 4  # 13 gradient steps, 4 hard copies
     tr = transitions(rec.task)
     steps = rec.q_steps()
     last_copy, previous_copy = (split(steps[update_index(s)]["after"]) for s in (32, 24))
@@ -802,7 +801,7 @@ def test_time_limits_bootstrap_and_true_ends_do_not(runs, script, case):
     np.testing.assert_array_equal(rb.terminated[:12], expect_term)
     np.testing.assert_array_equal(rb.truncated[:12], expect_trunc)
 
-    idx = g["idx"]
+    idx = g["b"].idx
     b = batch(tr, idx)
     v = next_value(script, rec.init["q_network"], rec.init.get("mixer"), b)
     eta = None
@@ -910,7 +909,7 @@ def test_acting_follows_the_history_the_epsilon_schedule_and_the_seeded_draws(ru
 
     n = len(tr["reward"])
     updates, steps, theta0 = update_steps(a, n), rec.q_steps(), rec.init["q_network"]
-    assert len(updates) == len(steps) == rec.g["n_updates"] and len(rec.acting) == n
+    assert len(updates) == len(steps) and len(rec.acting) == n
     lo, hi = (int(x) for x in a.train_days.split(":"))
     n_batch = (2 if is_tv(script) else 1) * a.batch_size
     draws = iter(rec.draws)
@@ -952,8 +951,8 @@ def test_acting_follows_the_history_the_epsilon_schedule_and_the_seeded_draws(ru
             if j in updates:
                 idx = draw("integers", (n_batch,), (0, j))
                 if j == updates[-1]:
-                    np.testing.assert_array_equal(idx, np.concatenate([rec.g["dual_idx"], rec.g["idx"]]) if is_tv(script)
-                                                  else rec.g["idx"])
+                    np.testing.assert_array_equal(idx, np.concatenate([rec.g["dual_b"].idx, rec.g["b"].idx]) if is_tv(script)
+                                                  else rec.g["b"].idx)
     assert next(draws, None) is None  # nothing else drawn
     if case == "copy8":  # both branches of epsilon-greedy are exercised
         assert n_random >= 20 and n_greedy >= 20, (n_random, n_greedy)

@@ -87,8 +87,8 @@ def untrained_drqn(vdn, task, share_params: bool):
     with torch.no_grad():
         for p in net.parameters():
             p.mul_(3.0)
-        net.drqn.fc_out_bias[..., 1] += 2.0
-        net.drqn.fc_out_bias[..., 5:] += 4.0
+        net.drqn.fc_out.bias[..., 1] += 2.0
+        net.drqn.fc_out.bias[..., 5:] += 4.0
     return net.eval()
 
 

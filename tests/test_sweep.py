@@ -106,7 +106,7 @@ def test_killed_sweep_resumes_interrupted_runs(tmp_path):
     proc.wait()
     assert alive and (run_dir / "checkpoint.pt").exists(), proc.stdout.read().decode()
     assert not (run_dir / "model.pt").exists()
-    killed_at = torch.load(run_dir / "checkpoint.pt", weights_only=False)["counters"]["episode"]
+    killed_at = torch.load(run_dir / "checkpoint.pt", weights_only=True)["counters"]["episode"]
     assert 1 <= killed_at < KILL_BUDGET
     episodes = killed_at + 2  # the restarted sweep: two episodes after the checkpoint, then model.pt
     grid_file(tmp_path / "k.toml", methods, episodes=episodes, extra=["--checkpoint-every", "1"])
@@ -119,8 +119,8 @@ def test_killed_sweep_resumes_interrupted_runs(tmp_path):
                                 str(episodes), "--rho", "0.0", "--seed", "4", "--run-name", "reference"], cwd=tmp_path,
                                capture_output=True, text=True, env=env, timeout=SUBPROCESS_TIMEOUT, check=False)
     assert reference.returncode == 0, reference.stderr
-    ours = torch.load(run_dir / "model.pt", weights_only=False)["q_network"]
-    theirs = torch.load(tmp_path / "runs" / "reference" / "model.pt", weights_only=False)["q_network"]
+    ours = torch.load(run_dir / "model.pt", weights_only=True)["q_network"]
+    theirs = torch.load(tmp_path / "runs" / "reference" / "model.pt", weights_only=True)["q_network"]
     assert ours.keys() == theirs.keys()
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key
@@ -267,7 +267,7 @@ def test_groupdr_pipeline_runs_in_dependency_order_and_resumes_after_a_kill(swee
     assert "2 runs, 0 already done, 2 to run; 2 stages, 2 to run" in out
     assert "  beh: stage, resume" in out and "  est: stage, new (waits for beh)" in out
     behaviour, estimator = runs / "beh" / "model.pt", runs / "est" / "estimator.pt"
-    assert torch.load(behaviour, weights_only=False)["args"]["total_episodes"] == 2
+    assert torch.load(behaviour, weights_only=True)["args"]["total_episodes"] == 2
     assert "resumed runs/k/beh/checkpoint.pt" in (runs / "beh.log").read_text()  # continued, not restarted
     assert behaviour.stat().st_mtime_ns <= (runs / "est" / "args.json").stat().st_mtime_ns
     ckpt = torch.load(estimator, weights_only=False)
@@ -275,7 +275,7 @@ def test_groupdr_pipeline_runs_in_dependency_order_and_resumes_after_a_kill(swee
     for seed in (1, 2):
         run = runs / f"gvdn__rho0.0__seed{seed}"
         assert estimator.stat().st_mtime_ns <= (run / "args.json").stat().st_mtime_ns
-        assert torch.load(run / "model.pt", weights_only=False)["args"]["estimator_checkpoint"] == "runs/k/est/estimator.pt"
+        assert torch.load(run / "model.pt", weights_only=True)["args"]["estimator_checkpoint"] == "runs/k/est/estimator.pt"
         payload = json.loads((tmp_path / "results" / "k" / f"gvdn__rho0.0__seed{seed}.json").read_text())
         assert payload["rho"] == 0.0 and payload["paper"] == "VDN GroupDR" and "--rho" not in payload["command"].split()
         assert payload["flags"][-2:] == ["--estimator-checkpoint", "runs/k/est/estimator.pt"]
