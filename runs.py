@@ -80,6 +80,8 @@ class RunArgs:
     """torch device (cpu or cuda)"""
     torch_threads: int = 0
     """torch intra-op threads (0 = torch's default; 1 is fastest on a 2-core machine)"""
+    fused: bool = True
+    """agents' LSTMs and RMSprop in fused.py's C++ kernels (same equations; --no-fused: plain torch)"""
     save_model: bool = False
     """save weights, args and env config to runs/{run_name}/model.pt"""
     log_every: int = 10
@@ -505,6 +507,25 @@ class Run:
     def sps(self, global_step: int) -> int:
         """Env steps per second since this process started training (charts/SPS)."""
         return int((global_step - self.start[1]) / max(time.time() - self.start[0], 1e-9))
+
+    def log(self, global_step: int, epsilon: float, td_loss, q_taken, target, grad_norm, **more) -> None:
+        """The logging block of every update (every 100 gradient steps): losses/td_loss, losses/q_taken_mean (the mean
+        of Q_tot(h, a; theta) over the minibatch), losses/target_mean (of y), losses/grad_norm, losses/<name> for each
+        of `more` (QTRAN: opt_loss, nopt_loss; GroupDR: r_tilde_mean, reward_mean), charts/SPS and charts/epsilon."""
+        values = {"td_loss": td_loss, "q_taken_mean": q_taken.mean(), "target_mean": target.mean(), "grad_norm": grad_norm}
+        for key, value in {**values, **more}.items():
+            self.writer.add_scalar(f"losses/{key}", value.item(), global_step)
+        self.writer.add_scalar("charts/SPS", self.sps(global_step), global_step)
+        self.writer.add_scalar("charts/epsilon", epsilon, global_step)
+
+    def log_dual(self, global_step: int, eta, floor, dual_loss) -> None:
+        """TV scripts, with log(): robust/eta_mean, eta_min, eta_max (of the Q minibatch's eta in the target),
+        robust/dual_loss and robust/eta_at_floor (the share of that eta at Eq. (10)'s floor), and note_eta_floor."""
+        at_floor = (eta <= floor).float().mean()
+        robust = {"eta_mean": eta.mean(), "eta_min": eta.min(), "eta_max": eta.max(), "dual_loss": dual_loss}
+        for key, value in {**robust, "eta_at_floor": at_floor}.items():
+            self.writer.add_scalar(f"robust/{key}", value.item(), global_step)
+        self.note_eta_floor(at_floor.item(), global_step)
 
     def note_eta_floor(self, share: float, global_step: int) -> None:
         """TV scripts: one note when eta sat at Eq. (10)'s floor for more than 99% of a logged minibatch (the paper's

@@ -32,9 +32,6 @@ import runs  # noqa: E402  (run plumbing: flags, run folder, checkpoint / resume
 
 @dataclass
 class Args(runs.RunArgs):  # + the run flags (--seed, --resume, ...)
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-
     # Algorithm (paper F.2 defaults; GroupDR's groups are building configs)
     estimator_checkpoint: str = ""
     """estimator.pt written by algos/groupdr_estimator.py (stage 1); required unless --observed-reward"""
@@ -88,8 +85,6 @@ class Args(runs.RunArgs):  # + the run flags (--seed, --resume, ...)
     """allow env_6 in --train-configs (held out by the paper: no method trains on it)"""
     share_params: bool = False
     """one DRQN for all agents with an agent-id input (pymarl style) instead of one per agent"""
-    fused: bool = True
-    """agents' LSTMs and RMSprop in fused.py's C++ kernels (same equations; --no-fused: plain torch)"""
 
 
 def check_args(args: Args) -> None:
@@ -112,9 +107,8 @@ def groupdr_target(worst_reward, next_value, terminated, gamma):
 # --- Agent network: one DRQN per agent, exactly as released (paper F.2 "Robust individual Q-networks") ---
 class DRQN(nn.Module):
     """K DRQNs (paper F.2): fc1 = Linear(obs + onehot(prev action) [+ onehot(agent id)], 64) -> ReLU -> LSTM(64, 64)
-    from a zero state over the history window, its last output -> ReLU -> fc_out = Linear(64, n_actions). Each layer
-    holds one set of weights per network, stacked (fused.py: batched products, the one-hot columns as a lookup, the
-    LSTM kernel); eval.agent_state_dict(drqn, k) gives network k in the released format (agent_{k}_q_network.pt)."""
+    from a zero state over the window, last output -> ReLU -> fc_out = Linear(64, n_actions); fused.py stacks the K
+    networks' weights (eval.agent_state_dict(drqn, k): network k in the released format, agent_{k}_q_network.pt)."""
 
     def __init__(self, n_nets: int, obs_dim: int, n_actions: int, hidden_dim: int, n_ids: int = 0, use_kernel=True):
         super().__init__()
@@ -161,9 +155,8 @@ def masked_argmax(q, avail):
 
 # --- Replay ---
 class Batch:
-    """Slots idx of a replay buffer as device tensors: state, actions, reward, terminated, next_state, next_avail,
-    next_value (V', cached), t (the step in the day: the estimator's input); history and next_history, the (obs,
-    previous action) windows ending at t and at t+1 ((W, B, N, obs_dim), (W, B, N)), are gathered on first use."""
+    """Slots idx of a replay buffer as device tensors, one attribute per field named below; history and
+    next_history: the (obs, previous action) windows ending at t and t + 1, (W, B, N, obs_dim) and (W, B, N)."""
 
     def __init__(self, rb, idx):
         self.rb, self.idx = rb, idx
@@ -271,7 +264,6 @@ if __name__ == "__main__":
     episode_steps = min(args.episode_steps or env.episode_limit, env.episode_limit)
     estimator, heads = est.stage_estimator(args, N, A, env.state_dim, device, train_configs)  # r_hat_k, frozen
     run = runs.Run(run_dir, args, __file__)  # the run folder: args.json, TensorBoard (continued on --resume)
-    writer = run.writer
 
     # Alg. 2 l.3-4: Q_i with parameters theta, target theta- = theta
     q_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.fused).to(device)
@@ -325,14 +317,8 @@ if __name__ == "__main__":
                     optimizer.step()
 
                     if global_step % (100 * args.train_frequency) == 0:  # logging, every 100 gradient steps
-                        writer.add_scalar("losses/td_loss", td_loss.item(), global_step)
-                        writer.add_scalar("losses/q_taken_mean", q_tot.mean().item(), global_step)  # Q_tot(h, a; theta)
-                        writer.add_scalar("losses/target_mean", y.mean().item(), global_step)
-                        writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
-                        writer.add_scalar("losses/r_tilde_mean", r_tilde.mean().item(), global_step)
-                        writer.add_scalar("losses/reward_mean", b.reward.mean().item(), global_step)  # observed r
-                        writer.add_scalar("charts/SPS", run.sps(global_step), global_step)
-                        writer.add_scalar("charts/epsilon", epsilon, global_step)
+                        r_means = {"r_tilde_mean": r_tilde.mean(), "reward_mean": b.reward.mean()}  # worst-case, observed r
+                        run.log(global_step, epsilon, td_loss, q_tot, y, grad_norm, **r_means)  # losses/*, charts/*
 
                 if global_step % args.target_network_frequency == 0:  # Alg. 2 l.18: theta- <- theta
                     target_network.load_state_dict(q_network.state_dict())

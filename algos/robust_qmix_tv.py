@@ -87,8 +87,6 @@ class Args(runs.RunArgs, envs.EnvArgs):  # + the run flags (--seed, --resume, ..
     """min V in Eq. (29): zero (Assumption 1/2, exactly Alg. 6) or batch-min (general operator)"""
     share_params: bool = False
     """one DRQN for all agents with an agent-id input (pymarl style) instead of one per agent"""
-    fused: bool = True
-    """agents' LSTMs and RMSprop in fused.py's C++ kernels (same equations; --no-fused: plain torch)"""
 
 
 def check_args(args: Args) -> None:
@@ -105,26 +103,23 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
 
 # --- Robust TD target and dual network (TV: Eq. 10, 16, 17, 29) ---
 def eta_bounds(next_value, gamma, rho, worst_value="zero"):
-    """Eq. (10): eta in [0, 2/(rho(1-gamma))]; batch-min: [m, m + 2/(rho(1-gamma))], m = min V' of the batch.
-    rho = 0 (the nominal model) leaves eta unbounded above."""
+    """Eq. (10): eta in [0, 2/(rho(1-gamma))], batch-min [m, m + 2/(rho(1-gamma))], m = min V'; rho = 0: no upper end."""
     lo = next_value.min() if worst_value == "batch-min" else next_value.new_zeros(())
     return lo, lo + (2.0 / (rho * (1.0 - gamma)) if rho > 0 else float("inf"))
 
 
 def robust_target(reward, next_value, eta, terminated, gamma, rho, worst_value="zero"):
-    """Alg. 6 l.19, Eq. (16): y = r + gamma * (1 - rho) * eta - gamma * [eta - Q_tot(h', a_bar'; theta-)]_+, y = r where
-    terminated. worst_value "zero": the paper's operator (Assumption 1/2: min V = 0); "batch-min": Eq. (29) without it,
-    min V estimated by m, the batch's smallest V': with eta' = eta - m >= 0, y = r + gamma * (m + (1 - rho) * eta' -
-    [eta' - (V' - m)]_+)."""
+    """Alg. 6 l.19, Eq. (16): y = r + gamma * (1 - rho) * eta - gamma * [eta - Q_tot(h', a_bar'; theta-)]_+ (y = r where
+    terminated): worst_value "zero" (Assumption 1/2: min V = 0); "batch-min", Eq. (29) with min V estimated by m, the
+    smallest V': y = r + gamma * (m + (1 - rho) * (eta - m) - [eta - V']_+)."""
     m = next_value.min() if worst_value == "batch-min" else 0.0
     bootstrap = m + (1.0 - rho) * (eta - m) - F.relu(eta - next_value)
     return reward + gamma * (1.0 - terminated) * bootstrap
 
 
 def dual_loss(eta, next_value, rho, worst_value="zero", kind="linear", weight=None, raw_eta=None):
-    """Alg. 6 l.13, Eq. (17): mean([eta - V']_+ - (1 - rho) * eta), V' = Q_tot(h', a_bar'; theta-) (= max_a').
-    batch-min: (1 - rho) * (eta - m). kind="squared": the released code's squared term. weight: 0 for terminated
-    transitions. raw_eta: the unclamped eta; (raw_eta - eta)^2 pulls it back into Eq. (10)'s range (ours)."""
+    """Alg. 6 l.13, Eq. (17): mean([eta - V']_+ - (1 - rho) * eta) (batch-min: (1 - rho) * (eta - m)), weight 0 where
+    terminated; "squared": the released code's square of the term; raw_eta: + (raw_eta - eta)^2 pulls eta into Eq. (10)."""
     m = next_value.min() if worst_value == "batch-min" else 0.0
     term = F.relu(eta - next_value) - (1.0 - rho) * (eta - m)
     term = term**2 if kind == "squared" else term
@@ -153,9 +148,8 @@ class DualNetwork(nn.Module):
 # --- Agent network: one DRQN per agent, exactly as released (paper F.2 "Robust individual Q-networks") ---
 class DRQN(nn.Module):
     """K DRQNs (paper F.2): fc1 = Linear(obs + onehot(prev action) [+ onehot(agent id)], 64) -> ReLU -> LSTM(64, 64)
-    from a zero state over the history window, its last output -> ReLU -> fc_out = Linear(64, n_actions). Each layer
-    holds one set of weights per network, stacked (fused.py: batched products, the one-hot columns as a lookup, the
-    LSTM kernel); eval.agent_state_dict(drqn, k) gives network k in the released format (agent_{k}_q_network.pt)."""
+    from a zero state over the window, last output -> ReLU -> fc_out = Linear(64, n_actions); fused.py stacks the K
+    networks' weights (eval.agent_state_dict(drqn, k): network k in the released format, agent_{k}_q_network.pt)."""
 
     def __init__(self, n_nets: int, obs_dim: int, n_actions: int, hidden_dim: int, n_ids: int = 0, use_kernel=True):
         super().__init__()
@@ -227,9 +221,8 @@ def masked_argmax(q, avail):
 
 # --- Replay ---
 class Batch:
-    """Slots idx of a replay buffer as device tensors: state, actions, reward, terminated, next_state, next_avail and
-    next_value (V', cached); history and next_history, the (obs, previous action) windows ending at t and at t+1
-    ((W, B, N, obs_dim), (W, B, N)), are gathered on first use."""
+    """Slots idx of a replay buffer as device tensors, one attribute per field named below; history and
+    next_history: the (obs, previous action) windows ending at t and t + 1, (W, B, N, obs_dim) and (W, B, N)."""
 
     def __init__(self, rb, idx):
         self.rb, self.idx = rb, idx
@@ -325,7 +318,6 @@ if __name__ == "__main__":
     run_name = args.run_name or f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or os.path.join("runs", run_name)
     run = runs.Run(run_dir, args, __file__)  # the run folder: args.json, TensorBoard (continued on --resume)
-    writer = run.writer
 
     # Seeding: python, numpy, torch and the environment (days, exploration) from one --seed
     random.seed(args.seed)
@@ -420,19 +412,9 @@ if __name__ == "__main__":
                     optimizer.step()
 
                     if global_step % (100 * args.train_frequency) == 0:  # logging, every 100 gradient steps
-                        writer.add_scalar("losses/td_loss", td_loss.item(), global_step)
-                        writer.add_scalar("losses/q_taken_mean", q_tot.mean().item(), global_step)  # Q_tot(h, a; theta)
-                        writer.add_scalar("losses/target_mean", y.mean().item(), global_step)
-                        writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
-                        writer.add_scalar("charts/SPS", run.sps(global_step), global_step)
-                        writer.add_scalar("charts/epsilon", epsilon, global_step)
-                        robust = {"eta_mean": eta.mean(), "eta_min": eta.min(), "eta_max": eta.max(), "dual_loss": d_loss}
-                        for key, value in robust.items():
-                            writer.add_scalar(f"robust/{key}", value.item(), global_step)
+                        run.log(global_step, epsilon, td_loss, q_tot, y, grad_norm)  # losses/*, charts/*
                         floor = eta_bounds(b.next_value, args.gamma, args.rho, args.worst_value)[0]  # Eq. (10)'s floor
-                        at_floor = (eta <= floor).float().mean().item()  # share of this minibatch's eta at the floor
-                        writer.add_scalar("robust/eta_at_floor", at_floor, global_step)
-                        run.note_eta_floor(at_floor, global_step)  # printed once
+                        run.log_dual(global_step, eta, floor, d_loss)  # robust/*
 
                 if global_step % args.target_network_frequency == 0:  # Alg. 6 l.22: theta- <- theta
                     target_network.load_state_dict(q_network.state_dict())

@@ -72,8 +72,6 @@ class Args(runs.RunArgs, envs.EnvArgs):  # + the run flags (--seed, --resume, ..
     """min V in Eq. (28): zero (Assumption 1/2, exactly Alg. 2) or batch-min (general operator)"""
     share_params: bool = False
     """one DRQN for all agents with an agent-id input (pymarl style) instead of one per agent"""
-    fused: bool = True
-    """agents' LSTMs and RMSprop in fused.py's C++ kernels (same equations; --no-fused: plain torch)"""
 
 
 def check_args(args: Args) -> None:
@@ -106,9 +104,8 @@ def robust_target(reward, next_value, terminated, gamma, rho, worst_value="zero"
 # --- Agent network: one DRQN per agent, exactly as released (paper F.2 "Robust individual Q-networks") ---
 class DRQN(nn.Module):
     """K DRQNs (paper F.2): fc1 = Linear(obs + onehot(prev action) [+ onehot(agent id)], 64) -> ReLU -> LSTM(64, 64)
-    from a zero state over the history window, its last output -> ReLU -> fc_out = Linear(64, n_actions). Each layer
-    holds one set of weights per network, stacked (fused.py: batched products, the one-hot columns as a lookup, the
-    LSTM kernel); eval.agent_state_dict(drqn, k) gives network k in the released format (agent_{k}_q_network.pt)."""
+    from a zero state over the window, last output -> ReLU -> fc_out = Linear(64, n_actions); fused.py stacks the K
+    networks' weights (eval.agent_state_dict(drqn, k): network k in the released format, agent_{k}_q_network.pt)."""
 
     def __init__(self, n_nets: int, obs_dim: int, n_actions: int, hidden_dim: int, n_ids: int = 0, use_kernel=True):
         super().__init__()
@@ -155,9 +152,8 @@ def masked_argmax(q, avail):
 
 # --- Replay ---
 class Batch:
-    """Slots idx of a replay buffer as device tensors: state, actions, reward, terminated, next_state, next_avail and
-    next_value (V', cached); history and next_history, the (obs, previous action) windows ending at t and at t+1
-    ((W, B, N, obs_dim), (W, B, N)), are gathered on first use."""
+    """Slots idx of a replay buffer as device tensors, one attribute per field named below; history and
+    next_history: the (obs, previous action) windows ending at t and t + 1, (W, B, N, obs_dim) and (W, B, N)."""
 
     def __init__(self, rb, idx):
         self.rb, self.idx = rb, idx
@@ -252,7 +248,6 @@ if __name__ == "__main__":
     run_name = args.run_name or f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or os.path.join("runs", run_name)
     run = runs.Run(run_dir, args, __file__)  # the run folder: args.json, TensorBoard (continued on --resume)
-    writer = run.writer
 
     # Seeding: python, numpy, torch and the environment (days, exploration) from one --seed
     random.seed(args.seed)
@@ -318,12 +313,7 @@ if __name__ == "__main__":
                     optimizer.step()
 
                     if global_step % (100 * args.train_frequency) == 0:  # logging, every 100 gradient steps
-                        writer.add_scalar("losses/td_loss", td_loss.item(), global_step)
-                        writer.add_scalar("losses/q_taken_mean", q_tot.mean().item(), global_step)  # Q_tot(h, a; theta)
-                        writer.add_scalar("losses/target_mean", y.mean().item(), global_step)
-                        writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
-                        writer.add_scalar("charts/SPS", run.sps(global_step), global_step)
-                        writer.add_scalar("charts/epsilon", epsilon, global_step)
+                        run.log(global_step, epsilon, td_loss, q_tot, y, grad_norm)  # losses/*, charts/*
 
                 if global_step % args.target_network_frequency == 0:  # Alg. 2 l.18: theta- <- theta
                     target_network.load_state_dict(q_network.state_dict())

@@ -1,8 +1,9 @@
 """Copy drift: the code the nine training scripts share is the same code in every script that has it.
 
-The scripts are CleanRL-style single files, so DRQN, QNetworks, History, ReplayBuffer, masked_argmax,
+The scripts are CleanRL-style single files, so DRQN, QNetworks, Batch, ReplayBuffer, masked_argmax,
 linear_schedule, the QMIX mixer, QTRAN's networks and losses, the TV dual (eta_bounds, DualNetwork,
-dual_loss, the loop's dual_eta), the robust targets and target values are copied from script to script.
+dual_loss, the loop's dual_eta), the robust targets and target values are copied from script to script
+(the per-agent layers are fused.py's and the acting window envs.History: one copy each, imported).
 A fix made in one copy and not in the others changes one method's numbers silently; these tests make it
 fail instead.
 
@@ -20,12 +21,8 @@ Not compared: ``Args`` as a whole and ``check_args`` (each script's own flags; t
 ``Args`` are compared one by one) and the training loops themselves (the loop tests check those by
 their numbers).
 
-GroupDR's ``target_values`` is a closure in its ``__main__`` block (it reads the loop's rb and target
-networks) while the robust scripts define it at the top level with (rb, idx, networks) arguments: its
-statements are compared with those of the robust script of the same factorisation, the one designed
-difference being that the robust version writes V' = 0 for terminated transitions, which the GroupDR
-scripts need not do (checked below: ``groupdr_target`` ignores V' when terminated, and GroupDR has no
-batch-min m or dual loss that would read it).
+GroupDR's ``target_values`` (a Batch and the target networks -> V', 0 where terminated) is the very copy of
+the robust script of the same factorisation (its target ignores V' there anyway: checked below).
 """
 
 from __future__ import annotations
@@ -56,14 +53,14 @@ DESIGNED = {
     "ReplayBuffer.__init__": ((NOT_QTRAN, QTRAN), ("QTRAN's buffer also stores avail at h: L_opt's greedy a_bar at h "
                                                    "is masked to available actions")),
     "ReplayBuffer.add": ((NOT_QTRAN, QTRAN), "QTRAN's add takes and stores avail at h"),
+    "Batch.__init__": ((tuple(s for s in RHO + TV if s not in QTRAN), tuple(s for s in RHO + TV if s in QTRAN),
+                        ("groupdr_vdn", "groupdr_qmix"), ("groupdr_qtran",)),
+                       ("QTRAN's minibatch also carries avail at h (L_opt's masked greedy a_bar); GroupDR's carries t, "
+                        "the step in the episode the reward estimator r-tilde(s, a, t) reads")),
     "robust_target": ((RHO, TV), "rho-contamination target (Eq. 15 / 27-28) vs the TV dual target (Eq. 16 / 29)"),
-    "target_values": ((("robust_vdn_rho", "robust_vdn_tv"), ("robust_qmix_rho", "robust_qmix_tv"),
-                       ("robust_qtran_rho", "robust_qtran_tv")),
+    "target_values": ((VDN, QMIX, QTRAN),
                       ("V' of each factorisation: sum of the agents' masked maxima (VDN), the target mixer on s' "
                        "(QMIX), the target Q_jt at the masked greedy joint action (QTRAN)")),
-    "__main__.target_values": ((("groupdr_vdn",), ("groupdr_qmix",), ("groupdr_qtran",)),
-                               ("GroupDR's V' closure, one per factorisation: each is compared with the robust "
-                                "target_values of its factorisation (test_groupdr_target_values_closure_is_the_robust_copy)")),
     "Args.max_grad_norm": (((*VDN,), ("robust_qmix_rho", "robust_qmix_tv", "robust_qtran_rho", "groupdr_qmix",
                                       "groupdr_qtran"), ("robust_qtran_tv",)),
                            ("the released configuration per variant (shared/notes/paper-facts.md): no clip for VDN, "
@@ -149,8 +146,9 @@ def test_every_script_has_the_shared_core(all_units):
     """The units every training loop relies on exist in all nine scripts (a rename would otherwise drop a copy
     out of the comparison below without a failure)."""
     core = ["DRQN.__init__", "DRQN.forward", "QNetworks.__init__", "QNetworks.forward", "QNetworks.greedy_q",
-            "History.reset", "History.push", "History.tensors", "ReplayBuffer.__init__", "ReplayBuffer.add",
-            "ReplayBuffer.sample", "ReplayBuffer.stale", "ReplayBuffer.windows", "masked_argmax", "linear_schedule"]
+            "Batch", "Batch.__init__", "Batch.windows", "ReplayBuffer.__init__", "ReplayBuffer.add",
+            "ReplayBuffer.target_changed", "ReplayBuffer.sample", "ReplayBuffer.sample_slots", "ReplayBuffer.stale",
+            "ReplayBuffer.windows", "masked_argmax", "linear_schedule", "target_values"]
     for script in SCRIPTS:
         missing = [u for u in core if u not in all_units[script]]
         assert not missing, (script, missing)
@@ -161,9 +159,9 @@ def test_every_script_has_the_shared_core(all_units):
     for script in TV:
         assert {"eta_bounds", "dual_loss", "DualNetwork.forward", "__main__.dual_eta"} <= set(all_units[script]), script
     for script in SCRIPTS[2::3]:  # the GroupDR scripts
-        assert {"groupdr_target", "__main__.target_values"} <= set(all_units[script]), script
+        assert "groupdr_target" in all_units[script], script
     for script in RHO + TV:
-        assert {"robust_target", "target_values"} <= set(all_units[script]), script
+        assert "robust_target" in all_units[script], script
 
 
 def test_shared_units_are_identical_except_the_designed_differences(all_units):
@@ -189,23 +187,13 @@ def test_designed_differences_name_units_that_exist(all_units):
 
 @pytest.mark.parametrize("groupdr,robust", [("groupdr_vdn", "robust_vdn_rho"), ("groupdr_qmix", "robust_qmix_rho"),
                                             ("groupdr_qtran", "robust_qtran_rho")])
-def test_groupdr_target_values_closure_is_the_robust_copy(all_units, groupdr, robust):
-    """GroupDR's __main__.target_values (a closure over rb, the target networks and device) computes V' with
-    the same statements as the robust script's target_values of its factorisation: the same decorator
-    (no_grad), the same statements up to the value, the returned expression = the robust script's
-    ``value = ...``. The robust copy then zeroes V' of terminated transitions (its batch-min m and dual read
-    V'); GroupDR's does not need to, as its target ignores V' when terminated (checked here)."""
-    ours, theirs = all_units[groupdr]["__main__.target_values"], all_units[robust]["target_values"]
-    ours_body = _strip_docstrings(ast.parse(ast.unparse(ours))).body[0]
-    theirs_body = _strip_docstrings(ast.parse(ast.unparse(theirs))).body[0]
-    assert [ast.dump(d) for d in ours_body.decorator_list] == [ast.dump(d) for d in theirs_body.decorator_list]
-    *ours_stmts, ours_return = ours_body.body
-    *theirs_stmts, theirs_value, theirs_return = theirs_body.body
-    assert [ast.dump(s) for s in ours_stmts] == [ast.dump(s) for s in theirs_stmts]
-    assert isinstance(ours_return, ast.Return) and isinstance(theirs_value, ast.Assign)
-    assert ast.dump(ours_return.value) == ast.dump(theirs_value.value)
-    # the designed difference: the robust copy's return masks terminated transitions
-    assert "rb.terminated[idx]" in ast.unparse(theirs_return)
+def test_groupdr_target_values_is_the_robust_copy(all_units, groupdr, robust):
+    """GroupDR's target_values is the robust script's of its factorisation, statement for statement (with the
+    same no_grad decorator): V' of the Batch, 0 for terminated transitions; GroupDR's target ignores V' there
+    anyway (checked here), so the zero is for the robust scripts' batch-min m and dual, which read it."""
+    ours, theirs = all_units[groupdr]["target_values"], all_units[robust]["target_values"]
+    assert _code(ours) == _code(theirs)
+    assert "torch.no_grad" in ast.unparse(ours.decorator_list[0]) and "b.terminated" in ast.unparse(ours.body[-1])
     mod = import_file(f"{groupdr}_under_test", f"algos/{groupdr}.py")
     r, v = torch.tensor([-2.0, -3.0]), torch.tensor([-50.0, 1e6])
     torch.testing.assert_close(mod.groupdr_target(r, v, torch.tensor([0.0, 1.0]), 0.9), torch.tensor([-2.0 - 45.0, -3.0]))

@@ -107,7 +107,7 @@ def real_rollout(vdn, rb, history_log, days, steps, seed=0, W=8):
     log the History window before acting at every t and after pushing the next observation."""
     env = envs.make_env("building", "env_1")
     rng = np.random.default_rng(seed)
-    history = vdn.History(1, W, env.n_agents, env.obs_dim)
+    history = envs.History(1, W, env.n_agents, env.obs_dim)
     for day in days:
         obs, state, avail = env.reset(day)
         history.reset(obs[None])
