@@ -111,9 +111,16 @@ class EnvArgs:
 # defaults of the fields a user left at their default. checkpoint_every=0: SMAX episodes are short
 # (~50 steps) and the 50,000-transition buffer makes a checkpoint ~120 MB, so StarCraft runs
 # checkpoint by time only (--checkpoint-minutes, every 10 minutes by default) and at the end.
-STARCRAFT_DEFAULTS = {"gamma": 0.99, "end_e": 0.05, "exploration_steps": 50_000, "buffer_size": 50_000,
-                      "target_network_frequency": 10_000, "total_episodes": 1_000_000, "total_steps": 1_000_000,
-                      "checkpoint_every": 0}
+STARCRAFT_DEFAULTS = {
+    "gamma": 0.99,
+    "end_e": 0.05,
+    "exploration_steps": 50_000,
+    "buffer_size": 50_000,
+    "target_network_frequency": 10_000,
+    "total_episodes": 1_000_000,
+    "total_steps": 1_000_000,
+    "checkpoint_every": 0,
+}
 
 
 def apply_env_defaults(args, defaults) -> bool:
@@ -253,8 +260,13 @@ MATRIX_GAMES = ("one-step", "two-step")
 # gamma 0.99 as in the QMIX paper's two-step game; a target copy every 100 steps (25,000 would
 # never come); a budget of episodes that converges (one or two steps each); fewer progress lines;
 # no periodic resume checkpoint (a run takes seconds; one every 50 one-step episodes would dominate).
-MATRIX_DEFAULTS = {"gamma": 0.99, "target_network_frequency": 100, "total_episodes": 4000, "log_every": 500,
-                   "checkpoint_every": 0}
+MATRIX_DEFAULTS = {
+    "gamma": 0.99,
+    "target_network_frequency": 100,
+    "total_episodes": 4000,
+    "log_every": 500,
+    "checkpoint_every": 0,
+}
 
 
 class MatrixGame:
@@ -625,14 +637,19 @@ class SMAXTask:
         C = smax_batch_chunk(self.n_agents + self.n_enemies)
         self._step_b = _smax_batched(self.map_name, self.episode_limit, C)
         starts = [self._reset_fn(self._base_key, np.uint32(d)) for d in days + [days[-1]] * (-B % C)]  # pad rows: never live
-        self._chunks = [[_smax_stack([s[1] for s in starts[c : c + C]]), _smax_stack([s[2] for s in starts[c : c + C]])]
-                        for c in range(0, len(starts), C)]
+        self._chunks = [
+            [_smax_stack([s[1] for s in starts[c : c + C]]), _smax_stack([s[2] for s in starts[c : c + C]])]
+            for c in range(0, len(starts), C)
+        ]
         packed = self._jax.device_get([s[0] for s in starts[:B]])
         self._batch, self._chunk = B, C
         self._batch_alive = np.ones(B, dtype=bool)  # rows not yet ended
         self._batch_avail = np.stack([p[2] for p in packed]).astype(bool)
-        return (np.stack([p[0] for p in packed]).astype(np.float32), np.stack([p[1] for p in packed]).astype(np.float32),
-                self._batch_avail.copy())
+        return (
+            np.stack([p[0] for p in packed]).astype(np.float32),
+            np.stack([p[1] for p in packed]).astype(np.float32),
+            self._batch_avail.copy(),
+        )
 
     def step_batch(self, actions, live):
         """Step the rows ``live`` (B,) bool of the episodes of reset_batch with actions (B, N); a chunk
@@ -694,9 +711,7 @@ def _parse_smac_config(config: str, flag: str) -> tuple[str | None, str]:
     if not sep:
         return None, config
     if backend not in SMAC_BACKENDS:
-        raise EnvArgError(
-            f"{flag} '{config}': unknown SMAC backend prefix '{backend}'; use MAP, smacv1:MAP or smacv2:MAP"
-        )
+        raise EnvArgError(f"{flag} '{config}': unknown SMAC backend prefix '{backend}'; use MAP, smacv1:MAP or smacv2:MAP")
     return backend, map_name
 
 

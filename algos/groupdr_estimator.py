@@ -42,14 +42,14 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import envs  # noqa: E402  (the building configs)
-import eval as evaluation  # noqa: E402  (the behaviour policy's network, from the script its model.pt names)
-import runs  # noqa: E402  (flags, one error line, model.pt)
+import envs  # the tasks (building, StarCraft, matrix games) and the agents' acting window (History)
+import eval as evaluation  # StarCraft win-rate evaluation during training
+import runs  # run plumbing: flags, run folder, checkpoint / resume, Ctrl-C, NaN guard, progress, logging
 
 ESTIMATOR_FORMAT = "drigm-groupdr-estimator-v1"
 TRAIN_CONFIGS = "env_1,env_2,env_3,env_4,env_5"  # paper F.2: GroupDR's groups; env_6 is held out

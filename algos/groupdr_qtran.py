@@ -16,15 +16,15 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
-import groupdr_estimator as est  # noqa: E402  (GroupDR stage 1: the groups, the estimator r_hat_k and its checkpoint)
+import groupdr_estimator as est
 
-import envs  # noqa: E402  (the building task's acting window, History)
-import fused  # noqa: E402  (per-agent layers, C++ kernels: the agents' LSTMs in one call, RMSprop in one pass)
-import runs  # noqa: E402  (run plumbing: flags, run folder, checkpoint / resume, Ctrl-C, NaN guard, progress)
+import envs  # the tasks (building, StarCraft, matrix games) and the agents' acting window (History)
+import fused  # per-agent layers and C++ kernels (the agents' LSTMs in one call, RMSprop in one pass)
+import runs  # run plumbing: flags, run folder, checkpoint / resume, Ctrl-C, NaN guard, progress, logging
 
 
 @dataclass

@@ -18,14 +18,14 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import envs  # noqa: E402  (the tasks: building, StarCraft, matrix games)
-import eval as evaluation  # noqa: E402  (StarCraft win-rate evaluation during training)
-import fused  # noqa: E402  (per-agent layers, C++ kernels: the agents' LSTMs in one call, RMSprop in one pass)
-import runs  # noqa: E402  (run plumbing: flags, run folder, checkpoint / resume, Ctrl-C, NaN guard, progress)
+import envs  # the tasks (building, StarCraft, matrix games) and the agents' acting window (History)
+import eval as evaluation  # StarCraft win-rate evaluation during training
+import fused  # per-agent layers and C++ kernels (the agents' LSTMs in one call, RMSprop in one pass)
+import runs  # run plumbing: flags, run folder, checkpoint / resume, Ctrl-C, NaN guard, progress, logging
 
 
 @dataclass

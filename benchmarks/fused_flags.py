@@ -6,10 +6,15 @@
 One thread; the shapes of a paper-settings update: K=6 agents, window 8, 64 windows, LSTM(64).
 Prints the best of 5 repeats of the mean time per call (LSTM forward + backward; one RMSprop step).
 """
-import sys, time, torch
+import sys
+import time
+
+import torch
+
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
 torch.set_num_threads(1)
 import fused
+
 mode = sys.argv[1] if len(sys.argv) > 1 else "new"
 if mode not in ("new", "old"):
     sys.exit(f"error: the argument must be new or old (got '{mode}')")

@@ -25,8 +25,9 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import envs  # noqa: E402
-import stats  # noqa: E402  (experiments/stats.py)
+import stats
+
+import envs
 
 # Published Tables 1 (env_1) and 2 (env_6): mean, SE over 5 seeds (paper Sec. 5.1; ../shared notes)
 PAPER = {
@@ -106,7 +107,7 @@ def cell(runs: list[dict], protocol: str, config: str):
 
 
 def tables(groups: dict) -> list[str]:
-    fmt = lambda v, n=2: "-" if not v else f"{v[0]:.3f} +- {v[1]:.3f}" if n > 1 else f"{v[0]:.3f}"  # noqa: E731
+    fmt = lambda v, n=2: "-" if not v else f"{v[0]:.3f} +- {v[1]:.3f}" if n > 1 else f"{v[0]:.3f}"
     lines = ["## Tables 1-2: our runs next to the published numbers", "",
              "Normalised return (Eq. 33), mean +- SE over seeds of each seed's mean over the 50 paper-tables days "
              "(`default_rng(11).integers(0, 200, 50)`). z = (ours - paper) / sqrt(SE_ours^2 + SE_paper^2); "
@@ -118,7 +119,7 @@ def tables(groups: dict) -> list[str]:
         paper = PAPER.get(runs[0].get("paper", ""))
         p1, p2 = (paper if paper else (None, None))
         n = len(runs)
-        z = lambda ours, p: f"{z_score(ours, p):+.1f}" if ours and p and n > 1 else "-"  # noqa: E731
+        z = lambda ours, p: f"{z_score(ours, p):+.1f}" if ours and p and n > 1 else "-"
         lines.append(f"| {method} | {rho:g} | {n} | {fmt(t1, n)} | {fmt(p1)} | {z(t1, p1)} | {fmt(t2, n)} | {fmt(p2)} "
                      f"| {z(t2, p2)} | {fmt(season, n)} |")
     lines += ["", "Paper column: " + ", ".join(sorted({f'{m} = {runs[0]["paper"]}' for (_, m, _), runs in groups.items()

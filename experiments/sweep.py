@@ -50,8 +50,8 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]  # envs, runs; report
-import envs  # noqa: E402  (envs.fail: one error line, exit 2)
-from runs import write_json_atomic  # noqa: E402  (result JSON written atomically)
+import envs
+from runs import write_json_atomic
 
 PROTOCOLS = ("paper-tables", "climate", "season", "climate-season")
 CURVE_BIN = 10  # training curve: mean normalised return per this many episodes
