@@ -355,8 +355,8 @@ def read_run_checkpoint(run_dir: str, script: str) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") not in ("drigm-run-checkpoint-v1", RUN_CHECKPOINT_FORMAT):
         fail(f"--resume: '{path}' is not a training checkpoint written by algos/*.py")
     algo = os.path.basename(script)[: -len(".py")]
-    if ckpt["algo"] != algo:
-        fail(f"--resume: '{path}' belongs to algos/{ckpt['algo']}.py, not algos/{algo}.py")
+    if ckpt.get("algo") != algo:
+        fail(f"--resume: '{path}' belongs to algos/{ckpt.get('algo')}.py, not algos/{algo}.py")
     if ckpt["format"] == "drigm-run-checkpoint-v1":
         ckpt = upgrade_run_checkpoint(ckpt)
     _READ[os.path.abspath(path)] = ckpt

@@ -84,6 +84,7 @@ def child(spec: dict) -> dict:
                 return fn(*a, **k)
             finally:
                 t[key] += time.perf_counter() - start
+
         return wrapper
 
     envs.SMAXTask.step = timed(envs.SMAXTask.step, "env")
@@ -131,9 +132,25 @@ def child(spec: dict) -> dict:
 
     run_class.save = timed_save
     script = os.path.join(root, "algos", spec["script"] + ".py")
-    sys.argv = [script, "--env", "smax", "--torch-threads", "1", "--total-steps", str(spec["steps"]), "--eval-every",
-                str(spec["eval_every"]), "--eval-episodes", str(spec["eval_episodes"]), "--log-every", "10",
-                "--run-name", "bench", "--seed", "1"]
+    sys.argv = [
+        script,
+        "--env",
+        "smax",
+        "--torch-threads",
+        "1",
+        "--total-steps",
+        str(spec["steps"]),
+        "--eval-every",
+        str(spec["eval_every"]),
+        "--eval-episodes",
+        str(spec["eval_episodes"]),
+        "--log-every",
+        "10",
+        "--run-name",
+        "bench",
+        "--seed",
+        "1",
+    ]
     start = time.perf_counter()
     namespace = runpy.run_path(script, run_name="__main__")
     wall = time.perf_counter() - start
@@ -142,10 +159,21 @@ def child(spec: dict) -> dict:
     if "close_update" in t:
         t.pop("close_update")()
     n_updates = namespace["n_updates"] if "n_updates" in namespace else t["n_updates"]
-    return {"root": root, "script": spec["script"], "steps": steps, "episodes": t["episodes"], "wall_s": wall,
-            "setup_s": setup, "env_s": t["env"], "update_s": t["update"], "n_updates": n_updates,
-            "eval_rounds_s": t["eval_rounds"], "checkpoints_s": t["checkpoints"],
-            "checkpoint_every": namespace["args"].checkpoint_every, "acting_ms": acting_ms(namespace)}
+    return {
+        "root": root,
+        "script": spec["script"],
+        "steps": steps,
+        "episodes": t["episodes"],
+        "wall_s": wall,
+        "setup_s": setup,
+        "env_s": t["env"],
+        "update_s": t["update"],
+        "n_updates": n_updates,
+        "eval_rounds_s": t["eval_rounds"],
+        "checkpoints_s": t["checkpoints"],
+        "checkpoint_every": namespace["args"].checkpoint_every,
+        "acting_ms": acting_ms(namespace),
+    }
 
 
 def clock_updates(run_class, t: dict) -> None:
@@ -203,8 +231,13 @@ def acting_ms(ns: dict, reps: int = 300) -> float:
 
 # ------------------------------------------------ parent -----------------------------------------------
 def measure(root: str, script: str, args: Args) -> dict:
-    spec = {"root": os.path.abspath(root), "script": script, "steps": args.steps, "eval_every": args.eval_every,
-            "eval_episodes": args.eval_episodes}
+    spec = {
+        "root": os.path.abspath(root),
+        "script": script,
+        "steps": args.steps,
+        "eval_every": args.eval_every,
+        "eval_episodes": args.eval_episodes,
+    }
     with tempfile.TemporaryDirectory() as cwd:
         cmd = ["nice", "-n", str(args.nice)] if args.nice else []
         cmd += [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
@@ -232,10 +265,18 @@ def summarise(r: dict) -> dict:
         n_ckpt = 1_000_000 / (episode_len * r["checkpoint_every"])
     else:
         n_ckpt = hours_train * 6 + 1
-    return {"sps_train": sps_train, "sps_with_eval": sps_eval, "ms_per_step": per_step, "eval_round_s": steady_round,
-            "first_eval_round_s": rounds[0], "checkpoint_s": ckpt, "mean_episode_steps": episode_len,
-            "grad_step_ms": 1000 * r["update_s"] / max(r["n_updates"], 1),
-            "checkpoints_per_1M": n_ckpt, "hours_1M": hours_train + n_ckpt * ckpt / 3600}
+    return {
+        "sps_train": sps_train,
+        "sps_with_eval": sps_eval,
+        "ms_per_step": per_step,
+        "eval_round_s": steady_round,
+        "first_eval_round_s": rounds[0],
+        "checkpoint_s": ckpt,
+        "mean_episode_steps": episode_len,
+        "grad_step_ms": 1000 * r["update_s"] / max(r["n_updates"], 1),
+        "checkpoints_per_1M": n_ckpt,
+        "hours_1M": hours_train + n_ckpt * ckpt / 3600,
+    }
 
 
 def main(args: Args) -> list[dict]:
@@ -243,10 +284,14 @@ def main(args: Args) -> list[dict]:
         print(json.dumps(child(json.loads(args.child))))
         return []
     labels = args.labels or [os.path.basename(os.path.abspath(r)) for r in args.roots]
-    print(f"SMAX 3s_vs_5z, --torch-threads 1, {args.steps} env steps per run, eval rounds of 2 x {args.eval_episodes} "
-          f"episodes every {args.eval_every} steps (projections: every 10,000)")
-    head = (f"{'code':<8} {'script':<16} {'SPS train':>9} {'SPS +eval':>9} {'acting':>7} {'env':>6} {'update':>7} "
-            f"{'other':>6} {'grad ms':>7} {'eval s':>7} {'ckpt s':>7} {'ckpts/1M':>8} {'1M h':>5}")
+    print(
+        f"SMAX 3s_vs_5z, --torch-threads 1, {args.steps} env steps per run, eval rounds of 2 x {args.eval_episodes} "
+        f"episodes every {args.eval_every} steps (projections: every 10,000)"
+    )
+    head = (
+        f"{'code':<8} {'script':<16} {'SPS train':>9} {'SPS +eval':>9} {'acting':>7} {'env':>6} {'update':>7} "
+        f"{'other':>6} {'grad ms':>7} {'eval s':>7} {'ckpt s':>7} {'ckpts/1M':>8} {'1M h':>5}"
+    )
     print(head)
     results = []
     for label, root in zip(labels, args.roots):
@@ -255,10 +300,12 @@ def main(args: Args) -> list[dict]:
             r.update(label=label, **summarise(r))
             results.append(r)
             ms = r["ms_per_step"]
-            print(f"{label:<8} {script:<16} {r['sps_train']:>9.0f} {r['sps_with_eval']:>9.0f} {ms['acting']:>7.2f} "
-                  f"{ms['env']:>6.2f} {ms['update']:>7.2f} {ms['other']:>6.2f} {r['grad_step_ms']:>7.2f} "
-                  f"{r['eval_round_s']:>7.2f} {r['checkpoint_s']:>7.2f} {r['checkpoints_per_1M']:>8.0f} {r['hours_1M']:>5.2f}",
-                  flush=True)
+            print(
+                f"{label:<8} {script:<16} {r['sps_train']:>9.0f} {r['sps_with_eval']:>9.0f} {ms['acting']:>7.2f} "
+                f"{ms['env']:>6.2f} {ms['update']:>7.2f} {ms['other']:>6.2f} {r['grad_step_ms']:>7.2f} "
+                f"{r['eval_round_s']:>7.2f} {r['checkpoint_s']:>7.2f} {r['checkpoints_per_1M']:>8.0f} {r['hours_1M']:>5.2f}",
+                flush=True,
+            )
     if args.out:
         with open(args.out + ".tmp", "w") as f:
             json.dump(results, f, indent=1)

@@ -130,18 +130,36 @@ def floor_ms(module, share_params: bool, reps: int = 30) -> float:
 
 def run_script(script: str, extra: list[str], threads: int, episodes: int) -> dict:
     with tempfile.TemporaryDirectory() as cwd:
-        cmd = [sys.executable, "-c", CHILD, ROOT, os.path.join(ROOT, "algos", f"{script}.py"), "--torch-threads", str(threads),
-               "--total-episodes", str(episodes), "--log-every", "1", "--run-name", "bench", "--seed", "1", *extra]
+        cmd = [
+            sys.executable,
+            "-c",
+            CHILD,
+            ROOT,
+            os.path.join(ROOT, "algos", f"{script}.py"),
+            "--torch-threads",
+            str(threads),
+            "--total-episodes",
+            str(episodes),
+            "--log-every",
+            "1",
+            "--run-name",
+            "bench",
+            "--seed",
+            "1",
+            *extra,
+        ]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{script} failed: {out.stderr.strip().splitlines()[-1:]}")
     rows = [tuple(float(x) for x in m.groups()) for m in LINE.finditer(out.stdout)]
     updates = {int(e): 1000 * float(sec) / max(int(n), 1) for e, sec, n in UPDATE_LINE.findall(out.stdout)}
     steady = [r for r in rows if r[0] > 1]
-    return {"env_steps_per_s": float(np.mean([r[1] for r in steady])),
-            "grad_steps_per_s": float(np.mean([r[2] for r in steady])),
-            "grad_step_ms": float(np.mean([updates[int(r[0])] for r in steady]))}
+    return {
+        "env_steps_per_s": float(np.mean([r[1] for r in steady])),
+        "grad_steps_per_s": float(np.mean([r[2] for r in steady])),
+        "grad_step_ms": float(np.mean([updates[int(r[0])] for r in steady])),
+    }
 
 
 def main(args: Args) -> None:
@@ -150,22 +168,30 @@ def main(args: Args) -> None:
     if args.share_params_too and "robust_vdn_rho" in args.scripts:
         jobs.insert(1, ("robust_vdn_rho", ["--share-params"]))
     results = []
-    print(f"torch threads: {args.threads}; {args.episodes - 1} steady episodes of 288 env steps per run; "
-          f"median of {args.repeats} runs")
-    print(f"{'script':<34} {'env steps/s':>11} {'grad steps/s':>12} {'grad step ms':>12} {'floor ms':>9} {'ratio':>6}"
-          f"  all runs (env steps/s)")
+    print(
+        f"torch threads: {args.threads}; {args.episodes - 1} steady episodes of 288 env steps per run; "
+        f"median of {args.repeats} runs"
+    )
+    print(
+        f"{'script':<34} {'env steps/s':>11} {'grad steps/s':>12} {'grad step ms':>12} {'floor ms':>9} {'ratio':>6}"
+        f"  all runs (env steps/s)"
+    )
     for script, extra in jobs:
-        runs = sorted((run_script(script, extra, args.threads, args.episodes) for _ in range(args.repeats)),
-                      key=lambda r: r["env_steps_per_s"])
+        runs = sorted(
+            (run_script(script, extra, args.threads, args.episodes) for _ in range(args.repeats)),
+            key=lambda r: r["env_steps_per_s"],
+        )
         res = dict(runs[len(runs) // 2], all_env_steps_per_s=[round(r["env_steps_per_s"], 1) for r in runs])
         res["floor_ms"] = floor_ms(load(script), share_params="--share-params" in extra)
         res["ratio"] = res["grad_step_ms"] / res["floor_ms"]
         name = script + (" --share-params" if extra else "")
         res["script"], res["threads"] = name, args.threads
         results.append(res)
-        print(f"{name:<34} {res['env_steps_per_s']:>11.0f} {res['grad_steps_per_s']:>12.1f} "
-              f"{res['grad_step_ms']:>12.2f} {res['floor_ms']:>9.2f} {res['ratio']:>6.2f}  {res['all_env_steps_per_s']}",
-              flush=True)
+        print(
+            f"{name:<34} {res['env_steps_per_s']:>11.0f} {res['grad_steps_per_s']:>12.1f} "
+            f"{res['grad_step_ms']:>12.2f} {res['floor_ms']:>9.2f} {res['ratio']:>6.2f}  {res['all_env_steps_per_s']}",
+            flush=True,
+        )
     if args.out:
         with open(args.out + ".tmp", "w") as f:
             json.dump(results, f, indent=1)

@@ -27,11 +27,40 @@ sys.path.insert(0, ROOT)
 import runs
 
 TASKS = {
-    "building": ["--env", "building", "--total-episodes", "3", "--episode-steps", "40", "--learning-starts", "16",
-                 "--batch-size", "8", "--buffer-size", "100", "--target-network-frequency", "30",
-                 "--exploration-steps", "200"],
-    "matrix": ["--env", "matrix", "--total-episodes", "40", "--learning-starts", "8", "--batch-size", "8",
-               "--buffer-size", "30", "--target-network-frequency", "20", "--exploration-steps", "40"],
+    "building": [
+        "--env",
+        "building",
+        "--total-episodes",
+        "3",
+        "--episode-steps",
+        "40",
+        "--learning-starts",
+        "16",
+        "--batch-size",
+        "8",
+        "--buffer-size",
+        "100",
+        "--target-network-frequency",
+        "30",
+        "--exploration-steps",
+        "200",
+    ],
+    "matrix": [
+        "--env",
+        "matrix",
+        "--total-episodes",
+        "40",
+        "--learning-starts",
+        "8",
+        "--batch-size",
+        "8",
+        "--buffer-size",
+        "30",
+        "--target-network-frequency",
+        "20",
+        "--exploration-steps",
+        "40",
+    ],
 }
 SCRIPTS = {  # script -> its flags (published rho and the released configuration's switches)
     "robust_vdn_rho": ["--rho", "0.1", "--single-coin", "--max-grad-norm", "1.0"],
@@ -114,12 +143,44 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         estimator = a.estimator
         if any(s.startswith("groupdr") for s in a.scripts) and not estimator:
-            run(a.before, "groupdr_vdn", ["--observed-reward", "--total-episodes", "1", "--episode-steps", "20",  # stage 0
-                                          "--learning-starts", "8", "--batch-size", "8", "--save-model", "--run-name",
-                                          "b"], tmp)
-            run(a.before, "groupdr_estimator", ["--run-name", "est", "--behaviour-checkpoint", "runs/b/model.pt", "--fit",
-                                                "offline", "--episodes-per-config", "1", "--fit-steps", "20",
-                                                "--episode-steps", "20"], tmp)
+            run(
+                a.before,
+                "groupdr_vdn",
+                [
+                    "--observed-reward",
+                    "--total-episodes",
+                    "1",
+                    "--episode-steps",
+                    "20",  # stage 0
+                    "--learning-starts",
+                    "8",
+                    "--batch-size",
+                    "8",
+                    "--save-model",
+                    "--run-name",
+                    "b",
+                ],
+                tmp,
+            )
+            run(
+                a.before,
+                "groupdr_estimator",
+                [
+                    "--run-name",
+                    "est",
+                    "--behaviour-checkpoint",
+                    "runs/b/model.pt",
+                    "--fit",
+                    "offline",
+                    "--episodes-per-config",
+                    "1",
+                    "--fit-steps",
+                    "20",
+                    "--episode-steps",
+                    "20",
+                ],
+                tmp,
+            )
             estimator = os.path.join(tmp, "runs", "est", "estimator.pt")
         for script in a.scripts:
             tasks = [t for t in a.tasks if not script.startswith("groupdr") or t in GROUPDR_TASKS]
@@ -140,7 +201,9 @@ def main() -> int:
                     cut[cut.index("--total-episodes") + 1] = str(int(total) - 1)
                     run(a.before, script, cut, tmp)
                     run(ROOT, script, ["--resume", os.path.join("runs", f"{tag}-cut"), "--total-episodes", total], tmp)
-                    bad3, n3 = compare(run_state(f"{d['after']}/checkpoint.pt"), run_state(f"{tmp}/runs/{tag}-cut/checkpoint.pt"))
+                    bad3, n3 = compare(
+                        run_state(f"{d['after']}/checkpoint.pt"), run_state(f"{tmp}/runs/{tag}-cut/checkpoint.pt")
+                    )
                     status = "EQUAL" if not (bad or bad2 or bad3) else "DIFFERENT"
                     failures += status != "EQUAL"
                     compared += 1

@@ -136,8 +136,13 @@ def run_script_in_process(script: str, args, cwd: str) -> dict:
     algorithms, threads, NaN-fill of torch.empty) are restored afterwards."""
     import runpy
 
-    saved = (sys.argv, os.getcwd(), torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(),
-             torch.utils.deterministic.fill_uninitialized_memory)
+    saved = (
+        sys.argv,
+        os.getcwd(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.get_num_threads(),
+        torch.utils.deterministic.fill_uninitialized_memory,
+    )
     sys.argv = [os.path.join(ROOT, script), *map(str, args)]
     os.chdir(cwd)
     try:

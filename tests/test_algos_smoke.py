@@ -25,22 +25,50 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import fused
 
 SCRIPTS = ["robust_qmix_rho", "robust_qtran_rho", "robust_vdn_tv", "robust_qmix_tv", "robust_qtran_tv"]
-EXTRA_KEYS = {"robust_qmix_rho": {"mixer"}, "robust_qtran_rho": {"joint"}, "robust_vdn_tv": {"dual"},
-              "robust_qmix_tv": {"mixer", "dual"}, "robust_qtran_tv": {"joint", "dual"}}
-TINY = ["--total-episodes", "2", "--episode-steps", "20", "--learning-starts", "8", "--batch-size", "8",
-        "--buffer-size", "200", "--torch-threads", "1", "--log-every", "1"]
+EXTRA_KEYS = {
+    "robust_qmix_rho": {"mixer"},
+    "robust_qtran_rho": {"joint"},
+    "robust_vdn_tv": {"dual"},
+    "robust_qmix_tv": {"mixer", "dual"},
+    "robust_qtran_tv": {"joint", "dual"},
+}
+TINY = [
+    "--total-episodes",
+    "2",
+    "--episode-steps",
+    "20",
+    "--learning-starts",
+    "8",
+    "--batch-size",
+    "8",
+    "--buffer-size",
+    "200",
+    "--torch-threads",
+    "1",
+    "--log-every",
+    "1",
+]
 DETERMINISM = ["robust_qmix_tv", "robust_qtran_tv"]
 BAD_INPUT = {  # script -> [(args, flag the error line must name)]
-    "robust_qmix_rho": [(["--rho", "1.0"], "--rho"), (["--worst-value", "max"], "--worst-value"),
-                        (["--optimizer", "sgd"], "--optimizer")],
+    "robust_qmix_rho": [
+        (["--rho", "1.0"], "--rho"),
+        (["--worst-value", "max"], "--worst-value"),
+        (["--optimizer", "sgd"], "--optimizer"),
+    ],
     "robust_qtran_rho": [(["--rho", "-0.1"], "--rho"), (["--worst-value", "max"], "--worst-value")],
     "robust_vdn_tv": [(["--rho", "-0.1"], "--rho"), (["--dual-loss", "cubic"], "--dual-loss")],
     "robust_qmix_tv": [(["--rho", "1.5"], "--rho"), (["--optimizer", "sgd"], "--optimizer")],
-    "robust_qtran_tv": [(["--rho", "1.01"], "--rho"), (["--worst-value", "max"], "--worst-value"),
-                        (["--dual-loss", "cubic"], "--dual-loss")],
+    "robust_qtran_tv": [
+        (["--rho", "1.01"], "--rho"),
+        (["--worst-value", "max"], "--worst-value"),
+        (["--dual-loss", "cubic"], "--dual-loss"),
+    ],
 }
-PROGRESS = re.compile(r"episode (\d+)/(\d+) \| return (-?[\d.]+) \| epsilon [\d.]+ \| SPS \d+ \| updates/s [\d.]+ "
-                      r"\| left [\d.]+ min$", re.MULTILINE)
+PROGRESS = re.compile(
+    r"episode (\d+)/(\d+) \| return (-?[\d.]+) \| epsilon [\d.]+ \| SPS \d+ \| updates/s [\d.]+ "
+    r"\| left [\d.]+ min$",
+    re.MULTILINE,
+)
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +95,9 @@ def load(run):
 
 
 def tensors(ckpt):
-    return {f"{part}.{k}": v for part in ("q_network", "mixer", "joint", "dual") if part in ckpt for k, v in ckpt[part].items()}
+    return {
+        f"{part}.{k}": v for part in ("q_network", "mixer", "joint", "dual") if part in ckpt for k, v in ckpt[part].items()
+    }
 
 
 def returns(run):
@@ -148,18 +178,25 @@ def in_process(tmp_path_factory):
             fused.lstm_last = recording
             hook = register_optimizer_step_post_hook(lambda opt, *_: steps.append(id(opt)))  # every optimiser step
             try:
-                g = run_script_in_process(f"algos/{script}.py", [*TINY, "--seed", "1", *flags, "--run-name",
-                                                                 f"{script}_{len(cache)}"], cwd)
+                g = run_script_in_process(
+                    f"algos/{script}.py", [*TINY, "--seed", "1", *flags, "--run-name", f"{script}_{len(cache)}"], cwd
+                )
             finally:
                 fused.lstm_last = original
                 hook.remove()
             optimizers = g["optimizers"] if "optimizers" in g else [g["optimizer"]]
             modules = {name: g[name] for name in (*Q_SIDE, DUAL) if name in g}
-            cache[key] = dict(
-                weights={f"{m}.{k}": v.detach().clone() for m, mod in modules.items() for k, v in mod.state_dict().items()},
-                optimizers=optimizers, kernel_calls=calls, n_updates=steps.count(id(optimizers[0])), args=g["args"],
-                q_params={id(p) for name in Q_SIDE if name in g for p in g[name].parameters()},
-                q_network=g["q_network"], n_agents=g["N"], n_actions=g["A"])
+            cache[key] = {
+                "weights": {f"{m}.{k}": v.detach().clone() for m, mod in modules.items() for k, v in mod.state_dict().items()},
+                "optimizers": optimizers,
+                "kernel_calls": calls,
+                "n_updates": steps.count(id(optimizers[0])),
+                "args": g["args"],
+                "q_params": {id(p) for name in Q_SIDE if name in g for p in g[name].parameters()},
+                "q_network": g["q_network"],
+                "n_agents": g["N"],
+                "n_actions": g["A"],
+            }
         return cache[key]
 
     return run
@@ -188,7 +225,9 @@ def test_each_non_default_flag_takes_effect(in_process, script, base_flags, flag
         return
     assert differs(base["weights"], run["weights"]), f"{flag} changed nothing"
     if name == "--optimizer":
-        assert [type(o) for o in base["optimizers"]] == [fused.RMSprop] and [type(o) for o in run["optimizers"]] == [torch.optim.Adam]
+        assert [type(o) for o in base["optimizers"]] == [fused.RMSprop] and [type(o) for o in run["optimizers"]] == [
+            torch.optim.Adam
+        ]
         covered = {id(p) for group in run["optimizers"][0].param_groups for p in group["params"]}
         assert covered == run["q_params"]  # agents and mixer / QTRAN nets, nothing missing
     if name == "--share-params":
@@ -208,12 +247,27 @@ def test_eval_reads_every_checkpoint(runs, tmp_path):
         load(runs[(script, "a")])
         checkpoints.append(os.path.join(runs[(script, "a")][1], "model.pt"))
     out = str(tmp_path / "eval.json")
-    proc = run_py("eval.py", "--checkpoints", *checkpoints, "--protocol", "custom", "--configs", "env_1",
-                  "--days", "0:2", "--episode-steps", "20", "--out", out, cwd=str(tmp_path))
+    proc = run_py(
+        "eval.py",
+        "--checkpoints",
+        *checkpoints,
+        "--protocol",
+        "custom",
+        "--configs",
+        "env_1",
+        "--days",
+        "0:2",
+        "--episode-steps",
+        "20",
+        "--out",
+        out,
+        cwd=str(tmp_path),
+    )
     assert proc.returncode == 0, describe(proc)
     assert os.path.isfile(out), describe(proc)
     for script in SCRIPTS:  # every checkpoint is in the report
-        assert script in open(out).read(), describe(proc)
+        with open(out) as f:
+            assert script in f.read(), describe(proc)
 
 
 def test_bad_input_gives_one_error_line(tmp_path):

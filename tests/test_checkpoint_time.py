@@ -33,9 +33,33 @@ SCRIPTS = ["robust_vdn_rho", "robust_qmix_rho"]  # without and with a mixer netw
 SCRIPT = os.path.join(ROOT, "algos", "robust_vdn_rho.py")  # the in-process tests of Run
 EPISODES, SECONDS_PER_EPISODE, MINUTES = 31, 25.0, 1.0
 KILL_AFTER_CHECKPOINT, KILL_STEPS = 9, 3  # SIGKILL 3 env steps after the checkpoint of episode 9: mid episode 11
-ARGS = ["--env", "matrix", "--train-config", "two-step", "--total-episodes", str(EPISODES), "--learning-starts", "4",
-        "--batch-size", "8", "--buffer-size", "32", "--target-network-frequency", "7", "--checkpoint-every", "0",
-        "--checkpoint-minutes", str(MINUTES), "--torch-threads", "1", "--log-every", "10", "--save-model", "--seed", "3"]
+ARGS = [
+    "--env",
+    "matrix",
+    "--train-config",
+    "two-step",
+    "--total-episodes",
+    str(EPISODES),
+    "--learning-starts",
+    "4",
+    "--batch-size",
+    "8",
+    "--buffer-size",
+    "32",
+    "--target-network-frequency",
+    "7",
+    "--checkpoint-every",
+    "0",
+    "--checkpoint-minutes",
+    str(MINUTES),
+    "--torch-threads",
+    "1",
+    "--log-every",
+    "10",
+    "--save-model",
+    "--seed",
+    "3",
+]
 
 # One process that imports torch once and runs each job in a forked child (own process, own exit status):
 # runs.checkpoint_clock is a fake clock that MatrixGame.reset advances by SECONDS_PER_EPISODE; every checkpoint
@@ -116,13 +140,20 @@ def timed_runs(request, tmp_path_factory):
     """Uninterrupted run a; run b killed after its checkpoint of episode 9, then resumed (job c). -> (cwd, jobs, script)"""
     script = request.param
     cwd = str(tmp_path_factory.mktemp(f"ckpt_time_{script}"))
-    jobs = [{"name": "a", "mode": "plain", "args": [*ARGS, "--run-name", "a"]},
-            {"name": "b", "mode": "kill", "args": [*ARGS, "--run-name", "b"]},
-            {"name": "c", "mode": "plain", "args": ["--resume", "runs/b"]}]
+    jobs = [
+        {"name": "a", "mode": "plain", "args": [*ARGS, "--run-name", "a"]},
+        {"name": "b", "mode": "kill", "args": [*ARGS, "--run-name", "b"]},
+        {"name": "c", "mode": "plain", "args": ["--resume", "runs/b"]},
+    ]
     for job in jobs:
         job.update(cwd=cwd, out=os.path.join(cwd, job["name"] + ".out"), err=os.path.join(cwd, job["name"] + ".err"))
-    plan = {"script": os.path.join(ROOT, "algos", f"{script}.py"), "seconds_per_episode": SECONDS_PER_EPISODE,
-            "kill_after": KILL_AFTER_CHECKPOINT, "kill_steps": KILL_STEPS, "jobs": jobs}
+    plan = {
+        "script": os.path.join(ROOT, "algos", f"{script}.py"),
+        "seconds_per_episode": SECONDS_PER_EPISODE,
+        "kill_after": KILL_AFTER_CHECKPOINT,
+        "kill_steps": KILL_STEPS,
+        "jobs": jobs,
+    }
     path = os.path.join(cwd, "plan.json")
     with open(path, "w") as f:
         json.dump(plan, f)
@@ -130,8 +161,9 @@ def timed_runs(request, tmp_path_factory):
     with open(runner, "w") as f:
         f.write(RUNNER)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, runner, path], cwd=cwd, capture_output=True, text=True, timeout=600, env=env,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, runner, path], cwd=cwd, capture_output=True, text=True, timeout=600, env=env, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(path + ".done") as f:
         done = {j["name"]: j for j in json.load(f)}
@@ -206,8 +238,14 @@ def fake_run(tmp_path, monkeypatch, **args):
     end writes a checkpoint (save replaced by a recorder)."""
     now = [0.0]
     monkeypatch.setattr(runs, "checkpoint_clock", lambda: now[0])
-    base = {"checkpoint_every": 50, "checkpoint_minutes": 10.0, "total_episodes": 1000, "total_steps": 0,
-            "log_every": 10**9, "resume": ""}
+    base = {
+        "checkpoint_every": 50,
+        "checkpoint_minutes": 10.0,
+        "total_episodes": 1000,
+        "total_steps": 0,
+        "log_every": 10**9,
+        "resume": "",
+    }
     run = runs.Run(str(tmp_path), types.SimpleNamespace(**{**base, **args}), SCRIPT)
     run.__enter__()  # the loop starts: the clock of --checkpoint-minutes too
     run.close()  # signal handlers back; checkpoint_due needs none

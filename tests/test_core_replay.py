@@ -8,9 +8,9 @@ Ground truth for a transition at step t of an episode (window W):
 import numpy as np
 import pytest
 import torch
+from conftest import run_script_in_process
 
 import envs
-from conftest import run_script_in_process
 
 N, OBS, STATE, A = 6, 5, 10, 200
 SCRIPT = "algos/robust_vdn_rho.py"  # run as __main__ in this process by the tests of the training loop
@@ -33,9 +33,19 @@ class Truth:
             next_obs = obs + 0.5
             action = 1 + (7 * g + np.arange(N)) % (A - 1)  # never 0: padding is recognisable
             last = t == length - 1
-            rb.add(obs, np.full(STATE, g, np.float32), action, -float(g), next_obs, np.full(STATE, g + 0.5, np.float32),
-                   np.ones((N, A), bool), 0.0, float(last), t)
-            self.items.append(dict(ep=ep, t=t, obs=obs, action=action, next_obs=next_obs))
+            rb.add(
+                obs,
+                np.full(STATE, g, np.float32),
+                action,
+                -float(g),
+                next_obs,
+                np.full(STATE, g + 0.5, np.float32),
+                np.ones((N, A), bool),
+                0.0,
+                float(last),
+                t,
+            )
+            self.items.append({"ep": ep, "t": t, "obs": obs, "action": action, "next_obs": next_obs})
 
     def windows(self, g, W):
         it = self.items[g]
@@ -64,7 +74,7 @@ def test_front_padding_and_first_previous_action(vdn):
     W = 8
     rb, truth = make_rb(vdn, 50, W), Truth()
     truth.add_synthetic(rb, 0, 12)
-    obs_w, prev_w, next_obs_w, next_prev_w = rb.windows(np.arange(12))
+    obs_w, prev_w, _next_obs_w, _next_prev_w = rb.windows(np.arange(12))
     assert obs_w.shape == (W, 12, N, OBS) and prev_w.shape == (W, 12, N)
     for t in range(W - 1):  # t = 0..6: the first W-1-t positions are padding
         pad = W - 1 - t
@@ -74,7 +84,7 @@ def test_front_padding_and_first_previous_action(vdn):
         # first real position: previous action index 0 (t = 0 of the episode)
         assert (prev_w[pad, t] == 0).all()
         if t > 0:
-            np.testing.assert_array_equal(prev_w[pad + 1:, t], np.stack([truth.items[k]["action"] for k in range(t)]))
+            np.testing.assert_array_equal(prev_w[pad + 1 :, t], np.stack([truth.items[k]["action"] for k in range(t)]))
     assert (prev_w[-1, 0] == 0).all()  # t = 0: previous action is 0
     assert (obs_w[:, 7] != 0).all() and (prev_w[1:, 7] != 0).all() and (prev_w[0, 7] == 0).all()  # t = 7
     assert (prev_w[:, 8] != 0).all()  # t = 8: no padding at all
@@ -109,7 +119,7 @@ def real_rollout(vdn, rb, history_log, days, steps, seed=0, W=8):
     rng = np.random.default_rng(seed)
     history = envs.History(1, W, env.n_agents, env.obs_dim)
     for day in days:
-        obs, state, avail = env.reset(day)
+        obs, state, _avail = env.reset(day)
         history.reset(obs[None])
         for t in range(steps):
             before = (history.obs[:, 0].copy(), history.prev_a[:, 0].copy())
@@ -120,7 +130,7 @@ def real_rollout(vdn, rb, history_log, days, steps, seed=0, W=8):
             history.push(next_obs[None], actions[None])
             after = (history.obs[:, 0].copy(), history.prev_a[:, 0].copy())
             history_log.append((before, after, actions, next_obs, reward, truncated))
-            obs, state, avail = next_obs, next_state, next_avail
+            obs, state, _avail = next_obs, next_state, next_avail
             if terminated or truncated:
                 break
 
@@ -147,8 +157,24 @@ def test_training_loop_stores_every_transition_of_a_full_day(tmp_path):
     stepped here with the stored actions (the env is deterministic given the day and the actions): every
     o, s, r, o', s', avail', t and the flags; the env itself ends the day (truncated) at t = 287 and that
     transition is stored with truncated = 1, terminated = 0 (the released code dropped it)."""
-    g = run_script_in_process(SCRIPT, ["--total-episodes", 1, "--train-days", "77:78", "--learning-starts", 100_000,
-                                       "--buffer-size", 300, "--torch-threads", 1, "--run-name", "day"], str(tmp_path))
+    g = run_script_in_process(
+        SCRIPT,
+        [
+            "--total-episodes",
+            1,
+            "--train-days",
+            "77:78",
+            "--learning-starts",
+            100_000,
+            "--buffer-size",
+            300,
+            "--torch-threads",
+            1,
+            "--run-name",
+            "day",
+        ],
+        str(tmp_path),
+    )
     rb = g["rb"]
     assert g["global_step"] == 288 and rb.size == 288
     env = envs.make_env("building", "env_1")
@@ -196,9 +222,19 @@ def test_sample_after_wrap_never_reads_overwritten_data(vdn, W, capacity):
             g = len(truth.items)
             obs = (1000.0 * (g + 1) + 10.0 * np.arange(N)[:, None] + np.arange(OBS)[None, :]).astype(np.float32)
             action = 1 + (7 * g + np.arange(N)) % (A - 1)
-            rb.add(obs, np.zeros(STATE, np.float32), action, 0.0, obs + 0.5, np.zeros(STATE, np.float32),
-                   np.ones((N, A), bool), 0.0, float(t == length - 1), t)
-            truth.items.append(dict(ep=ep, t=t, obs=obs, action=action, next_obs=obs + 0.5))
+            rb.add(
+                obs,
+                np.zeros(STATE, np.float32),
+                action,
+                0.0,
+                obs + 0.5,
+                np.zeros(STATE, np.float32),
+                np.ones((N, A), bool),
+                0.0,
+                float(t == length - 1),
+                t,
+            )
+            truth.items.append({"ep": ep, "t": t, "obs": obs, "action": action, "next_obs": obs + 0.5})
             n_added += 1
             owner = slot_owner(n_added, capacity)
             idx = rb.sample_slots(400, rng)
@@ -208,7 +244,8 @@ def test_sample_after_wrap_never_reads_overwritten_data(vdn, W, capacity):
                 g_slot = owner[int(slot)]
                 assert window_intact(truth, g_slot, n_added, capacity, W), (
                     f"sampled slot {slot} (transition {g_slot}, t={truth.items[g_slot]['t']}) whose window lost data "
-                    f"after the buffer wrapped (n_added={n_added}, capacity={capacity}, W={W})")
+                    f"after the buffer wrapped (n_added={n_added}, capacity={capacity}, W={W})"
+                )
                 check_slot(rb, int(slot), truth, g_slot, W)
             if n_added >= capacity:
                 # sample is not overly strict: every slot but the W oldest can be drawn
@@ -255,10 +292,32 @@ def test_cached_target_values_equal_recomputation_in_the_training_loop(vdn, tmp_
     is marked never computed. Fails if add() kept the version of an overwritten slot, if stale() missed a
     slot, if a hard copy did not invalidate the cache, or if the values came from the online network."""
     W, capacity = 4, 12
-    g = run_script_in_process(SCRIPT, ["--total-episodes", 3, "--episode-steps", 25, "--window", W,
-                                       "--buffer-size", capacity, "--learning-starts", 8, "--batch-size", 8,
-                                       "--target-network-frequency", 30, "--torch-threads", 1, "--log-every", 100,
-                                       "--run-name", "cache"], str(tmp_path))
+    g = run_script_in_process(
+        SCRIPT,
+        [
+            "--total-episodes",
+            3,
+            "--episode-steps",
+            25,
+            "--window",
+            W,
+            "--buffer-size",
+            capacity,
+            "--learning-starts",
+            8,
+            "--batch-size",
+            8,
+            "--target-network-frequency",
+            30,
+            "--torch-threads",
+            1,
+            "--log-every",
+            100,
+            "--run-name",
+            "cache",
+        ],
+        str(tmp_path),
+    )
     rb = g["rb"]
     assert g["global_step"] == 75 and rb.version == 75 // 30  # the buffer counted both hard copies
     assert set(rb.value_version.tolist()) <= {-1, 0, 1, 2}

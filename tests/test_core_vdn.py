@@ -18,13 +18,16 @@ def t(x):
     return torch.tensor(x, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("r,v,gamma,rho,expected", [
-    # y = r + gamma * (1 - rho) * V'
-    (-1.0, -10.0, 0.9, 0.1, -1.0 + 0.9 * 0.9 * -10.0),        # = -1 - 8.1 = -9.1
-    (-1.0, -10.0, 0.9, 0.0, -10.0),                            # = -1 + 0.9 * -10
-    (-2.5, -40.0, 0.997, 0.008, -2.5 - 0.997 * 0.992 * 40.0),  # = -2.5 - 39.56096 = -42.06096
-    (3.0, 20.0, 0.5, 0.5, 3.0 + 0.5 * 0.5 * 20.0),             # = 3 + 5 = 8
-])
+@pytest.mark.parametrize(
+    "r,v,gamma,rho,expected",
+    [
+        # y = r + gamma * (1 - rho) * V'
+        (-1.0, -10.0, 0.9, 0.1, -1.0 + 0.9 * 0.9 * -10.0),  # = -1 - 8.1 = -9.1
+        (-1.0, -10.0, 0.9, 0.0, -10.0),  # = -1 + 0.9 * -10
+        (-2.5, -40.0, 0.997, 0.008, -2.5 - 0.997 * 0.992 * 40.0),  # = -2.5 - 39.56096 = -42.06096
+        (3.0, 20.0, 0.5, 0.5, 3.0 + 0.5 * 0.5 * 20.0),  # = 3 + 5 = 8
+    ],
+)
 def test_robust_target_hand_numbers(vdn, r, v, gamma, rho, expected):
     y = vdn.robust_target(t([r]), t([v]), t([0.0]), gamma, rho)
     assert y.item() == pytest.approx(expected, abs=1e-5)
@@ -62,8 +65,7 @@ def test_batch_min_hand_numbers(vdn):
 # ------------------------------------------------------------------------------------------------
 
 # Q_i(h', .) of agents 0 and 1 (4 actions): a bias-only target network returns these for any window
-Q_TABLE = [[1.0, 5.0, 2.0, -3.0],
-           [-3.0, -1.0, -4.0, -2.0]]
+Q_TABLE = [[1.0, 5.0, 2.0, -3.0], [-3.0, -1.0, -4.0, -2.0]]
 
 
 def bias_only_net(vdn, table):
@@ -78,8 +80,18 @@ def filled_buffer(vdn, next_avails, rewards):
     rb = vdn.ReplayBuffer(16, N, OBS, STATE, A, 3)
     rng = np.random.default_rng(0)
     for k, (av, r) in enumerate(zip(next_avails, rewards)):
-        rb.add(rng.normal(size=(N, OBS)).astype(np.float32), np.zeros(STATE, np.float32), rng.integers(0, A, N), r,
-               rng.normal(size=(N, OBS)).astype(np.float32), np.zeros(STATE, np.float32), av, 0.0, 0.0, k)
+        rb.add(
+            rng.normal(size=(N, OBS)).astype(np.float32),
+            np.zeros(STATE, np.float32),
+            rng.integers(0, A, N),
+            r,
+            rng.normal(size=(N, OBS)).astype(np.float32),
+            np.zeros(STATE, np.float32),
+            av,
+            0.0,
+            0.0,
+            k,
+        )
     return rb
 
 

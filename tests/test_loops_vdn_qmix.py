@@ -64,8 +64,12 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 import envs
 import runs as run_plumbing  # the scripts' runs module: they look up runs.Run when they run, so a subclass patched in is used
 
-SCRIPTS = {"vdn_rho": "algos/robust_vdn_rho.py", "vdn_tv": "algos/robust_vdn_tv.py", "qmix_rho": "algos/robust_qmix_rho.py",
-           "qmix_tv": "algos/robust_qmix_tv.py"}
+SCRIPTS = {
+    "vdn_rho": "algos/robust_vdn_rho.py",
+    "vdn_tv": "algos/robust_vdn_tv.py",
+    "qmix_rho": "algos/robust_qmix_rho.py",
+    "qmix_tv": "algos/robust_qmix_tv.py",
+}
 N_AGENTS, N_ACTIONS, OBS_DIM, STATE_DIM, N_AVAIL = 3, 5, 4, 6, 2
 EPISODE_LIMIT, CAP = 6, 5  # the task's own limit; the --episode-steps cap the runs use
 KINDS = (("terminal", 3), ("timeout", 4), ("capped", CAP))  # (kind, length): one cycle = 12 env steps
@@ -73,9 +77,36 @@ STATE_SCALE = 5.0  # spreads eta_xi(s, a) at initialisation over both signs
 GAMMA, RHO, WINDOW, HIDDEN, EMBED, DUAL_HIDDEN = 0.9, 0.3, 3, 8, 4, 8
 LR, DUAL_LR, RMSPROP_EPS, ADAM_EPS, ALPHA = 5e-4, 1e-3, 1e-5, 1e-8, 0.99
 
-COMMON = ["--env", "building", "--episode-steps", CAP, "--learning-starts", 10, "--train-frequency", 2,
-          "--buffer-size", 200, "--window", WINDOW, "--hidden-dim", HIDDEN, "--gamma", GAMMA, "--rho", RHO,
-          "--learning-rate", LR, "--torch-threads", 1, "--log-every", 100, "--checkpoint-every", 0, "--seed", 5]
+COMMON = [
+    "--env",
+    "building",
+    "--episode-steps",
+    CAP,
+    "--learning-starts",
+    10,
+    "--train-frequency",
+    2,
+    "--buffer-size",
+    200,
+    "--window",
+    WINDOW,
+    "--hidden-dim",
+    HIDDEN,
+    "--gamma",
+    GAMMA,
+    "--rho",
+    RHO,
+    "--learning-rate",
+    LR,
+    "--torch-threads",
+    1,
+    "--log-every",
+    100,
+    "--checkpoint-every",
+    0,
+    "--seed",
+    5,
+]
 QMIX_FLAGS = ["--mixing-embed-dim", EMBED]
 TV_FLAGS = ["--dual-hidden-dim", DUAL_HIDDEN, "--dual-learning-rate", DUAL_LR]
 EXTRA = {"vdn_rho": [], "vdn_tv": TV_FLAGS, "qmix_rho": QMIX_FLAGS, "qmix_tv": QMIX_FLAGS + TV_FLAGS}
@@ -90,8 +121,15 @@ ONE_UPDATE = {
     # the paper's Alg. 5: Eq. 17 as written, eta clamped to Eq. (10); a dual network narrower than the agents' (6 vs 8)
     ("vdn_tv", "linear-clamp"): ["--dual-hidden-dim", 6],
     ("vdn_tv", "batch-min"): ["--worst-value", "batch-min", "--seed", 1],  # Eq. 29, Eq. (10) around m = min V' of the batch
-    ("vdn_tv", "squared-noclamp-clipped"): ["--dual-loss", "squared", "--no-eta-clamp", "--max-grad-norm", 0.05,
-                                            "--dual-max-grad-norm", 0.02],  # the released code's dual, both clips bind
+    ("vdn_tv", "squared-noclamp-clipped"): [
+        "--dual-loss",
+        "squared",
+        "--no-eta-clamp",
+        "--max-grad-norm",
+        0.05,
+        "--dual-max-grad-norm",
+        0.02,
+    ],  # the released code's dual, both clips bind
     ("qmix_rho", "rmsprop-clipped"): ["--max-grad-norm", 0.05],
     ("qmix_rho", "adam"): ["--optimizer", "adam"],  # the released QMIX optimiser; clip 10 does not bind
     ("qmix_tv", "linear-clamp-rmsprop"): [],
@@ -99,12 +137,28 @@ ONE_UPDATE = {
     ("qmix_tv", "batch-min-squared"): ["--worst-value", "batch-min", "--dual-loss", "squared"],  # m enters the gradient
     # eta_max = 2 / (rho (1 - gamma)) = 5, and a dual step large enough to take eta above it on part of the batch
     ("qmix_tv", "upper-clamp"): ["--rho", 0.8, "--gamma", 0.5, "--dual-learning-rate", 0.5],
-    ("qmix_tv", "squared-noclamp-adam-clipped"): ["--dual-loss", "squared", "--no-eta-clamp", "--optimizer", "adam",
-                                                  "--max-grad-norm", 0.05, "--dual-max-grad-norm", 0.02, "--single-coin",
-                                                  "--dual-hidden-dim", 12],
+    ("qmix_tv", "squared-noclamp-adam-clipped"): [
+        "--dual-loss",
+        "squared",
+        "--no-eta-clamp",
+        "--optimizer",
+        "adam",
+        "--max-grad-norm",
+        0.05,
+        "--dual-max-grad-norm",
+        0.02,
+        "--single-coin",
+        "--dual-hidden-dim",
+        12,
+    ],
 }
-CLIPS = {("vdn_rho", "rho0-clipped"): (0.05, 0.0), ("vdn_tv", "squared-noclamp-clipped"): (0.05, 0.02), ("qmix_rho", "rmsprop-clipped"): (0.05, 0.0),
-         ("qmix_tv", "squared-noclamp-adam-clipped"): (0.05, 0.02), ("qmix_tv", "upper-clamp"): (10.0, 0.0)}  # (Q clip, dual clip); 0 = none
+CLIPS = {
+    ("vdn_rho", "rho0-clipped"): (0.05, 0.0),
+    ("vdn_tv", "squared-noclamp-clipped"): (0.05, 0.02),
+    ("qmix_rho", "rmsprop-clipped"): (0.05, 0.0),
+    ("qmix_tv", "squared-noclamp-adam-clipped"): (0.05, 0.02),
+    ("qmix_tv", "upper-clamp"): (10.0, 0.0),
+}  # (Q clip, dual clip); 0 = none
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,8 +192,20 @@ class FakeTask:
 
     def reset(self, day: int):
         kind, length = KINDS[len(self.episodes) % len(KINDS)]
-        self.episodes.append({"kind": kind, "length": length, "day": day, "obs": [], "state": [], "avail": [], "actions": [], "reward": [],
-                                  "terminated": [], "truncated": []})
+        self.episodes.append(
+            {
+                "kind": kind,
+                "length": length,
+                "day": day,
+                "obs": [],
+                "state": [],
+                "avail": [],
+                "actions": [],
+                "reward": [],
+                "terminated": [],
+                "truncated": [],
+            }
+        )
         return self._observe()
 
     def step(self, actions):
@@ -168,22 +234,51 @@ def transitions(task: FakeTask) -> dict:
     windows ending at t and at t+1 built from the log (zero observations / previous action 0 before the
     episode start), s, s', a, r, the task's flags, the time-limit flag (the task's or the --episode-steps
     cap's) and the masks at t and t+1."""
-    keys = ("obs_w", "prev_w", "next_obs_w", "next_prev_w", "state", "next_state", "actions", "reward",
-            "terminated", "time_limit", "avail", "next_avail", "episode", "t")
+    keys = (
+        "obs_w",
+        "prev_w",
+        "next_obs_w",
+        "next_prev_w",
+        "state",
+        "next_state",
+        "actions",
+        "reward",
+        "terminated",
+        "time_limit",
+        "avail",
+        "next_avail",
+        "episode",
+        "t",
+    )
     out = {k: [] for k in keys}
     zeros_obs, zeros_a = np.zeros((N_AGENTS, OBS_DIM), np.float32), np.zeros(N_AGENTS, np.int64)
     for e, ep in enumerate(task.episodes):
+
         def window(end, ep=ep):
             taus = range(end - WINDOW + 1, end + 1)
-            return (np.stack([ep["obs"][tau] if tau >= 0 else zeros_obs for tau in taus]),
-                    np.stack([ep["actions"][tau - 1] if tau >= 1 else zeros_a for tau in taus]))
+            return (
+                np.stack([ep["obs"][tau] if tau >= 0 else zeros_obs for tau in taus]),
+                np.stack([ep["actions"][tau - 1] if tau >= 1 else zeros_a for tau in taus]),
+            )
 
         for t in range(len(ep["actions"])):
             (ow, pw), (now, npw) = window(t), window(t + 1)
-            row = {"obs_w": ow, "prev_w": pw, "next_obs_w": now, "next_prev_w": npw, "state": ep["state"][t],
-                       "next_state": ep["state"][t + 1], "actions": ep["actions"][t], "reward": ep["reward"][t],
-                       "terminated": float(ep["terminated"][t]), "time_limit": float(ep["truncated"][t] or t == CAP - 1),
-                       "avail": ep["avail"][t], "next_avail": ep["avail"][t + 1], "episode": e, "t": t}
+            row = {
+                "obs_w": ow,
+                "prev_w": pw,
+                "next_obs_w": now,
+                "next_prev_w": npw,
+                "state": ep["state"][t],
+                "next_state": ep["state"][t + 1],
+                "actions": ep["actions"][t],
+                "reward": ep["reward"][t],
+                "terminated": float(ep["terminated"][t]),
+                "time_limit": float(ep["truncated"][t] or t == CAP - 1),
+                "avail": ep["avail"][t],
+                "next_avail": ep["avail"][t + 1],
+                "episode": e,
+                "t": t,
+            }
             for k in keys:
                 out[k].append(row[k])
     arrays = {k: np.stack(v) if isinstance(v[0], np.ndarray) else np.array(v) for k, v in out.items()}
@@ -304,8 +399,7 @@ def run(script: str, flags, cwd: str) -> Recording:
         rec.rng_seed = seed
         return DrawLog(seed, rec.draws)
 
-    handles = [register_optimizer_step_pre_hook(pre),
-               register_optimizer_step_post_hook(post)]
+    handles = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(run_plumbing, "Run", CapturingRun)
         mp.setattr(envs, "make_env", make_env)
@@ -328,12 +422,33 @@ def runs(tmp_path_factory):
         if (script, case) not in cache:
             cwd = str(tmp_path_factory.mktemp(f"{script}_{case}"))
             if case in ("frozen", "copy8"):  # frozen: greedy acting; copy8: epsilon from 1 to 0.05 over 24 steps
-                freq, explore = (10**9, [0, "--end-e", 0]) if case == "frozen" else (8, [1, "--end-e", 0.05, "--exploration-steps", 24])
-                flags = ["--total-episodes", 9, "--batch-size", 8, "--start-e", *explore,
-                         "--target-network-frequency", freq, "--run-name", case]
+                freq, explore = (
+                    (10**9, [0, "--end-e", 0]) if case == "frozen" else (8, [1, "--end-e", 0.05, "--exploration-steps", 24])
+                )
+                flags = [
+                    "--total-episodes",
+                    9,
+                    "--batch-size",
+                    8,
+                    "--start-e",
+                    *explore,
+                    "--target-network-frequency",
+                    freq,
+                    "--run-name",
+                    case,
+                ]
             else:
-                flags = ["--total-episodes", 3, "--batch-size", 32, "--target-network-frequency", 1000,
-                         "--run-name", case, *ONE_UPDATE[(script, case)]]
+                flags = [
+                    "--total-episodes",
+                    3,
+                    "--batch-size",
+                    32,
+                    "--target-network-frequency",
+                    1000,
+                    "--run-name",
+                    case,
+                    *ONE_UPDATE[(script, case)],
+                ]
             cache[(script, case)] = run(script, flags, cwd)
         return cache[(script, case)]
 
@@ -350,12 +465,20 @@ def agent_q(p: dict, obs_w, prev_w):
     W, B = prev_w.shape[:2]
     qs = []
     for k in range(N_AGENTS):
-        x = obs_w[:, :, k] @ p["drqn.fc1.weight_obs"][k].T + p["drqn.fc1.weight_onehot"][k][prev_w[:, :, k]] + p["drqn.fc1.bias"][k]
+        x = (
+            obs_w[:, :, k] @ p["drqn.fc1.weight_obs"][k].T
+            + p["drqn.fc1.weight_onehot"][k][prev_w[:, :, k]]
+            + p["drqn.fc1.bias"][k]
+        )
         x = torch.relu(x)
         h = c = x.new_zeros(B, p["drqn.lstm.weight_hh_l0"].shape[-1])
         for t in range(W):
-            gates = (x[t] @ p["drqn.lstm.weight_ih_l0"][k].T + p["drqn.lstm.bias_ih_l0"][k]
-                     + h @ p["drqn.lstm.weight_hh_l0"][k].T + p["drqn.lstm.bias_hh_l0"][k])
+            gates = (
+                x[t] @ p["drqn.lstm.weight_ih_l0"][k].T
+                + p["drqn.lstm.bias_ih_l0"][k]
+                + h @ p["drqn.lstm.weight_hh_l0"][k].T
+                + p["drqn.lstm.bias_hh_l0"][k]
+            )
             i, f, g, o = gates.chunk(4, -1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
@@ -448,9 +571,16 @@ def first_step(grads: dict, optimiser: str, lr: float) -> dict:
 
 def flags_of(rec: Recording) -> dict:
     a = rec.g["args"]
-    return {"optimizer": getattr(a, "optimizer", "rmsprop"), "clip": a.max_grad_norm, "dual_clip": getattr(a, "dual_max_grad_norm", 0),
-            "squared": getattr(a, "dual_loss", "") == "squared", "clamp": getattr(a, "eta_clamp", True), "rho": a.rho,
-            "worst": a.worst_value, "gamma": a.gamma}
+    return {
+        "optimizer": getattr(a, "optimizer", "rmsprop"),
+        "clip": a.max_grad_norm,
+        "dual_clip": getattr(a, "dual_max_grad_norm", 0),
+        "squared": getattr(a, "dual_loss", "") == "squared",
+        "clamp": getattr(a, "eta_clamp", True),
+        "rho": a.rho,
+        "worst": a.worst_value,
+        "gamma": a.gamma,
+    }
 
 
 def dual_prediction(dual_params: dict, v, b: dict, f: dict, squared: bool, clamp: bool, dual_clip: float):
@@ -521,8 +651,7 @@ def assert_distinct(recorded: dict, wrong: dict, what: str):
 def assert_moves(init: dict, final: dict, predicted: dict, what: str, lr: float):
     """theta_1 - theta_0 = the predicted first step, for every parameter tensor."""
     for k, move in predicted.items():
-        torch.testing.assert_close(final[k] - init[k], move, rtol=2e-3, atol=2e-3 * lr,
-                                   msg=lambda m, k=k: f"{what} {k}: {m}")
+        torch.testing.assert_close(final[k] - init[k], move, rtol=2e-3, atol=2e-3 * lr, msg=lambda m, k=k: f"{what} {k}: {m}")
 
 
 def assert_widths(rec: Recording):
@@ -530,16 +659,31 @@ def assert_widths(rec: Recording):
     --mixing-embed-dim, the dual network --dual-hidden-dim (the recomputation takes its shapes from the weights, so
     a network built with another flag's width would go unseen otherwise)."""
     a, H, S = rec.g["args"], rec.g["args"].hidden_dim, STATE_DIM
-    shapes = {"q_network": {"drqn.fc1.weight_obs": (N_AGENTS, H, OBS_DIM), "drqn.fc1.weight_onehot": (N_AGENTS, N_ACTIONS, H),
-                            "drqn.lstm.weight_hh_l0": (N_AGENTS, 4 * H, H), "drqn.fc_out.weight": (N_AGENTS, N_ACTIONS, H)}}
+    shapes = {
+        "q_network": {
+            "drqn.fc1.weight_obs": (N_AGENTS, H, OBS_DIM),
+            "drqn.fc1.weight_onehot": (N_AGENTS, N_ACTIONS, H),
+            "drqn.lstm.weight_hh_l0": (N_AGENTS, 4 * H, H),
+            "drqn.fc_out.weight": (N_AGENTS, N_ACTIONS, H),
+        }
+    }
     if "mixer" in rec.init:
         E = a.mixing_embed_dim
-        shapes["mixer"] = {"hyper_w1.weight": (N_AGENTS * E, S), "hyper_b1.weight": (E, S), "hyper_w2.weight": (E, S),
-                           "hyper_v.0.weight": (E, S), "hyper_v.2.weight": (1, E)}
+        shapes["mixer"] = {
+            "hyper_w1.weight": (N_AGENTS * E, S),
+            "hyper_b1.weight": (E, S),
+            "hyper_w2.weight": (E, S),
+            "hyper_v.0.weight": (E, S),
+            "hyper_v.2.weight": (1, E),
+        }
     if "dual_network" in rec.init:
         D = a.dual_hidden_dim
-        shapes["dual_network"] = {"state_fc.weight": (D, S), "action_fc.weight": (D, N_AGENTS * N_ACTIONS),
-                                  "fc.weight": (D, 2 * D), "out.weight": (1, D)}
+        shapes["dual_network"] = {
+            "state_fc.weight": (D, S),
+            "action_fc.weight": (D, N_AGENTS * N_ACTIONS),
+            "fc.weight": (D, 2 * D),
+            "out.weight": (1, D),
+        }
     for net, want in shapes.items():
         for key, shape in want.items():
             assert tuple(rec.init[net][key].shape) == shape, (net, key, tuple(rec.init[net][key].shape), shape)
@@ -619,21 +763,29 @@ def test_one_update_moves_every_parameter_as_predicted(runs, script, case):
     assert_moves(init, final, move, "Q move", LR)
 
     # Plausible wrong computations predict gradients the loop did not produce.
-    wrong = {"truncation as terminal": target_y(script, b, v, eta, f, time_limit_terminal=True),
-             "unmasked max": target_y(script, b, next_value(script, theta0, mixer0, b, masked=False), eta, f)}
+    wrong = {
+        "truncation as terminal": target_y(script, b, v, eta, f, time_limit_terminal=True),
+        "unmasked max": target_y(script, b, next_value(script, theta0, mixer0, b, masked=False), eta, f),
+    }
     if tv:
         with torch.no_grad():
             wrong["eta clamp flipped"] = target_y(script, b, v, clamp_eta(raw, f, v, b["terminated"], not f["clamp"]), f)
             wrong["eta of the dual net before its step"] = target_y(
-                script, b, v, clamp_eta(dual_eta(xi0, b["state"], b["actions"]), f, v, b["terminated"]), f)
+                script, b, v, clamp_eta(dual_eta(xi0, b["state"], b["actions"]), f, v, b["terminated"]), f
+            )
             if case == "upper-clamp":
                 wrong["eta clamped at 0 only (no upper end)"] = target_y(script, b, v, raw.clamp(min=0.0), f)
         recorded = {k[1]: v_ for k, v_ in dual_step["grad"].items()}
-        assert_distinct(recorded, dual_prediction(xi0, vd, bd, f, not f["squared"], f["clamp"], dual_clip)[1], "dual loss kind")
+        assert_distinct(
+            recorded, dual_prediction(xi0, vd, bd, f, not f["squared"], f["clamp"], dual_clip)[1], "dual loss kind"
+        )
         assert_distinct(recorded, dual_prediction(xi0, vd, bd, f, f["squared"], not f["clamp"], dual_clip)[1], "dual clamp")
         live_all = dict(bd, terminated=torch.zeros_like(bd["terminated"]))
-        assert_distinct(recorded, dual_prediction(xi0, vd, live_all, f, f["squared"], f["clamp"], dual_clip)[1],
-                        "terminated transitions in the dual loss")
+        assert_distinct(
+            recorded,
+            dual_prediction(xi0, vd, live_all, f, f["squared"], f["clamp"], dual_clip)[1],
+            "terminated transitions in the dual loss",
+        )
     elif f["rho"] > 0:
         wrong["rho dropped"] = b["reward"] + f["gamma"] * (1.0 - b["terminated"]) * v
     else:  # plain VDN (--rho 0): a loop that used some other rho (e.g. the default radius of another script)
@@ -644,14 +796,19 @@ def test_one_update_moves_every_parameter_as_predicted(runs, script, case):
         if tv:
             with torch.no_grad():
                 wrong["m dropped (min V = 0)"] = target_y(script, b, v, clamp_eta(raw, zero, v, b["terminated"]), zero)
-            assert_distinct(recorded, dual_prediction(xi0, vd, bd, zero, f["squared"], f["clamp"], dual_clip)[1],
-                            "m dropped from the dual loss")
+            assert_distinct(
+                recorded,
+                dual_prediction(xi0, vd, bd, zero, f["squared"], f["clamp"], dual_clip)[1],
+                "m dropped from the dual loss",
+            )
         else:
             wrong["m dropped (min V = 0)"] = target_y(script, b, v, None, zero)
-            wrong["m without gamma (Eq. 28 as printed)"] = (b["reward"] + (1.0 - b["terminated"]) * (
-                f["gamma"] * (1.0 - f["rho"]) * v + f["rho"] * live_v.min()))
-            wrong["m over V' not zeroed at a terminal state"] = (b["reward"] + f["gamma"] * (1.0 - b["terminated"]) * (
-                (1.0 - f["rho"]) * v + f["rho"] * v.min()))
+            wrong["m without gamma (Eq. 28 as printed)"] = b["reward"] + (1.0 - b["terminated"]) * (
+                f["gamma"] * (1.0 - f["rho"]) * v + f["rho"] * live_v.min()
+            )
+            wrong["m over V' not zeroed at a terminal state"] = b["reward"] + f["gamma"] * (1.0 - b["terminated"]) * (
+                (1.0 - f["rho"]) * v + f["rho"] * v.min()
+            )
     for name, y_wrong in wrong.items():
         bad, _ = q_prediction(script, theta0, mixer0, y_wrong, b, clip)
         assert_distinct(step["grad"], bad, name)
@@ -705,8 +862,9 @@ def check_last_update(rec: Recording, script: str, tr: dict, target: dict, targe
         dual_step = rec.dual_steps()[-1]
         bd = batch(tr, g["dual_b"].idx)
         xi_before = {k[1]: v for k, v in dual_step["before"].items()}
-        _, dgrads, _ = dual_prediction(xi_before, next_value(script, target, target_mixer, bd), bd, f, f["squared"], f["clamp"],
-                                       f["dual_clip"])
+        _, dgrads, _ = dual_prediction(
+            xi_before, next_value(script, target, target_mixer, bd), bd, f, f["squared"], f["clamp"], f["dual_clip"]
+        )
         assert_grads({k[1]: v for k, v in dual_step["grad"].items()}, dgrads, "last dual grad")
         xi_after = {k[1]: v for k, v in dual_step["after"].items()}
         with torch.no_grad():
@@ -945,14 +1103,17 @@ def test_acting_follows_the_history_the_epsilon_schedule_and_the_seeded_draws(ru
             clear = ((top2[:, 0] - top2[:, 1]) > 1e-5).numpy()
             greedy = masked.argmax(-1).numpy()
             np.testing.assert_array_equal(taken[explore], random_actions[explore], err_msg=f"step {j}: exploring agents")
-            np.testing.assert_array_equal(taken[~explore & clear], greedy[~explore & clear], err_msg=f"step {j}: greedy agents")
+            np.testing.assert_array_equal(
+                taken[~explore & clear], greedy[~explore & clear], err_msg=f"step {j}: greedy agents"
+            )
             n_random, n_greedy = n_random + int(explore.sum()), n_greedy + int((~explore & clear).sum())
             j += 1
             if j in updates:
                 idx = draw("integers", (n_batch,), (0, j))
                 if j == updates[-1]:
-                    np.testing.assert_array_equal(idx, np.concatenate([rec.g["dual_b"].idx, rec.g["b"].idx]) if is_tv(script)
-                                                  else rec.g["b"].idx)
+                    np.testing.assert_array_equal(
+                        idx, np.concatenate([rec.g["dual_b"].idx, rec.g["b"].idx]) if is_tv(script) else rec.g["b"].idx
+                    )
     assert next(draws, None) is None  # nothing else drawn
     if case == "copy8":  # both branches of epsilon-greedy are exercised
         assert n_random >= 20 and n_greedy >= 20, (n_random, n_greedy)

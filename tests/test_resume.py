@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import re
 import runpy
 import shutil
@@ -40,14 +41,41 @@ from conftest import ROOT, SUBPROCESS_TIMEOUT, describe, import_file, run_parall
 
 import runs
 
-SCRIPTS = ["robust_vdn_rho", "robust_vdn_tv", "robust_qmix_rho", "robust_qmix_tv", "robust_qtran_rho",
-           "robust_qtran_tv", "groupdr_vdn", "groupdr_qmix", "groupdr_qtran"]
+SCRIPTS = [
+    "robust_vdn_rho",
+    "robust_vdn_tv",
+    "robust_qmix_rho",
+    "robust_qmix_tv",
+    "robust_qtran_rho",
+    "robust_qtran_tv",
+    "groupdr_vdn",
+    "groupdr_qmix",
+    "groupdr_qtran",
+]
 GROUPDR_CONFIGS = ["env_1", "env_2"]
 EPISODE_STEPS, EPISODES, EVERY = 12, 4, 2
 # target copies every 15 steps (the cached target values change version), a buffer that wraps
-TINY = ["--total-episodes", str(EPISODES), "--episode-steps", str(EPISODE_STEPS), "--learning-starts", "8",
-        "--batch-size", "8", "--buffer-size", "32", "--target-network-frequency", "15", "--torch-threads", "1",
-        "--log-every", "1", "--checkpoint-every", str(EVERY), "--save-model"]
+TINY = [
+    "--total-episodes",
+    str(EPISODES),
+    "--episode-steps",
+    str(EPISODE_STEPS),
+    "--learning-starts",
+    "8",
+    "--batch-size",
+    "8",
+    "--buffer-size",
+    "32",
+    "--target-network-frequency",
+    "15",
+    "--torch-threads",
+    "1",
+    "--log-every",
+    "1",
+    "--checkpoint-every",
+    str(EVERY),
+    "--save-model",
+]
 KILL_AFTER = EPISODE_STEPS + 5  # env steps after the checkpoint of episode 2: the middle of episode 4
 TERM_EPISODES = 1_000_000  # the SIGTERM run's budget: it cannot end on its own before the signal, however slow
 NAN_SCRIPTS = ["robust_vdn_rho", "robust_qtran_tv"]
@@ -139,8 +167,19 @@ def write_estimator(path: str) -> None:
         torch.manual_seed(0)
         net = est.RewardEstimator(10, 6, 200, len(GROUPDR_CONFIGS), hidden_dim=16, time_norm=288.0)
         net.set_normalisation(torch.randn(50, 10) * 5 + 20, torch.randn(50) * 10 - 50)
-    torch.save({"format": est.ESTIMATOR_FORMAT, "configs": GROUPDR_CONFIGS, "n_agents": 6, "n_actions": 200,
-                "state_dim": 10, "hidden_dim": 16, "time_norm": 288.0, "estimator": net.state_dict()}, path)
+    torch.save(
+        {
+            "format": est.ESTIMATOR_FORMAT,
+            "configs": GROUPDR_CONFIGS,
+            "n_agents": 6,
+            "n_actions": 200,
+            "state_dim": 10,
+            "hidden_dim": 16,
+            "time_norm": 288.0,
+            "estimator": net.state_dict(),
+        },
+        path,
+    )
 
 
 def argv_of(script: str, name: str, base: str, *extra: str) -> list[str]:
@@ -164,22 +203,74 @@ def start_background_jobs():
         os.makedirs(broken)
 
         def job(name, cwd, argv, mode="run", **extra):
-            return {"name": name, "cwd": cwd, "argv": argv, "mode": mode, "out": os.path.join(base, name + ".out"),
-                    "err": os.path.join(base, name + ".err"), **extra}
+            return {
+                "name": name,
+                "cwd": cwd,
+                "argv": argv,
+                "mode": mode,
+                "out": os.path.join(base, name + ".out"),
+                "err": os.path.join(base, name + ".err"),
+                **extra,
+            }
 
-        nan = [job(f"nan_{s}", ref, [os.path.join(ROOT, "algos", f"{s}.py"), "--total-episodes", "3", "--episode-steps",
-                                      str(EPISODE_STEPS), "--learning-starts", str(EPISODE_STEPS), "--batch-size", "8",
-                                      "--buffer-size", "32", "--checkpoint-every", "1", "--learning-rate", "1e30",
-                                      "--torch-threads", "1", "--save-model", "--run-name", f"nan_{s}"]) for s in NAN_SCRIPTS]
-        term = job("term", ref, [os.path.join(ROOT, "algos", "robust_vdn_rho.py"), *TINY, "--total-episodes",
-                                 str(TERM_EPISODES), "--checkpoint-every", "0", "--run-name", "term"], "term")
+        nan = [
+            job(
+                f"nan_{s}",
+                ref,
+                [
+                    os.path.join(ROOT, "algos", f"{s}.py"),
+                    "--total-episodes",
+                    "3",
+                    "--episode-steps",
+                    str(EPISODE_STEPS),
+                    "--learning-starts",
+                    str(EPISODE_STEPS),
+                    "--batch-size",
+                    "8",
+                    "--buffer-size",
+                    "32",
+                    "--checkpoint-every",
+                    "1",
+                    "--learning-rate",
+                    "1e30",
+                    "--torch-threads",
+                    "1",
+                    "--save-model",
+                    "--run-name",
+                    f"nan_{s}",
+                ],
+            )
+            for s in NAN_SCRIPTS
+        ]
+        term = job(
+            "term",
+            ref,
+            [
+                os.path.join(ROOT, "algos", "robust_vdn_rho.py"),
+                *TINY,
+                "--total-episodes",
+                str(TERM_EPISODES),
+                "--checkpoint-every",
+                "0",
+                "--run-name",
+                "term",
+            ],
+            "term",
+        )
         # four runners (each one has run_py's hard cap); each script's uninterrupted, killed and resumed runs
         # in the same one (the same parent process: the same fused.py kernels even if the tree changes meanwhile)
-        plans = [[j for s in group for j in (job(f"ref_{s}", ref, argv_of(s, s, base)),
-                                             job(f"kill_{s}", broken, argv_of(s, s, base), "kill", kill_after=KILL_AFTER),
-                                             job(f"resume_{s}", broken, [os.path.join(ROOT, "algos", f"{s}.py"), "--resume",
-                                                                         f"runs/{s}"]))]
-                 for group in (SCRIPTS[:3], SCRIPTS[3:6], SCRIPTS[6:8], SCRIPTS[8:])]
+        plans = [
+            [
+                j
+                for s in group
+                for j in (
+                    job(f"ref_{s}", ref, argv_of(s, s, base)),
+                    job(f"kill_{s}", broken, argv_of(s, s, base), "kill", kill_after=KILL_AFTER),
+                    job(f"resume_{s}", broken, [os.path.join(ROOT, "algos", f"{s}.py"), "--resume", f"runs/{s}"]),
+                )
+            ]
+            for group in (SCRIPTS[:3], SCRIPTS[3:6], SCRIPTS[6:8], SCRIPTS[8:])
+        ]
         plans[2].append(term)
         plans[3] += nan
         paths = []
@@ -220,7 +311,7 @@ def bg():
     for proc in procs:
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
         assert proc.returncode == 0 and line, describe(proc)
-        codes.update(json.loads(line[0][len("RESULTS "):]))
+        codes.update(json.loads(line[0][len("RESULTS ") :]))
     jobs["codes"] = codes
     yield jobs
     stop_background_jobs()
@@ -229,7 +320,7 @@ def bg():
 def output(bg, name):
     """(exit status, stdout, stderr) of one job, and a description for failing assertions."""
     job = bg["jobs"][name]
-    out, err = (open(job[k]).read() for k in ("out", "err"))
+    out, err = (pathlib.Path(job[k]).read_text() for k in ("out", "err"))
     return bg["codes"][name], out, err, f"job {name}: rc {bg['codes'][name]}\n--- stdout\n{out}\n--- stderr\n{err}"
 
 
@@ -269,7 +360,7 @@ def scalars(run_dir, tag):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_killed_and_resumed_run_equals_uninterrupted_run(bg, script):
-    rc_ref, out_ref, _, why_ref = output(bg, f"ref_{script}")
+    rc_ref, _out_ref, _, why_ref = output(bg, f"ref_{script}")
     assert rc_ref == 0, why_ref
     rc_kill, out_kill, _, why_kill = output(bg, f"kill_{script}")
     assert rc_kill == -9, why_kill  # died by SIGKILL, in episode 4 after the checkpoint of episode 2
@@ -278,8 +369,9 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(bg, script):
     assert rc_res == 0, why_res
     # it continued from the checkpoint: episodes 3 and 4 only, not a fresh run
     assert f"resumed runs/{script}/checkpoint.pt: episode {EVERY}, env step {EVERY * EPISODE_STEPS}" in out_res, why_res
-    assert [ln.split(" | ")[0] for ln in out_res.splitlines() if ln.startswith("episode ")] == \
-        [f"episode {e}/{EPISODES}" for e in range(EVERY + 1, EPISODES + 1)], why_res
+    assert [ln.split(" | ")[0] for ln in out_res.splitlines() if ln.startswith("episode ")] == [
+        f"episode {e}/{EPISODES}" for e in range(EVERY + 1, EPISODES + 1)
+    ], why_res
 
     ref_dir, res_dir = (os.path.join(bg[k], "runs", script) for k in ("ref", "broken"))
     a, b = load(os.path.join(ref_dir, "checkpoint.pt")), load(os.path.join(res_dir, "checkpoint.pt"))
@@ -306,25 +398,31 @@ def test_sigterm_finishes_the_episode_writes_a_checkpoint_and_says_how_to_resume
     episode = ckpt["counters"]["episode"]
     assert 1 <= episode < TERM_EPISODES and ckpt["counters"]["global_step"] == episode * EPISODE_STEPS, why
     assert f"after episode {episode} (env step {episode * EPISODE_STEPS})" in lines[0], why
-    assert lines[0].endswith(f"continue with: python {os.path.join(ROOT, 'algos', 'robust_vdn_rho.py')} --resume runs/term"), why
+    assert lines[0].endswith(f"continue with: python {os.path.join(ROOT, 'algos', 'robust_vdn_rho.py')} --resume runs/term"), (
+        why
+    )
     assert not os.path.exists(os.path.join(bg["ref"], "runs", "term", "model.pt"))
 
 
 @pytest.mark.parametrize("script", NAN_SCRIPTS)
 def test_nan_guard_stops_a_diverging_run(bg, script):
-    rc, out, err, why = output(bg, f"nan_{script}")
+    rc, _out, err, why = output(bg, f"nan_{script}")
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 3 and len(lines) == 1 and lines[0].startswith("error: non-finite gradient norm"), why
-    episode, step = (int(x) for x in re.search(r" in episode (\d+) \(after env step (\d+) at the last episode end\)",
-                                               lines[0]).groups())
+    episode, step = (
+        int(x) for x in re.search(r" in episode (\d+) \(after env step (\d+) at the last episode end\)", lines[0]).groups()
+    )
     assert episode >= 2 and step == (episode - 1) * EPISODE_STEPS, why  # no update before --learning-starts (episode 1)
     run_dir = os.path.join(bg["ref"], "runs", f"nan_{script}")
     assert not os.path.exists(os.path.join(run_dir, "model.pt")), why
     ckpt = load(os.path.join(run_dir, "checkpoint.pt"))
     assert ckpt["counters"] == {"episode": episode - 1, "global_step": step}, why  # the last one before the divergence
-    assert lines[0].endswith(f"last good checkpoint runs/nan_{script}/checkpoint.pt (episode {episode - 1}, "
-                             f"env step {step})"), why
-    tensors = [t for part in ckpt["state"].values() if isinstance(part, dict) for t in part.values() if isinstance(t, torch.Tensor)]
+    assert lines[0].endswith(
+        f"last good checkpoint runs/nan_{script}/checkpoint.pt (episode {episode - 1}, env step {step})"
+    ), why
+    tensors = [
+        t for part in ckpt["state"].values() if isinstance(part, dict) for t in part.values() if isinstance(t, torch.Tensor)
+    ]
     assert tensors and all(torch.isfinite(t).all() for t in tensors)
 
 
@@ -363,12 +461,15 @@ def resume(run_dir, argv, capsys, script="robust_vdn_rho"):
     return args, runs.read_run_checkpoint(args.resume, path)
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--seed", "2"], "--seed"),
-    (["--rho", "0.5"], "--rho"),
-    (["--no-fused"], "--fused"),
-    (["--target-network-frequency=16"], "--target-network-frequency"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--seed", "2"], "--seed"),
+        (["--rho", "0.5"], "--rho"),
+        (["--no-fused"], "--fused"),
+        (["--target-network-frequency=16"], "--target-network-frequency"),
+    ],
+)
 def test_resume_refuses_a_differing_flag(vdn_run, capsys, argv, flag):
     with pytest.raises(SystemExit) as exit_info:
         resume(vdn_run, argv, capsys)
@@ -393,13 +494,35 @@ def test_resume_takes_budget_flags_and_the_checkpoints_other_flags(vdn_run, caps
 # ------------------------------------------ bad flags --------------------------------------------
 
 BAD_FLAGS = [  # (field, bad value): every count / frequency flag, and the real-valued ones
-    ("log_every", 0), ("target_network_frequency", 0), ("train_frequency", 0), ("checkpoint_every", -1),
-    ("eval_every", -1), ("eval_episodes", 0), ("batch_size", 0), ("buffer_size", 0), ("buffer_size", 8),
-    ("window", 0), ("total_episodes", 0), ("total_steps", -1), ("episode_steps", -1), ("learning_starts", -1),
-    ("exploration_steps", 0), ("hidden_dim", 0), ("mixing_embed_dim", 0), ("dual_hidden_dim", 0),
-    ("torch_threads", -1), ("gamma", 1.0), ("learning_rate", 0.0), ("qtran_learning_rate", -1e-3),
-    ("dual_learning_rate", 0.0), ("max_grad_norm", -1.0), ("dual_max_grad_norm", -1.0), ("rmsprop_eps", -1.0),
-    ("start_e", 1.5), ("end_e", -0.1), ("eval_sigma", -1.0),
+    ("log_every", 0),
+    ("target_network_frequency", 0),
+    ("train_frequency", 0),
+    ("checkpoint_every", -1),
+    ("eval_every", -1),
+    ("eval_episodes", 0),
+    ("batch_size", 0),
+    ("buffer_size", 0),
+    ("buffer_size", 8),
+    ("window", 0),
+    ("total_episodes", 0),
+    ("total_steps", -1),
+    ("episode_steps", -1),
+    ("learning_starts", -1),
+    ("exploration_steps", 0),
+    ("hidden_dim", 0),
+    ("mixing_embed_dim", 0),
+    ("dual_hidden_dim", 0),
+    ("torch_threads", -1),
+    ("gamma", 1.0),
+    ("learning_rate", 0.0),
+    ("qtran_learning_rate", -1e-3),
+    ("dual_learning_rate", 0.0),
+    ("max_grad_norm", -1.0),
+    ("dual_max_grad_norm", -1.0),
+    ("rmsprop_eps", -1.0),
+    ("start_e", 1.5),
+    ("end_e", -0.1),
+    ("eval_sigma", -1.0),
 ]
 
 
@@ -430,13 +553,18 @@ def test_bad_flag_gives_one_error_line(field, value, capsys):
             mod.check_args(args)
         lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert exit_info.value.code != 0, script
-        assert len(lines) == 1 and lines[0].startswith(f"error: {flag} must be") and f"(got {value}" in lines[0], (script, lines)
+        assert len(lines) == 1 and lines[0].startswith(f"error: {flag} must be") and f"(got {value}" in lines[0], (
+            script,
+            lines,
+        )
         checked += 1
     assert checked, f"no script has {flag}"
 
 
-@pytest.mark.parametrize("argv", [["--log-every", "0"], ["--target-network-frequency", "0"], ["--train-frequency", "0"],
-                                  ["--resume", "runs/nothing"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--log-every", "0"], ["--target-network-frequency", "0"], ["--train-frequency", "0"], ["--resume", "runs/nothing"]],
+)
 def test_bad_flag_creates_no_run_folder(argv, tmp_path, monkeypatch, capsys):
     """The script itself, in-process: one error line, exit != 0, no traceback, nothing under runs/."""
     monkeypatch.chdir(tmp_path)
@@ -456,8 +584,17 @@ def test_bad_flag_creates_no_run_folder(argv, tmp_path, monkeypatch, capsys):
 def _run_with_clock(monkeypatch, tmp_path, resume_at=None, **flags):
     """A runs.Run in tmp_path on a fake clock (runs.time.time), its loop entered (clocks started) at t = 1000 s.
     resume_at=(episode, env step): first a checkpoint at that point, written by a Run, then the Run resumes it."""
-    fields = {**dict(log_every=2, total_episodes=9, total_steps=0, checkpoint_every=0, checkpoint_minutes=0.0,
-                     train_frequency=2, learning_starts=0, resume=""), **flags}
+    fields = {
+        "log_every": 2,
+        "total_episodes": 9,
+        "total_steps": 0,
+        "checkpoint_every": 0,
+        "checkpoint_minutes": 0.0,
+        "train_frequency": 2,
+        "learning_starts": 0,
+        "resume": "",
+        **flags,
+    }
     clock = {"now": 1000.0}
     monkeypatch.setattr(runs.time, "time", lambda: clock["now"])
     if resume_at is not None:
@@ -516,8 +653,10 @@ def test_progress_after_resume_counts_this_process_only(monkeypatch, tmp_path, c
         run.close()
 
 
-@pytest.mark.parametrize("share,clamp,worst,printed", [(1.0, True, "zero", True), (0.99, True, "zero", False),
-                                                       (1.0, False, "zero", False), (1.0, True, "batch-min", False)])
+@pytest.mark.parametrize(
+    "share,clamp,worst,printed",
+    [(1.0, True, "zero", True), (0.99, True, "zero", False), (1.0, False, "zero", False), (1.0, True, "batch-min", False)],
+)
 def test_eta_floor_note_only_when_the_clamped_paper_operator_is_nominal(tmp_path, capsys, share, clamp, worst, printed):
     args = types.SimpleNamespace(eta_clamp=clamp, worst_value=worst, resume="")
     run = runs.Run(str(tmp_path), args, "algos/robust_vdn_tv.py")
@@ -525,8 +664,15 @@ def test_eta_floor_note_only_when_the_clamped_paper_operator_is_nominal(tmp_path
         capsys.readouterr()
         run.note_eta_floor(share, 1234)
         out = capsys.readouterr().out
-        assert (out.startswith(f"note: eta sat at its floor for {100 * share:.0f}% ") and "env step 1234" in out
-                and "docs/robust_operators.md" in out) if printed else out == ""
+        assert (
+            (
+                out.startswith(f"note: eta sat at its floor for {100 * share:.0f}% ")
+                and "env step 1234" in out
+                and "docs/robust_operators.md" in out
+            )
+            if printed
+            else out == ""
+        )
         run.note_eta_floor(share, 1300)
         assert capsys.readouterr().out == ""  # once per process
     finally:

@@ -29,14 +29,43 @@ import runs
 SCRIPT = os.path.join(ROOT, "algos", "robust_vdn_rho.py")
 EPISODE_STEPS, EPISODES, CUT = 12, 4, 2
 # target copies every 15 steps (the cached V' change version), a buffer that wraps, a checkpoint every 2 episodes
-TINY = ["--total-episodes", EPISODES, "--episode-steps", EPISODE_STEPS, "--learning-starts", 8, "--batch-size", 8,
-        "--buffer-size", 32, "--target-network-frequency", 15, "--torch-threads", 1, "--log-every", 1,
-        "--checkpoint-every", CUT, "--rho", 0.1, "--save-model", "--run-name", "r"]
+TINY = [
+    "--total-episodes",
+    EPISODES,
+    "--episode-steps",
+    EPISODE_STEPS,
+    "--learning-starts",
+    8,
+    "--batch-size",
+    8,
+    "--buffer-size",
+    32,
+    "--target-network-frequency",
+    15,
+    "--torch-threads",
+    1,
+    "--log-every",
+    1,
+    "--checkpoint-every",
+    CUT,
+    "--rho",
+    0.1,
+    "--save-model",
+    "--run-name",
+    "r",
+]
 # the DRQN's parameter names before 2026-12-02 (v1 run checkpoints, v2 model.pt) -> today's
-OLD_NAMES = {"fc1_obs": "fc1.weight_obs", "fc1_table": "fc1.weight_onehot", "fc1_bias": "fc1.bias",
-             "lstm_weight_ih": "lstm.weight_ih_l0", "lstm_weight_hh": "lstm.weight_hh_l0",
-             "lstm_bias_ih": "lstm.bias_ih_l0", "lstm_bias_hh": "lstm.bias_hh_l0",
-             "fc_out_weight": "fc_out.weight", "fc_out_bias": "fc_out.bias"}
+OLD_NAMES = {
+    "fc1_obs": "fc1.weight_obs",
+    "fc1_table": "fc1.weight_onehot",
+    "fc1_bias": "fc1.bias",
+    "lstm_weight_ih": "lstm.weight_ih_l0",
+    "lstm_weight_hh": "lstm.weight_hh_l0",
+    "lstm_bias_ih": "lstm.bias_ih_l0",
+    "lstm_bias_hh": "lstm.bias_hh_l0",
+    "fc_out_weight": "fc_out.weight",
+    "fc_out_bias": "fc_out.bias",
+}
 
 
 def load(path):
@@ -88,7 +117,7 @@ def reference(tmp_path_factory):
     --total-episodes is a budget flag, no number depends on it). -> their run folders."""
     base = tmp_path_factory.mktemp("runs")
     envs.make_env("building", "env_1")  # sustaingym's parameters, cached per process: built here, not inside one
-    train(base / "full")                # run only (building them draws from python's random after its seed)
+    train(base / "full")  # run only (building them draws from python's random after its seed)
     train(base / "cut", "--total-episodes", CUT)
     return {"full": str(base / "full" / "runs" / "r"), "cut": str(base / "cut" / "runs" / "r")}
 
@@ -124,11 +153,22 @@ def to_v1(ckpt: dict, args) -> dict:
     kind, keys, pos, has_gauss, cached = ckpt["rng"]["numpy"]
     rng = dict(ckpt["rng"], numpy=(kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     episode, step = ckpt["counters"]["episode"], ckpt["counters"]["global_step"]
-    counters = {"episode": episode, "global_step": step,
-                "n_updates": step // args["train_frequency"] - args["learning_starts"] // args["train_frequency"],
-                "target_version": version, "next_eval": args["eval_every"], "recent": []}
-    return {"format": "drigm-run-checkpoint-v1", "algo": ckpt["algo"], "args": ckpt["args"], "counters": counters,
-            "state": {**state, "rb": rb}, "rng": rng}
+    counters = {
+        "episode": episode,
+        "global_step": step,
+        "n_updates": step // args["train_frequency"] - args["learning_starts"] // args["train_frequency"],
+        "target_version": version,
+        "next_eval": args["eval_every"],
+        "recent": [],
+    }
+    return {
+        "format": "drigm-run-checkpoint-v1",
+        "algo": ckpt["algo"],
+        "args": ckpt["args"],
+        "counters": counters,
+        "state": {**state, "rb": rb},
+        "rng": rng,
+    }
 
 
 def test_v1_run_checkpoint_resumes_to_the_uninterrupted_run(reference, tmp_path, capsys):
@@ -148,7 +188,8 @@ def test_v1_run_checkpoint_resumes_to_the_uninterrupted_run(reference, tmp_path,
     assert f"resumed runs/r/checkpoint.pt: episode {CUT}, env step {CUT * EPISODE_STEPS}" in out, out
     assert str(run_dir / "checkpoint.pt") not in runs._READ  # the checkpoint read (its buffer copy) is let go
     assert [ln.split(" | ")[0] for ln in out.splitlines() if ln.startswith("episode ")] == [
-        f"episode {e}/{EPISODES}" for e in range(CUT + 1, EPISODES + 1)], out
+        f"episode {e}/{EPISODES}" for e in range(CUT + 1, EPISODES + 1)
+    ], out
     a, b = load(os.path.join(reference["full"], "checkpoint.pt")), load(run_dir / "checkpoint.pt")
     assert b["format"] == "drigm-run-checkpoint-v2"  # the resumed run writes today's layout
     assert differences(a["state"], b["state"], "state") == []  # networks, target, optimiser, buffer, generator
@@ -164,8 +205,11 @@ def test_v1_run_checkpoint_resumes_to_the_uninterrupted_run(reference, tmp_path,
 # ------------------------------------------- (c) -------------------------------------------------
 def test_v2_model_evaluates_as_its_v3_conversion(reference, eval_mod, tmp_path):
     v3 = load(os.path.join(reference["full"], "model.pt"))
-    v2 = dict(v3, format="drigm-checkpoint-v2",
-              q_network={f"drqn.{old}": v3["q_network"][f"drqn.{new}"] for old, new in OLD_NAMES.items()})
+    v2 = dict(
+        v3,
+        format="drigm-checkpoint-v2",
+        q_network={f"drqn.{old}": v3["q_network"][f"drqn.{new}"] for old, new in OLD_NAMES.items()},
+    )
     assert len(v2["q_network"]) == len(v3["q_network"])
     paths = {name: str(tmp_path / f"{name}.pt") for name in ("v2", "v3")}
     torch.save(v2, paths["v2"])
@@ -173,9 +217,19 @@ def test_v2_model_evaluates_as_its_v3_conversion(reference, eval_mod, tmp_path):
     nets = {name: eval_mod.load_checkpoint(path, torch.device("cpu"))[2] for name, path in paths.items()}
     assert differences(nets["v2"].state_dict(), nets["v3"].state_dict()) == []
     assert differences(nets["v3"].state_dict(), dict(v3["q_network"])) == []
-    out = {name: eval_mod.main(eval_mod.Args(checkpoints=[path], protocol="custom", configs="env_1", days="0:3",
-                                             episode_steps=20, out=str(tmp_path / f"{name}.json")))
-           for name, path in paths.items()}
+    out = {
+        name: eval_mod.main(
+            eval_mod.Args(
+                checkpoints=[path],
+                protocol="custom",
+                configs="env_1",
+                days="0:3",
+                episode_steps=20,
+                out=str(tmp_path / f"{name}.json"),
+            )
+        )
+        for name, path in paths.items()
+    }
     torch.set_num_threads(1)
     returns = {name: o["episodes"][0]["returns"] for name, o in out.items()}
     assert len(returns["v3"]) == 3 and returns["v2"] == returns["v3"]
@@ -220,8 +274,11 @@ def test_checkpoint_of_another_algo_is_refused(reference, eval_mod, tmp_path, ca
     torch.save(dict(load(os.path.join(reference["full"], "model.pt")), algo=algo), model)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        eval_mod.main(eval_mod.Args(checkpoints=[str(model)], protocol="custom", configs="env_1", days="0:1",
-                                    out=str(tmp_path / "e.json")))
+        eval_mod.main(
+            eval_mod.Args(
+                checkpoints=[str(model)], protocol="custom", configs="env_1", days="0:1", out=str(tmp_path / "e.json")
+            )
+        )
     torch.set_num_threads(1)
     line = one_error_line(exit_info.value.code, capsys.readouterr().err.strip().splitlines(), "--checkpoints")
     assert f"names algorithm '{algo}'; accepted: {', '.join(runs.ALGOS)}" in line, line
@@ -245,8 +302,11 @@ def test_pickle_with_another_global_is_refused_without_running_it(reference, eva
     torch.save(dict(load(os.path.join(reference["full"], "model.pt")), env=evil), model)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        eval_mod.main(eval_mod.Args(checkpoints=[str(model)], protocol="custom", configs="env_1", days="0:1",
-                                    out=str(tmp_path / "e.json")))
+        eval_mod.main(
+            eval_mod.Args(
+                checkpoints=[str(model)], protocol="custom", configs="env_1", days="0:1", out=str(tmp_path / "e.json")
+            )
+        )
     torch.set_num_threads(1)
     line = one_error_line(exit_info.value.code, capsys.readouterr().err.strip().splitlines(), "--checkpoints")
     assert "cannot read" in line and "tensors and plain types" in line, line
@@ -257,14 +317,17 @@ def test_pickle_with_another_global_is_refused_without_running_it(reference, eva
 
 
 # ------------------------------------------- (e) -------------------------------------------------
-LITERAL_CASES = [(["--worst-value", "bogus"], "--worst-value", ("zero", "batch-min")),
-                 (["--env", "bogus"], "--env", ("building", "matrix", "smax", "smac"))]
+LITERAL_CASES = [
+    (["--worst-value", "bogus"], "--worst-value", ("zero", "batch-min")),
+    (["--env", "bogus"], "--env", ("building", "matrix", "smax", "smac")),
+]
 
 
 def test_bad_literal_value_one_line_as_a_script(tmp_path):
     """The script as a subprocess: exactly one stderr line naming the flag and its choices, exit 2, nothing else."""
-    procs = run_parallel([("algos/robust_vdn_rho.py", [*argv, "--run-name", "never"], str(tmp_path))
-                          for argv, _, _ in LITERAL_CASES], workers=2)
+    procs = run_parallel(
+        [("algos/robust_vdn_rho.py", [*argv, "--run-name", "never"], str(tmp_path)) for argv, _, _ in LITERAL_CASES], workers=2
+    )
     for proc, (argv, flag, choices) in zip(procs, LITERAL_CASES):
         lines = proc.stderr.splitlines()
         assert proc.returncode == 2 and len(lines) == 1, describe(proc)
@@ -273,8 +336,17 @@ def test_bad_literal_value_one_line_as_a_script(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-SCRIPTS = ["robust_vdn_rho", "robust_vdn_tv", "robust_qmix_rho", "robust_qmix_tv", "robust_qtran_rho",
-           "robust_qtran_tv", "groupdr_vdn", "groupdr_qmix", "groupdr_qtran"]
+SCRIPTS = [
+    "robust_vdn_rho",
+    "robust_vdn_tv",
+    "robust_qmix_rho",
+    "robust_qmix_tv",
+    "robust_qtran_rho",
+    "robust_qtran_tv",
+    "groupdr_vdn",
+    "groupdr_qmix",
+    "groupdr_qtran",
+]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -292,7 +364,8 @@ def test_every_literal_flag_of_every_script_refuses_a_bad_value(script, capsys):
                 runs.parse_args(mod.Args, os.path.join(ROOT, "algos", f"{script}.py"), None, argv)
             lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
             assert exit_info.value.code == 2 and lines == [
-                f"error: {flag} must be one of {', '.join(values)} (got 'bogus')"], (script, argv, lines)
+                f"error: {flag} must be one of {', '.join(values)} (got 'bogus')"
+            ], (script, argv, lines)
         for value in values:
             runs.check_choices(mod.Args, [flag, value])  # no SystemExit
 
@@ -317,8 +390,10 @@ def test_nan_guard_stops_before_the_optimiser_steps_on_a_nan(tmp_path, monkeypat
     def stepping(self, *a, **k):
         out = step(self, *a, **k)
         calls["step"] += 1
-        after_step[:] = [{k: v.detach().clone() for k, v in seen["q_network"].state_dict().items()},
-                         {k: v.clone() for k, v in _flat(self.state_dict()).items()}]
+        after_step[:] = [
+            {k: v.detach().clone() for k, v in seen["q_network"].state_dict().items()},
+            {k: v.clone() for k, v in _flat(self.state_dict()).items()},
+        ]
         return out
 
     def nan_reward(self, actions):
@@ -333,7 +408,7 @@ def test_nan_guard_stops_before_the_optimiser_steps_on_a_nan(tmp_path, monkeypat
     assert code == 3 and len(lines) == 1, lines
     head = "error: non-finite gradient norm (loss, target or gradient) in episode "
     assert lines[0].startswith(head), lines
-    episode = int(lines[0][len(head):].split()[0])
+    episode = int(lines[0][len(head) :].split()[0])
     step_at = (episode - 1) * EPISODE_STEPS
     assert episode >= 2 and calls["env"] > step_at, lines  # stopped in the episode where the NaN came
     assert f"(after env step {step_at} at the last episode end)" in lines[0], lines
@@ -365,4 +440,3 @@ def test_run_checkpoint_of_another_format_is_refused(reference, tmp_path, capsys
     torch.save(load(os.path.join(reference["full"], "model.pt")), run_dir / "checkpoint.pt")
     line = one_error_line(*run_main(["--resume", "runs/r"], tmp_path, capsys), "--resume")
     assert "is not a training checkpoint written by algos/*.py" in line, line
-

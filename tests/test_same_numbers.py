@@ -17,7 +17,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, SUBPROCESS_TIMEOUT
 
 PRE_REFACTOR = "797af2c"  # the last commit before the refactor (issue 17)
@@ -25,8 +24,12 @@ PRE_REFACTOR = "797af2c"  # the last commit before the refactor (issue 17)
 
 def export_tree(commit: str, dest: str) -> None:
     try:
-        archive = subprocess.run(["git", "-C", ROOT, "archive", commit, "algos", "envs.py", "eval.py", "fused.py"],
-                                 capture_output=True, check=True, timeout=120)
+        archive = subprocess.run(
+            ["git", "-C", ROOT, "archive", commit, "algos", "envs.py", "eval.py", "fused.py"],
+            capture_output=True,
+            check=True,
+            timeout=120,
+        )
     except (OSError, subprocess.CalledProcessError) as e:
         pytest.skip(f"commit {commit} not in this checkout's history ({type(e).__name__})")
     os.makedirs(dest)
@@ -34,10 +37,27 @@ def export_tree(commit: str, dest: str) -> None:
 
 
 def same_numbers(root: str, before: str, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, os.path.join(root, "experiments", "same_numbers.py"), "--before", before,
-           "--scripts", "robust_qmix_tv", "--tasks", "building", "--fused-modes", "fused", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        os.path.join(root, "experiments", "same_numbers.py"),
+        "--before",
+        before,
+        "--scripts",
+        "robust_qmix_tv",
+        "--tasks",
+        "building",
+        "--fused-modes",
+        "fused",
+        *extra,
+    ]
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +70,9 @@ def before(tmp_path_factory):
 def test_refactor_moved_no_number(before):
     proc = same_numbers(ROOT, before)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "robust_qmix_tv-building-fused" in proc.stdout and "EQUAL" in proc.stdout and "all 1 comparisons equal" in proc.stdout
+    assert (
+        "robust_qmix_tv-building-fused" in proc.stdout and "EQUAL" in proc.stdout and "all 1 comparisons equal" in proc.stdout
+    )
 
 
 def test_same_numbers_sees_a_planted_change(before, tmp_path):

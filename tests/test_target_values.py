@@ -7,7 +7,6 @@ transition's next state is terminal, V' = 0 (what --worst-value batch-min's mini
 import numpy as np
 import pytest
 import torch
-
 from conftest import import_file
 
 N, OBS, STATE, A, W = 3, 4, 5, 6, 3
@@ -20,9 +19,19 @@ def filled_buffer(module, seed=0, size=10):
         avail = rng.random((N, A)) < 0.5
         avail[np.arange(N), rng.integers(0, A, N)] = True  # at least one available action each
         now = (np.ones((N, A), bool),) if "qtran" in module.__name__ else ()  # QTRAN also stores avail(h)
-        rb.add(rng.normal(size=(N, OBS)).astype(np.float32), rng.normal(size=STATE).astype(np.float32),
-               rng.integers(0, A, N), -1.0, rng.normal(size=(N, OBS)).astype(np.float32),
-               rng.normal(size=STATE).astype(np.float32), avail, float(k % 5 == 4), 0.0, k % 4, *now)  # 4, 9 terminate
+        rb.add(
+            rng.normal(size=(N, OBS)).astype(np.float32),
+            rng.normal(size=STATE).astype(np.float32),
+            rng.integers(0, A, N),
+            -1.0,
+            rng.normal(size=(N, OBS)).astype(np.float32),
+            rng.normal(size=STATE).astype(np.float32),
+            avail,
+            float(k % 5 == 4),
+            0.0,
+            k % 4,
+            *now,
+        )  # 4, 9 terminate
     return rb
 
 
@@ -34,8 +43,9 @@ def explicit_next_q(module, net, rb, idx):
     return q
 
 
-@pytest.mark.parametrize("name", ["robust_vdn_rho", "robust_vdn_tv", "robust_qmix_rho", "robust_qmix_tv",
-                                  "robust_qtran_rho", "robust_qtran_tv"])
+@pytest.mark.parametrize(
+    "name", ["robust_vdn_rho", "robust_vdn_tv", "robust_qmix_rho", "robust_qmix_tv", "robust_qtran_rho", "robust_qtran_tv"]
+)
 def test_target_values_match_explicit_masked_computation(name):
     module = import_file(f"{name}_targets", f"algos/{name}.py")
     torch.manual_seed(0)
