@@ -348,8 +348,7 @@ if __name__ == "__main__":
     # Alg. 6 l.4: dual network eta_xi with parameters xi, its own Adam (paper F.2)
     dual_network = DualNetwork(env.state_dim, N, A, args.dual_hidden_dim).to(device)
     dual_optimizer = torch.optim.Adam(dual_network.parameters(), lr=args.dual_learning_rate, fused=True)
-    max_norm = args.max_grad_norm or float("inf")  # inf: the norm is only measured (logged, NaN guard)
-    dual_max_norm = args.dual_max_grad_norm or float("inf")
+    max_norm, dual_max_norm = args.max_grad_norm or float("inf"), args.dual_max_grad_norm or float("inf")  # inf: measured only
 
     # Alg. 6 l.2: replay buffer D
     rb = ReplayBuffer(args.buffer_size, N, env.obs_dim, env.state_dim, A, args.window, device)
@@ -403,8 +402,9 @@ if __name__ == "__main__":
                     dual_optimizer.step()  # Alg. 6 l.14
                     q_taken = q_network(*b.history).gather(-1, b.actions.unsqueeze(-1)).squeeze(-1)  # Q_i(h_i, a_i)
                     q_tot = mixer(q_taken, b.state)  # Alg. 6 l.17: f_theta(Q_i, s)
-                    eta = dual_eta(b)[1].detach()  # Alg. 6 l.19: eta_xi(s, a) of the updated xi, clamped, no gradient
-                    y = robust_target(b.reward, b.next_value, eta, b.terminated, args.gamma, args.rho, args.worst_value)
+                    with torch.no_grad():  # Alg. 6 l.19: eta_xi(s, a) of the updated xi (clamped) and the target y
+                        eta = dual_eta(b)[1]
+                        y = robust_target(b.reward, b.next_value, eta, b.terminated, args.gamma, args.rho, args.worst_value)
                     td_loss = F.mse_loss(q_tot, y)  # Alg. 6 l.20
                     optimizer.zero_grad()
                     td_loss.backward()  # Alg. 6 l.21

@@ -357,12 +357,11 @@ if __name__ == "__main__":
     target_network.load_state_dict(q_network.state_dict())
     target_qtran = QTranNetworks(N, A, env.state_dim, args.hidden_dim).to(device)
     target_qtran.load_state_dict(qtran.state_dict())
-    max_norm = args.max_grad_norm or float("inf")  # inf: the norm is only measured (logged, NaN guard)
+    max_norm, dual_max_norm = args.max_grad_norm or float("inf"), args.dual_max_grad_norm or float("inf")  # inf: measured only
     next_values = functools.partial(target_values, target_network=target_network, target_qtran=target_qtran)  # V'
     # Alg. 7 l.4: dual network eta_xi with parameters xi, its own Adam (paper F.2)
     dual_network = DualNetwork(env.state_dim, N, A, args.dual_hidden_dim).to(device)
     dual_optimizer = torch.optim.Adam(dual_network.parameters(), lr=args.dual_learning_rate, fused=True)
-    dual_max_norm = args.dual_max_grad_norm or float("inf")
 
     # Alg. 7 l.2: replay buffer D
     rb = ReplayBuffer(args.buffer_size, N, env.obs_dim, env.state_dim, A, args.window, device)
@@ -418,8 +417,9 @@ if __name__ == "__main__":
                     v_tot = qtran.v_tot(b.state, f_sum)  # V_tot(h) of Eq. (12)-(13)
                     q_greedy = q.masked_fill(~b.avail, -float("inf")).max(-1).values  # Q_i(h_i, a_bar_i), a_bar greedy
                     q_jt_greedy = qtran.q_jt(f_sum, masked_argmax(q, b.avail))  # Q-hat_jt(h, a_bar) of Eq. (12)
-                    eta = dual_eta(b)[1].detach()  # Alg. 7 l.17: eta_xi(s, a) of the updated xi, clamped, no gradient
-                    y = robust_target(b.reward, b.next_value, eta, b.terminated, args.gamma, args.rho, args.worst_value)
+                    with torch.no_grad():  # Alg. 7 l.17: eta_xi(s, a) of the updated xi (clamped) and the target y
+                        eta = dual_eta(b)[1]
+                        y = robust_target(b.reward, b.next_value, eta, b.terminated, args.gamma, args.rho, args.worst_value)
                     td_loss = F.mse_loss(q_tot, y)  # Alg. 7 l.18
                     opt_loss, nopt_loss = qtran_losses(q_greedy.sum(-1), q_jt_greedy, q_taken.sum(-1), q_tot, v_tot)  # l.19-20
                     for opt in optimizers:
