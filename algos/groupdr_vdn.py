@@ -277,7 +277,7 @@ if __name__ == "__main__":
     rb = ReplayBuffer(args.buffer_size, N, env.obs_dim, env.state_dim, A, args.window, device)
     history = envs.History(1, args.window, N, env.obs_dim)  # acting: each agent's last W (obs, prev. action)
 
-    run.track(q_network=q_network, target_network=target_network, optimizer=optimizer, rb=rb, rng=rng)  # --resume
+    run.track(q_network=q_network, target_network=target_network, optimizer=optimizer, rb=rb, rng=rng)  # --resume: restored
     global_step = run.global_step
     with run:  # Ctrl-C / SIGTERM: checkpoint at the episode's end; a non-finite gradient: one error line
         for episode in range(run.episode, args.total_episodes):  # Alg. 2 l.5

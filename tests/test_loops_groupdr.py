@@ -575,7 +575,9 @@ def recorded_run(case: str, days: int, tmp, estimator_file, *extra) -> tuple[dic
     real_default_rng = np.random.default_rng
 
     class ActingRun(run_plumbing.Run):  # the scripts look runs.Run up when they start a run
-        def track(self, **state):
+        def track(self, **state):  # the scripts call it more than once
+            if "q_network" not in state:
+                return super().track(**state)
             greedy_q = state["q_network"].greedy_q
 
             def acting(obs_w, prev_w, *a, **k):

@@ -355,9 +355,11 @@ def run(script: str, flags, cwd: str) -> Recording:
     real_run, real_mse = run_plumbing.Run, F.mse_loss
 
     class CapturingRun(real_run):
-        def track(self, **state):
-            rec.state = state
-            rec.init = {k: copy.deepcopy(v.state_dict()) for k, v in state.items() if isinstance(v, torch.nn.Module)}
+        def track(self, **state):  # the scripts call it more than once: collect what each call hands over
+            rec.state.update(state)
+            rec.init.update({k: copy.deepcopy(v.state_dict()) for k, v in state.items() if isinstance(v, torch.nn.Module)})
+            if "q_network" not in state:
+                return super().track(**state)
             greedy_q = state["q_network"].greedy_q
 
             def acting(obs_w, prev_w, *a, **k):
