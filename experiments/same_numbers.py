@@ -208,6 +208,9 @@ def main() -> int:
                     failures += status != "EQUAL"
                     compared += 1
                     print(f"{tag:42s} {status}: checkpoint {n1} leaves, model {n2}, old-run resumed {n3}", flush=True)
+                    objects = sorted({x.split("/")[2] for x in bad + bad3 if x.startswith("differs: /state/")})
+                    if objects:
+                        print(f"    objects that differ: {', '.join(objects)}")
                     for line in (bad + bad2 + [f"resumed: {x}" for x in bad3])[:12]:
                         print(f"    {line}")
     if not compared:

@@ -88,4 +88,5 @@ def test_same_numbers_sees_a_planted_change(before, tmp_path):
     script.write_text(text.replace("lr=args.dual_learning_rate", "lr=1.01 * args.dual_learning_rate", 1))
     proc = same_numbers(str(tree), before)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "DIFFERENT" in proc.stdout and "differs: /state/dual_network" in proc.stdout
+    differ = [line for line in proc.stdout.splitlines() if "objects that differ:" in line]
+    assert "DIFFERENT" in proc.stdout and differ and "dual_network" in differ[0] and "dual_optimizer" in differ[0], proc.stdout
