@@ -38,6 +38,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -84,36 +85,11 @@ def check_env_args(env_id: str, config: str, flag: str = "--train-config") -> No
 
 
 @dataclass
-class RunArgs:
-    """The run flags of every algos/ training script: its Args extends this class (GroupDR) or EnvArgs
-    (the six robust scripts) with the algorithm's flags; tyro shows them all in --help."""
+class EnvArgs:
+    """The task flags of the six robust scripts (checked by runs.check_run_args); their Args extends this class and
+    runs.RunArgs."""
 
-    run_name: str = ""
-    """run folder under runs/ (default: {env}__{exp_name}__{seed}__{unix time})"""
-    seed: int = 1
-    """seed of python, numpy, torch and the environment (training days / configs, exploration)"""
-    device: str = "cpu"
-    """torch device (cpu or cuda)"""
-    torch_threads: int = 0
-    """torch intra-op threads (0 = torch's default; 1 is fastest on a 2-core machine)"""
-    save_model: bool = False
-    """save weights, args and env config to runs/{run_name}/model.pt"""
-    log_every: int = 10
-    """print a progress line every this many episodes"""
-    checkpoint_every: int = 50
-    """write runs/{run_name}/checkpoint.pt every this many episodes, for --resume (0 = none by episodes; StarCraft default 0)"""
-    checkpoint_minutes: float = 10.0
-    """also write it at the end of an episode once this many minutes have passed since the last one (or this process's
-    start), and at the end of training (0 = neither; Ctrl-C / SIGTERM always write one)"""
-    resume: str = ""
-    """continue the run in this folder (runs/<run name>) from its checkpoint.pt; flags left out come from it"""
-
-
-@dataclass
-class EnvArgs(RunArgs):
-    """RunArgs + the environment flags of the six robust scripts (checked by check_run_args)."""
-
-    env: str = "building"
+    env: Literal["building", "matrix", "smax", "smac"] = "building"
     """task: building (SustainGym), smax (JaxMARL 3s_vs_5z), smac (StarCraft II) or matrix (one-step / two-step games)"""
     train_config: str = ""
     """building config env_1..env_6 (paper Table 3) or StarCraft map (default: env_1 / 3s_vs_5z)"""
@@ -131,55 +107,20 @@ class EnvArgs(RunArgs):
     """StarCraft: std of the test-time N(0, sigma^2) noise on enemy positions"""
 
 
-
-def check_run_args(args) -> None:
-    """The flags every algos/ script shares: --env, --train-config, --train-days and the sizes.
-    One clear line naming the flag, then exit != 0."""
-    try:
-        check_env_args(args.env, args.train_config or default_config(args.env))
-    except EnvArgError as e:
-        fail(str(e))
-    lo, _, hi = args.train_days.partition(":")
-    if not (lo.isdigit() and hi.isdigit() and int(lo) < int(hi)):
-        fail(f"--train-days must look like a:b with integers a < b (got '{args.train_days}')")
-    check_counts(args)
-
-
-# Count and frequency flags of the algos/ scripts -> the least accepted value (every field an Args
-# has is checked, so one table serves all nine scripts), then the few real-valued ones.
-COUNT_FLAGS = {"total_episodes": 1, "batch_size": 1, "buffer_size": 1, "window": 1, "hidden_dim": 1,
-               "mixing_embed_dim": 1, "dual_hidden_dim": 1, "log_every": 1, "train_frequency": 1,
-               "target_network_frequency": 1, "exploration_steps": 1, "eval_episodes": 1, "checkpoint_every": 0,
-               "eval_every": 0, "total_steps": 0, "episode_steps": 0, "learning_starts": 0, "torch_threads": 0}
-REAL_FLAGS = {"gamma": ("in [0, 1)", lambda v: 0.0 <= v < 1.0), "learning_rate": ("> 0", lambda v: v > 0),
-              "qtran_learning_rate": ("> 0", lambda v: v > 0), "dual_learning_rate": ("> 0", lambda v: v > 0),
-              "max_grad_norm": (">= 0 (0 = no clip)", lambda v: v >= 0), "dual_max_grad_norm": (">= 0 (0 = no clip)", lambda v: v >= 0),
-              "rmsprop_eps": (">= 0", lambda v: v >= 0), "start_e": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0),
-              "end_e": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0), "eval_sigma": (">= 0", lambda v: v >= 0),
-              "checkpoint_minutes": (">= 0 (0 = no checkpoints by time)", lambda v: v >= 0)}
-
-
-def check_counts(args) -> None:
-    """Every count / frequency flag (and the real-valued ones above) of an algos/ script's Args, before
-    anything is built or written: one line "--flag must be ... (got X)", then exit != 0."""
-    for field, least in COUNT_FLAGS.items():
-        value = getattr(args, field, least)
-        if value < least:
-            fail(f"--{field.replace('_', '-')} must be >= {least} (got {value})")
-    for field, (accepted, ok) in REAL_FLAGS.items():
-        if hasattr(args, field) and not ok(getattr(args, field)):
-            fail(f"--{field.replace('_', '-')} must be {accepted} (got {getattr(args, field)})")
-    if args.buffer_size <= args.window:  # sample() skips the W oldest slots once the buffer wraps
-        fail(f"--buffer-size must be larger than --window (got {args.buffer_size} <= {args.window})")
-
-
 # StarCraft: where the paper is silent, SMAC-literature values (pymarl) replace the building
 # defaults of the fields a user left at their default. checkpoint_every=0: SMAX episodes are short
 # (~50 steps) and the 50,000-transition buffer makes a checkpoint ~120 MB, so StarCraft runs
 # checkpoint by time only (--checkpoint-minutes, every 10 minutes by default) and at the end.
-STARCRAFT_DEFAULTS = dict(gamma=0.99, end_e=0.05, exploration_steps=50_000, buffer_size=50_000,
-                          target_network_frequency=10_000, total_episodes=1_000_000, total_steps=1_000_000,
-                          checkpoint_every=0)
+STARCRAFT_DEFAULTS = {
+    "gamma": 0.99,
+    "end_e": 0.05,
+    "exploration_steps": 50_000,
+    "buffer_size": 50_000,
+    "target_network_frequency": 10_000,
+    "total_episodes": 1_000_000,
+    "total_steps": 1_000_000,
+    "checkpoint_every": 0,
+}
 
 
 def apply_env_defaults(args, defaults) -> bool:
@@ -194,12 +135,37 @@ def apply_env_defaults(args, defaults) -> bool:
     return starcraft
 
 
+class History:
+    """What the agents' DRQNs see (paper F.2), like a frame stack: the acting window of E parallel episodes, the last
+    W (obs, previous action) pairs, padded at the front with zero observations and previous-action index 0 (also the
+    t=0 previous action). The algos/ scripts act on it; their replay buffers rebuild the same windows at sample time."""
+
+    def __init__(self, n_envs, window, n_agents, obs_dim):
+        self.obs = np.zeros((window, n_envs, n_agents, obs_dim), dtype=np.float32)
+        self.prev_a = np.zeros((window, n_envs, n_agents), dtype=np.int64)
+
+    def reset(self, obs):
+        self.obs[:] = 0.0
+        self.prev_a[:] = 0
+        self.obs[-1] = obs
+
+    def push(self, obs, prev_actions):
+        self.obs = np.roll(self.obs, -1, axis=0)
+        self.prev_a = np.roll(self.prev_a, -1, axis=0)
+        self.obs[-1], self.prev_a[-1] = obs, prev_actions
+
+    def tensors(self, device):
+        import torch
+
+        return torch.from_numpy(self.obs).to(device), torch.from_numpy(self.prev_a).to(device)
+
+
 def default_config(env_id: str) -> str:
     """The config a script trains on when --train-config is left at its default."""
     return {"building": "env_1", "matrix": "two-step"}.get(env_id, STARCRAFT_DEFAULT_MAP)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _building_parameters(config: str) -> dict:
     """sustaingym's ParameterGenerator for one config, built once per process (it takes ~1 s)."""
     from sustaingym.envs.building import ParameterGenerator
@@ -242,7 +208,7 @@ class BuildingTask:
 
     def step(self, actions):
         actions = np.asarray(actions).reshape(self.n_agents)
-        obss, rewards, _, truncs, infos = self.env.step([int(a) for a in actions])
+        obss, rewards, _, truncs, _ = self.env.step([int(a) for a in actions])
         agent0 = self.env.possible_agents[0]
         self._t += 1
         team_reward = float(sum(rewards[a] for a in self.env.possible_agents))
@@ -294,7 +260,13 @@ MATRIX_GAMES = ("one-step", "two-step")
 # gamma 0.99 as in the QMIX paper's two-step game; a target copy every 100 steps (25,000 would
 # never come); a budget of episodes that converges (one or two steps each); fewer progress lines;
 # no periodic resume checkpoint (a run takes seconds; one every 50 one-step episodes would dominate).
-MATRIX_DEFAULTS = dict(gamma=0.99, target_network_frequency=100, total_episodes=4000, log_every=500, checkpoint_every=0)
+MATRIX_DEFAULTS = {
+    "gamma": 0.99,
+    "target_network_frequency": 100,
+    "total_episodes": 4000,
+    "log_every": 500,
+    "checkpoint_every": 0,
+}
 
 
 class MatrixGame:
@@ -447,7 +419,7 @@ def _import_jaxmarl_smax():
     return jax, jaxmarl, smax_env
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _smax_compiled(map_name: str, max_steps: int = 250):
     """One HeuristicEnemySMAX per (map, limit) and process, with its jitted reset/step, warmed up.
 
@@ -665,14 +637,19 @@ class SMAXTask:
         C = smax_batch_chunk(self.n_agents + self.n_enemies)
         self._step_b = _smax_batched(self.map_name, self.episode_limit, C)
         starts = [self._reset_fn(self._base_key, np.uint32(d)) for d in days + [days[-1]] * (-B % C)]  # pad rows: never live
-        self._chunks = [[_smax_stack([s[1] for s in starts[c : c + C]]), _smax_stack([s[2] for s in starts[c : c + C]])]
-                        for c in range(0, len(starts), C)]
+        self._chunks = [
+            [_smax_stack([s[1] for s in starts[c : c + C]]), _smax_stack([s[2] for s in starts[c : c + C]])]
+            for c in range(0, len(starts), C)
+        ]
         packed = self._jax.device_get([s[0] for s in starts[:B]])
         self._batch, self._chunk = B, C
         self._batch_alive = np.ones(B, dtype=bool)  # rows not yet ended
         self._batch_avail = np.stack([p[2] for p in packed]).astype(bool)
-        return (np.stack([p[0] for p in packed]).astype(np.float32), np.stack([p[1] for p in packed]).astype(np.float32),
-                self._batch_avail.copy())
+        return (
+            np.stack([p[0] for p in packed]).astype(np.float32),
+            np.stack([p[1] for p in packed]).astype(np.float32),
+            self._batch_avail.copy(),
+        )
 
     def step_batch(self, actions, live):
         """Step the rows ``live`` (B,) bool of the episodes of reset_batch with actions (B, N); a chunk
@@ -734,9 +711,7 @@ def _parse_smac_config(config: str, flag: str) -> tuple[str | None, str]:
     if not sep:
         return None, config
     if backend not in SMAC_BACKENDS:
-        raise EnvArgError(
-            f"{flag} '{config}': unknown SMAC backend prefix '{backend}'; use MAP, smacv1:MAP or smacv2:MAP"
-        )
+        raise EnvArgError(f"{flag} '{config}': unknown SMAC backend prefix '{backend}'; use MAP, smacv1:MAP or smacv2:MAP")
     return backend, map_name
 
 

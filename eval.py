@@ -35,13 +35,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import random
 import re
-import shlex
-import signal
-import sys
-import threading
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +43,8 @@ import torch
 import tyro
 
 import envs
+import runs
+from runs import write_json_atomic
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILDING_PROTOCOLS = ("paper-tables", "climate", "season", "climate-season", "custom")
@@ -120,63 +116,41 @@ def load_algo_module(algo: str):
     return module
 
 
-CHECKPOINT_FORMATS = ("drigm-checkpoint-v1", "drigm-checkpoint-v2")
-
-
-def save_checkpoint(run_dir: str, script: str, args, env_info: dict, **parts) -> str:
-    """Write run_dir/model.pt atomically (.tmp, then rename) in the current format (v2: DRQN
-    parameters stacked over agents): algo (the script's name; load_checkpoint imports
-    algos/<algo>.py for the network classes), args, env_info, and parts (modules as state dicts)."""
-    path = os.path.join(run_dir, "model.pt")
-    bad = [k for k, v in parts.items() if isinstance(v, torch.nn.Module) and not all(t.isfinite().all() for t in v.state_dict().values())]
-    if bad:  # the NaN guard (TrainingRun.check_finite) stops a diverging run before this; never write such weights
-        print(f"error: non-finite weights in {', '.join(bad)}; {path} not written", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_NONFINITE)
-    checkpoint = {"format": CHECKPOINT_FORMATS[-1], "algo": os.path.basename(script)[: -len(".py")],
-                  "args": vars(args), "env": env_info,
-                  **{k: v.state_dict() if isinstance(v, torch.nn.Module) else v for k, v in parts.items()}}
-    torch.save(checkpoint, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    return path
-
-
-RELEASED_KEYS = ("fc1.bias", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_ih_l0", "lstm.bias_hh_l0",
-                 "fc_out.weight", "fc_out.bias")  # + fc1.weight = [obs columns | one-hot columns]
-
-
-def _stacked(drqn, key: str):
-    return getattr(drqn, key.replace(".", "_").replace("_l0", ""))  # lstm.weight_ih_l0 -> drqn.lstm_weight_ih
-
-
 def agent_state_dict(drqn, k: int) -> dict:
-    """Network k of a script's stacked DRQN in the released per-agent format (agent_{k}_q_network.pt)."""
-    state = {"fc1.weight": torch.cat([drqn.fc1_obs[k], drqn.fc1_table[k].t()], 1)}
-    state.update({key: _stacked(drqn, key)[k] for key in RELEASED_KEYS})
+    """Network k of a script's DRQN (parameters stacked over the networks) in the released per-agent format
+    (agent_{k}_q_network.pt): the same names, fc1's obs and one-hot columns joined into one fc1.weight."""
+    state = {key: value[k] for key, value in drqn.state_dict().items()}
+    state["fc1.weight"] = torch.cat([state.pop("fc1.weight_obs"), state.pop("fc1.weight_onehot").t()], 1)
     return {key: value.detach().clone() for key, value in state.items()}
 
 
 @torch.no_grad()
 def load_agent_state_dict(drqn, k: int, state: dict) -> None:
-    """A released per-agent state dict into network k of a stacked DRQN (every key and shape checked first)."""
+    """A released per-agent state dict into network k of a script's DRQN (every key and shape checked first)."""
     for key, value in agent_state_dict(drqn, k).items():
         if key not in state or state[key].shape != value.shape:
-            raise RuntimeError(f"{key}: expected shape {tuple(value.shape)}, "
-                               f"got {tuple(state[key].shape) if key in state else 'nothing'}")
-    drqn.fc1_obs[k].copy_(state["fc1.weight"][:, : drqn.obs_dim])
-    drqn.fc1_table[k].copy_(state["fc1.weight"][:, drqn.obs_dim :].t())
-    for key in RELEASED_KEYS:
-        _stacked(drqn, key)[k].copy_(state[key])
+            raise RuntimeError(
+                f"{key}: expected shape {tuple(value.shape)}, got {tuple(state[key].shape) if key in state else 'nothing'}"
+            )
+    obs_dim = drqn.fc1.weight_obs.shape[-1]
+    own = {
+        **state,
+        "fc1.weight_obs": state["fc1.weight"][:, :obs_dim],
+        "fc1.weight_onehot": state["fc1.weight"][:, obs_dim:].t(),
+    }
+    for key, param in drqn.state_dict(keep_vars=True).items():
+        param[k].copy_(own[key])
 
 
 def load_q_network(net, ckpt: dict) -> None:
-    """A checkpoint's weights into net. v2: each DRQN parameter stacked over the agents. v1 (written
-    before 2026-11-21): one module per agent (agents.{k}.fc1.weight, ...), loaded agent by agent
+    """A model.pt's weights (runs.load_model's dict) into net. v3 / v2: each DRQN parameter stacked over the agents.
+    v1 (written before 2026-11-21): one module per agent (agents.{k}.fc1.weight, ...), loaded agent by agent
     through the released per-agent format. Raises RuntimeError / KeyError on any mismatch."""
     state = ckpt["q_network"]
     if ckpt["format"] != "drigm-checkpoint-v1":
         net.load_state_dict(state)
         return
-    n_nets = net.drqn.fc1_bias.shape[0]
+    n_nets = net.drqn.fc1.bias.shape[0]
     if {key.split(".")[1] for key in state if key.startswith("agents.")} != {str(k) for k in range(n_nets)}:
         raise RuntimeError(f"expected agents.0 .. agents.{n_nets - 1} in a v1 checkpoint")
     for k in range(n_nets):
@@ -185,15 +159,9 @@ def load_q_network(net, ckpt: dict) -> None:
 
 
 def load_checkpoint(path: str, device):
-    """-> (label, module, q_network, env_info, args dict). One error line for any bad file."""
-    if not os.path.isfile(path):
-        envs.fail(f"--checkpoints: no such file '{path}'")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        envs.fail(f"--checkpoints: cannot read '{path}' as a torch checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("format") not in CHECKPOINT_FORMATS:
-        envs.fail(f"--checkpoints: '{path}' is not a checkpoint written by algos/*.py --save-model")
+    """-> (label, module, q_network, env_info, args dict). One error line for any bad file; the file is read with
+    torch.load(weights_only=True) (runs.load_model), so a downloaded checkpoint cannot run code."""
+    ckpt = runs.load_model(path, "--checkpoints", device)
     a, e = ckpt["args"], ckpt["env"]
     try:
         module = load_algo_module(ckpt["algo"])
@@ -217,7 +185,11 @@ def authors_label(path: str) -> str:
 def load_authors_dir(path: str, device):
     """The released per-agent checkpoints agent_{i}_q_network.pt (keys fc1.*, lstm.*, fc_out.*)
     loaded into our per-agent network (robust_vdn_rho's QNetworks; all six scripts share it)."""
-    files = sorted(f for f in os.listdir(path) if f.startswith("agent_") and f.endswith("_q_network.pt")) if os.path.isdir(path) else []
+    files = (
+        sorted(f for f in os.listdir(path) if f.startswith("agent_") and f.endswith("_q_network.pt"))
+        if os.path.isdir(path)
+        else []
+    )
     if not files:
         envs.fail(f"--authors-dir: '{path}' holds no agent_{{i}}_q_network.pt files")
     module = load_algo_module("robust_vdn_rho")
@@ -244,7 +216,7 @@ def run_episodes(module, q_network, env_id: str, config: str, days: list[int], w
     obs = np.stack([f[0] for f in first])
     avail = np.stack([f[2] for f in first])
     E, N = len(days), tasks[0].n_agents
-    history = module.History(E, window, N, tasks[0].obs_dim)
+    history = envs.History(E, window, N, tasks[0].obs_dim)
     history.reset(obs)
     returns, done = np.zeros(E), np.zeros(E, dtype=bool)
     limit = min(episode_steps or tasks[0].episode_limit, tasks[0].episode_limit)
@@ -267,7 +239,7 @@ def run_episode(module, q_network, task, day: int, window: int, device="cpu"):
     """One greedy episode on one task (StarCraft: episodes end at different times, and a real
     SMAC env is one game process) -> (team return, battle won)."""
     obs, _, avail = task.reset(day)
-    history = module.History(1, window, task.n_agents, task.obs_dim)
+    history = envs.History(1, window, task.n_agents, task.obs_dim)
     history.reset(obs[None])
     total, won = 0.0, False
     for _ in range(task.episode_limit):
@@ -294,15 +266,21 @@ def lockstep_q(q_network, n_rows: int):
     drqn = getattr(q_network, "drqn", None)
     n_agents = getattr(q_network, "n_agents", 0)
     names = dict(drqn.named_parameters()) if drqn is not None else {}
-    stacked = bool(names) and all(p.shape[0] == n_agents for p in names.values()) and hasattr(drqn, "rows")
+    stacked = bool(names) and all(p.shape[0] == n_agents for p in names.values()) and hasattr(drqn, "fc1")
     if getattr(q_network, "share_params", True) or not stacked:
+
         def per_episode(obs_w, prev_a_w):
-            return torch.cat([q_network.greedy_q(obs_w[:, e : e + 1].contiguous(), prev_a_w[:, e : e + 1].contiguous())
-                              for e in range(obs_w.shape[1])])
+            return torch.cat(
+                [
+                    q_network.greedy_q(obs_w[:, e : e + 1].contiguous(), prev_a_w[:, e : e + 1].contiguous())
+                    for e in range(obs_w.shape[1])
+                ]
+            )
+
         return per_episode
     wide = {f"drqn.{k}": p.detach().repeat(n_rows, *[1] * (p.dim() - 1)) for k, p in names.items()}
-    stride = drqn.fc1_table.shape[1]  # one-hot rows of one network's table
-    wide["drqn.rows"] = stride * torch.arange(n_rows * n_agents, device=drqn.rows.device).unsqueeze(1)
+    stride = drqn.fc1.weight_onehot.shape[1]  # one-hot rows of one network's table
+    wide["drqn.fc1.rows"] = stride * torch.arange(n_rows * n_agents, device=drqn.fc1.rows.device).unsqueeze(1)
 
     @torch.no_grad()
     def q(obs_w, prev_a_w):
@@ -327,7 +305,7 @@ def run_episodes_lockstep(module, q_network, task, days, noise, window: int, dev
         if wrap is not None:
             wrap.rng = np.random.default_rng((wrap.seed, days[e]))  # as ObservationNoise.reset(day)
             obs[e] = wrap.perturb(obs[e])
-    history = module.History(E, window, task.n_agents, task.obs_dim)
+    history = envs.History(E, window, task.n_agents, task.obs_dim)
     history.reset(obs)
     q_fn = lockstep_q(q_network, E)
     returns, won, live = np.zeros(E), np.zeros(E, dtype=bool), np.ones(E, dtype=bool)
@@ -353,8 +331,18 @@ def run_episodes_lockstep(module, q_network, task, days, noise, window: int, dev
     return returns, won
 
 
-def evaluate_starcraft(module, q_network, task, n_episodes=32, sigma=0.75, noise_seed=0, window=8, device="cpu",
-                       first_day=EVAL_FIRST_DAY, lockstep=None):
+def evaluate_starcraft(
+    module,
+    q_network,
+    task,
+    n_episodes=32,
+    sigma=0.75,
+    noise_seed=0,
+    window=8,
+    device="cpu",
+    first_day=EVAL_FIRST_DAY,
+    lockstep=None,
+):
     """Paper Sec. 5.2: n_episodes greedy episodes with clean observations and the same episodes
     with N(0, sigma^2) on every enemy's relative position (test-time shift only). Episode ids
     start at first_day, far from the ids training episodes use.
@@ -369,25 +357,34 @@ def evaluate_starcraft(module, q_network, task, n_episodes=32, sigma=0.75, noise
     if lockstep:
         wraps = [None] * n_episodes + [envs.ObservationNoise(task, sigma=sigma, seed=noise_seed) for _ in days]
         returns, won = run_episodes_lockstep(module, q_network, task, days + days, wraps, window, device)
-        runs = {"clean": list(zip(returns[:n_episodes], won[:n_episodes])), "noisy": list(zip(returns[n_episodes:], won[n_episodes:]))}
+        runs = {
+            "clean": list(zip(returns[:n_episodes], won[:n_episodes])),
+            "noisy": list(zip(returns[n_episodes:], won[n_episodes:])),
+        }
     else:
         noisy = envs.ObservationNoise(task, sigma=sigma, seed=noise_seed)
-        runs = {name: [run_episode(module, q_network, env, day, window, device) for day in days]
-                for name, env in (("clean", task), ("noisy", noisy))}
+        runs = {
+            name: [run_episode(module, q_network, env, day, window, device) for day in days]
+            for name, env in (("clean", task), ("noisy", noisy))
+        }
     for name in ("clean", "noisy"):
         result[f"win_rate_{name}"] = float(np.mean([bool(w) for _, w in runs[name]]))
         result[f"return_{name}"] = float(np.mean([float(r) for r, _ in runs[name]]))
     return result
 
 
-def starcraft_eval_round(module, q_network, task, args, step, writer, run_dir, device="cpu") -> None:
-    """Training-time evaluation of the algos/ scripts (Sec. 5.2): clean and noisy win rates to
-    TensorBoard (eval/*), to runs/<run>/eval.jsonl (for --protocol starcraft-curves) and stdout."""
-    result = evaluate_starcraft(module, q_network, task, args.eval_episodes, args.eval_sigma, args.seed, args.window, device)
+def starcraft_eval_round(module, q_network, task, step, run, device="cpu") -> None:
+    """Training-time evaluation of the algos/ scripts (Sec. 5.2) at env step `step` of `run` (a runs.Run): clean and
+    noisy win rates to TensorBoard (eval/*), to runs/<run>/eval.jsonl (for --protocol starcraft-curves) and stdout."""
+    a = run.args
+    result = evaluate_starcraft(module, q_network, task, a.eval_episodes, a.eval_sigma, a.seed, a.window, device)
     for key, value in result.items():
-        writer.add_scalar(f"eval/{key}", value, step)
-    append_jsonl(os.path.join(run_dir, "eval.jsonl"), {"step": step, **result})
-    print(f"eval at {step} steps | win rate clean {result['win_rate_clean']:.3f} | noisy {result['win_rate_noisy']:.3f}", flush=True)
+        run.writer.add_scalar(f"eval/{key}", value, step)
+    append_jsonl(os.path.join(run.run_dir, "eval.jsonl"), {"step": step, **result})
+    print(
+        f"eval at {step} steps | win rate clean {result['win_rate_clean']:.3f} | noisy {result['win_rate_noisy']:.3f}",
+        flush=True,
+    )
 
 
 def append_jsonl(path: str, record: dict) -> None:
@@ -395,294 +392,6 @@ def append_jsonl(path: str, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
-
-
-def write_json_atomic(path: str, payload) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Run plumbing of the algos/ scripts: runs/<run>/checkpoint.pt, --resume, Ctrl-C / SIGTERM, NaN guard
-# ---------------------------------------------------------------------------------------------
-RUN_CHECKPOINT_FORMAT = "drigm-run-checkpoint-v1"
-# Flags a resumed run may change (how long it runs, how often it logs or checkpoints, threads, output).
-BUDGET_FLAGS = ("total_episodes", "total_steps", "checkpoint_every", "checkpoint_minutes", "log_every", "resume",
-                "torch_threads", "save_model")
-EXIT_NONFINITE = 3  # the NaN guard stopped the run
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as a shell reports it
-
-
-def checkpoint_clock() -> float:
-    """Seconds on a monotonic clock: what --checkpoint-minutes measures (tests replace it)."""
-    return time.monotonic()
-
-
-def _given_flags(argv, fields) -> set:
-    """The Args fields a command line sets explicitly (--flag x, --flag=x, --no-flag)."""
-    given = set()
-    for token in argv:
-        if token.startswith("--"):
-            name = token[2:].split("=", 1)[0].replace("-", "_")
-            name = name[3:] if name not in fields and name.startswith("no_") else name
-            given |= {name} & set(fields)
-    return given
-
-
-def resume_args(args, script: str, argv=None):
-    """--resume runs/<name>: read that run's checkpoint.pt and continue with its args. Flags left
-    off the command line take the checkpoint's values; a flag given with another value than the
-    checkpoint's is refused with one line naming it, except the BUDGET_FLAGS (the command line wins).
-    -> the checkpoint (TrainingRun restores the rest from it), or None without --resume."""
-    if not args.resume:
-        return None
-    args.resume = os.path.normpath(args.resume)
-    path = os.path.join(args.resume, "checkpoint.pt")
-    if not os.path.isfile(path):
-        envs.fail(f"--resume: no checkpoint '{path}' (a run writes one every --checkpoint-every episodes and on Ctrl-C)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        envs.fail(f"--resume: cannot read '{path}' as a torch checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != RUN_CHECKPOINT_FORMAT:
-        envs.fail(f"--resume: '{path}' is not a training checkpoint written by algos/*.py")
-    algo = os.path.basename(script)[: -len(".py")]
-    if ckpt["algo"] != algo:
-        envs.fail(f"--resume: '{path}' belongs to algos/{ckpt['algo']}.py, not algos/{algo}.py")
-    fields, saved = vars(args), ckpt["args"]
-    given = _given_flags(sys.argv[1:] if argv is None else argv, fields)
-    for key in list(fields):
-        if key not in saved or (key in BUDGET_FLAGS and (key in given or key == "resume")):
-            continue
-        if key in given and fields[key] != saved[key]:
-            flag = "--" + key.replace("_", "-")
-            envs.fail(f"{flag} {fields[key]} differs from the checkpoint's {flag} {saved[key]} ({path}); "
-                      f"leave it out to continue with {saved[key]}, or start a new run without --resume")
-        setattr(args, key, saved[key])
-    return ckpt
-
-
-def open_run(run_dir: str, args, resume=None):
-    """Create the run folder (after every flag check passed): args.json and the TensorBoard writer.
-    A resumed run's writer drops what the interrupted process logged after its checkpoint (purge_step),
-    so TensorBoard continues without duplicate points."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    if resume is None:
-        writer = SummaryWriter(run_dir)
-        writer.add_text("hyperparameters",
-                        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
-    else:
-        step = resume["counters"]["global_step"]
-        writer = SummaryWriter(run_dir, purge_step=step + 1)
-        log = os.path.join(run_dir, "eval.jsonl")  # StarCraft evaluations: likewise, none after the checkpoint
-        if os.path.isfile(log):
-            with open(log) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-            with open(log + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(log + ".tmp", log)
-    write_json_atomic(os.path.join(run_dir, "args.json"), vars(args))
-    return writer
-
-
-def _state_of(obj):
-    """What a checkpoint keeps of one training object."""
-    if isinstance(obj, (list, tuple)):
-        return [_state_of(o) for o in obj]
-    if isinstance(obj, np.random.Generator):
-        return obj.bit_generator.state
-    if hasattr(obj, "state_dict"):  # modules and optimisers
-        return obj.state_dict()
-    return dict(vars(obj))  # a replay buffer: its arrays (with the cached target values and versions) and pointers
-
-
-def _load_state(obj, state, name: str) -> None:
-    if isinstance(obj, (list, tuple)):
-        if len(obj) != len(state):
-            raise ValueError(f"{name}: {len(state)} saved, {len(obj)} here")
-        for i, (o, s) in enumerate(zip(obj, state)):
-            _load_state(o, s, f"{name}[{i}]")
-    elif isinstance(obj, np.random.Generator):
-        obj.bit_generator.state = state
-    elif hasattr(obj, "load_state_dict"):
-        obj.load_state_dict(state)
-    else:
-        here = vars(obj)
-        bad = sorted(set(here) ^ set(state)) + [k for k in set(here) & set(state) if isinstance(here[k], np.ndarray)
-                                               and (here[k].shape, here[k].dtype) != (state[k].shape, state[k].dtype)]
-        if bad:
-            raise ValueError(f"{name}: {', '.join(bad)} differ")
-        vars(obj).update(state)
-
-
-class TrainingRun:
-    """The fault tolerance of one training run of an algos/ script.
-
-    * checkpoints: at an episode boundary, every --checkpoint-every episodes, at the first episode end
-      --checkpoint-minutes after the last checkpoint (or this process's start), at the end of training
-      (if --checkpoint-minutes > 0) and on Ctrl-C / SIGTERM,
-      runs/<run>/checkpoint.pt is written atomically with every object passed as ``state`` (networks,
-      targets, optimisers, replay buffer, the script's numpy generator), the python / numpy / torch
-      RNG states, the counters passed to episode_end and the args;
-    * --resume: built with the checkpoint resume_args returned, it loads all of it back in place, so
-      the resumed run continues bit for bit (CPU) where the checkpoint was taken;
-    * Ctrl-C / SIGTERM: the current episode finishes, a checkpoint is written, the resume command
-      printed, exit 130 / 143 (a second Ctrl-C stops at once, without a checkpoint);
-    * NaN guard (check_finite): a non-finite loss, target or gradient norm stops the run before the
-      optimiser step, with one line naming the env step and the last good checkpoint, exit 3."""
-
-    def __init__(self, run_dir: str, script: str, args, writer, resume=None, **state):
-        self.run_dir, self.script, self.args, self.writer, self.state = run_dir, script, args, writer, state
-        self.path = os.path.join(run_dir, "checkpoint.pt")
-        self.saved_counters = None  # counters of the checkpoint on disk (the last good one)
-        self.stop_signal = None
-        self.last_save_time = checkpoint_clock()  # --checkpoint-minutes counts from here, then from each checkpoint
-        if resume is not None:
-            try:
-                if set(resume["state"]) != set(state):
-                    raise ValueError(f"holds {', '.join(sorted(resume['state']))}")
-                for name, obj in state.items():
-                    _load_state(obj, resume["state"][name], name)
-            except (ValueError, RuntimeError, KeyError) as err:
-                envs.fail(f"--resume: {self.path} does not fit this run: {str(err).splitlines()[0]}")
-            rng = resume["rng"]
-            random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
-            torch.set_rng_state(rng["torch"])
-            if rng.get("cuda") is not None:
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            self.saved_counters = resume["counters"]
-            print(f"resumed {self.path}: episode {self.saved_counters['episode']}, "
-                  f"env step {self.saved_counters['global_step']}", flush=True)
-        self.previous_handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in EXIT_SIGNAL:
-                self.previous_handlers[sig] = signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum, frame):
-        """First Ctrl-C / SIGTERM: stop at the end of this episode; the next one acts as usual."""
-        self.stop_signal = signum
-        self._restore_handlers()
-
-    def _restore_handlers(self):
-        for sig, handler in self.previous_handlers.items():
-            signal.signal(sig, handler)
-        self.previous_handlers = {}
-
-    def counters(self, **initial):
-        """The counters a fresh run starts from (episode first), or the resumed checkpoint's, in the same order.
-        Also starts the clocks of progress() and sps() (this process's steps and seconds only)."""
-        values = initial
-        if self.saved_counters is not None:
-            if list(self.saved_counters) != list(initial):
-                envs.fail(f"--resume: {self.path} holds counters {', '.join(self.saved_counters)}, not {', '.join(initial)}")
-            values = self.saved_counters
-        self.start = self.stretch = (time.time(), values["global_step"], values["n_updates"], self._done(values))
-        self.update_seconds = 0.0  # the script adds the seconds of each gradient step (ms per update in progress())
-        return tuple(values.values())
-
-    def _done(self, counters) -> float:
-        """Fraction of the run's budget (--total-episodes, --total-steps if set) done at these counters."""
-        a = self.args
-        return max(counters["episode"] / a.total_episodes, counters["global_step"] / a.total_steps if getattr(a, "total_steps", 0) else 0.0)
-
-    def sps(self, global_step: int) -> int:
-        """Env steps per second since this process started training (charts/SPS)."""
-        return int((global_step - self.start[1]) / max(time.time() - self.start[0], 1e-9))
-
-    def progress(self, episode: int, global_step: int, n_updates: int, epsilon: float, recent: list, last: bool) -> list:
-        """Every --log-every episodes and at the end (last): one line with the mean return of the episodes since the
-        previous line, epsilon, env steps/s, gradient steps/s, ms per gradient step and the time left.
-        Returns the list of recent returns to carry on with (emptied after a line)."""
-        if episode % self.args.log_every and not last:
-            return recent
-        now, (t0, steps0, updates0, _) = time.time(), self.stretch
-        done, n_up = self._done({"episode": episode, "global_step": global_step}), n_updates - updates0
-        left = (now - self.start[0]) * (1 - done) / max(done - self.start[3], 1e-9)
-        print(f"episode {episode}/{self.args.total_episodes} | return {np.mean(recent):.1f} | epsilon {epsilon:.3f} "
-              f"| SPS {(global_step - steps0) / (now - t0):.0f} | updates/s {n_up / (now - t0):.1f} "
-              f"| update {1000 * self.update_seconds / max(n_up, 1):.2f} ms | left {left / 60:.1f} min", flush=True)
-        self.stretch, self.update_seconds = (now, global_step, n_updates, done), 0.0
-        return []
-
-    def checkpoint_due(self, counters: dict) -> bool:
-        """Whether this episode end writes a checkpoint (Ctrl-C / SIGTERM aside): every --checkpoint-every
-        episodes (0 = never by episodes), or, with --checkpoint-minutes M > 0, once M minutes have passed since
-        the last checkpoint (or since this process started) and at the end of training (a finished run can be
-        extended with --resume --total-steps). Building: every 50 episodes (~2 min); StarCraft (default
-        --checkpoint-every 0): every 10 minutes, not every few seconds of short episodes."""
-        every, minutes = self.args.checkpoint_every, getattr(self.args, "checkpoint_minutes", 0.0)
-        if every > 0 and counters["episode"] % every == 0:
-            return True
-        if minutes <= 0:
-            return False
-        return checkpoint_clock() - self.last_save_time >= 60.0 * minutes or self._done(counters) >= 1.0
-
-    def episode_end(self, **counters):
-        """After each episode: a checkpoint when checkpoint_due, or now and exit after Ctrl-C / SIGTERM."""
-        if self.stop_signal is None and not self.checkpoint_due(counters):
-            return
-        self.save(counters)
-        if self.stop_signal is not None:
-            script = os.path.relpath(self.script)
-            command = shlex.join(["python", self.script if script.startswith("..") else script, "--resume", self.run_dir])
-            print(f"stopped by {signal.Signals(self.stop_signal).name} after episode {counters['episode']} "
-                  f"(env step {counters['global_step']}): checkpoint {self.path}; continue with: {command}", flush=True)
-            self.close()
-            raise SystemExit(EXIT_SIGNAL[self.stop_signal])
-
-    def save(self, counters: dict) -> None:
-        """checkpoint.pt, atomically: a temporary file, fsync, then os.replace over the previous one."""
-        bad = [name for name, obj in self.state.items() if isinstance(obj, torch.nn.Module)
-               and not all(t.isfinite().all() for t in obj.state_dict().values())]
-        if bad:
-            self._stop_nonfinite(f"weights of {', '.join(bad)}", counters["global_step"])
-        self.writer.flush()  # everything logged up to this step is on disk before the checkpoint says so
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
-        checkpoint = {"format": RUN_CHECKPOINT_FORMAT, "algo": os.path.basename(self.script)[: -len(".py")],
-                      "args": dict(vars(self.args)), "counters": dict(counters),
-                      "state": {name: _state_of(obj) for name, obj in self.state.items()}, "rng": rng}
-        with open(self.path + ".tmp", "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(self.path + ".tmp", self.path)
-        self.saved_counters = dict(counters)
-        self.last_save_time = checkpoint_clock()
-
-    def check_finite(self, global_step: int, **values) -> None:
-        """NaN guard, before an optimiser step: every value (loss, target, gradient norm) must be finite."""
-        for name, value in values.items():
-            if not bool(torch.isfinite(value).all()):
-                self._stop_nonfinite(name, global_step)
-
-    def _stop_nonfinite(self, what: str, global_step: int):
-        c = self.saved_counters
-        last = (f"last good checkpoint {self.path} (episode {c['episode']}, env step {c['global_step']})" if c
-                else "no checkpoint written yet")
-        print(f"error: non-finite {what} at env step {global_step}: run stopped, model.pt not written; {last}",
-              file=sys.stderr, flush=True)
-        self.close()
-        raise SystemExit(EXIT_NONFINITE)
-
-    def close(self) -> None:
-        """At the end of the run: TensorBoard file closed, the previous signal handlers back."""
-        self._restore_handlers()
-        self.writer.close()
-
-
-def note_eta_floor(share: float, global_step: int, args) -> bool:
-    """TV scripts: one note when eta sat at Eq. (10)'s floor for more than 99% of the samples of a logging window
-    (paper's linear dual + clamp with min V = 0: the TV target is then the nominal one). True if printed."""
-    if share <= 0.99 or not args.eta_clamp or args.worst_value != "zero":
-        return False
-    print(f"note: eta sat at its floor for {100 * share:.0f}% of samples over the last 100 updates (env step "
-          f"{global_step}): here the TV target equals the nominal one; see docs/robust_operators.md", flush=True)
-    return True
 
 
 def summarise(per_seed: list[float]) -> tuple[float, float]:
@@ -734,8 +443,16 @@ def main(args: Args) -> dict:
         for config in configs:
             returns = run_episodes(module, net, "building", config, days, a["window"], args.episode_steps, device)
             norm = [envs.normalised_return(r) for r in returns]
-            episodes.append({"checkpoint": path, "label": label, "config": config, "days": days,
-                             "returns": returns.tolist(), "normalised": norm})
+            episodes.append(
+                {
+                    "checkpoint": path,
+                    "label": label,
+                    "config": config,
+                    "days": days,
+                    "returns": returns.tolist(),
+                    "normalised": norm,
+                }
+            )
             groups.setdefault(label, {}).setdefault(config, []).append(float(np.mean(norm)))
 
     table = {label: {c: summarise(v) for c, v in rows.items()} for label, rows in groups.items()}
@@ -745,10 +462,16 @@ def main(args: Args) -> dict:
     for label, rows in table.items():
         n = len(groups[label][configs[0]])
         print(f"{label:<{width}}  {n:>5}  " + "  ".join(f"{rows[c][0]:6.3f}+-{rows[c][1]:5.3f}" for c in configs))
-    payload = {"protocol": args.protocol, "configs": configs, "days": days,
-               "table": {lbl: {c: {"mean": m, "se": s, "n_seeds": len(groups[lbl][c])} for c, (m, s) in rows.items()}
-                         for lbl, rows in table.items()},
-               "episodes": episodes}
+    payload = {
+        "protocol": args.protocol,
+        "configs": configs,
+        "days": days,
+        "table": {
+            lbl: {c: {"mean": m, "se": s, "n_seeds": len(groups[lbl][c])} for c, (m, s) in rows.items()}
+            for lbl, rows in table.items()
+        },
+        "episodes": episodes,
+    }
     write_json_atomic(args.out, payload)
     print(f"wrote {args.out}")
     if args.protocol == "climate":
@@ -767,7 +490,9 @@ def starcraft_table(args: Args) -> dict:
     for path in args.checkpoints:
         label, module, net, env_info, a = load_checkpoint(path, device)
         if env_info["env"] not in envs.STARCRAFT_ENV_IDS:
-            envs.fail(f"--checkpoints: '{path}' was trained on --env {env_info['env']}; --protocol starcraft needs smax or smac")
+            envs.fail(
+                f"--checkpoints: '{path}' was trained on --env {env_info['env']}; --protocol starcraft needs smax or smac"
+            )
         try:
             task = envs.make_env(env_info["env"], env_info["config"], seed=10_000 + int(a.get("seed", 0)))
         except envs.EnvArgError as e:
@@ -808,7 +533,8 @@ def starcraft_curves(args: Args) -> dict:
             points = [json.loads(line) for line in f if line.strip()]
         steps = np.array([p["step"] for p in points])
         curves.setdefault((a["exp_name"], float(a["rho"])), []).append(
-            (steps, np.array([p["win_rate_clean"] for p in points]), np.array([p["win_rate_noisy"] for p in points])))
+            (steps, np.array([p["win_rate_clean"] for p in points]), np.array([p["win_rate_noisy"] for p in points]))
+        )
     fig, ax = plt.subplots(figsize=(7, 4))
     final = {}
     for (algo, rho), seeds in sorted(curves.items()):
@@ -843,9 +569,11 @@ def starcraft_curves(args: Args) -> dict:
     fig.savefig(stem + "_fig4.tmp.png", dpi=120)
     os.replace(stem + "_fig4.tmp.png", stem + "_fig4.png")
     plt.close(fig)
-    payload = {"protocol": "starcraft-curves",
-               "final_noisy": {f"{k[0]} rho={k[1]}": v.tolist() for k, v in final.items()},
-               "gain_over_rho0": {k: v for k, v in gains.items()}}
+    payload = {
+        "protocol": "starcraft-curves",
+        "final_noisy": {f"{k[0]} rho={k[1]}": v.tolist() for k, v in final.items()},
+        "gain_over_rho0": {k: v for k, v in gains.items()},
+    }
     write_json_atomic(args.out, payload)
     print(f"wrote {stem}_fig3.png, {stem}_fig4.png and {args.out}")
     return payload

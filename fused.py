@@ -1,4 +1,5 @@
-"""Two C++ kernels for the hot spots of every algos/ script on a CPU, each with a plain-torch twin.
+"""Two C++ kernels for the hot spots of every algos/ script on a CPU, each with a plain-torch twin, and the
+per-agent layers built on them.
 
 1. The agents' LSTMs. Every script runs, for each agent k = 1..K, one LSTM(H, H) over its window
    x[k] of shape (W, M, H) from a zero state and keeps the last output h_W:
@@ -252,12 +253,20 @@ def kernel():
 
             if not os.path.exists(os.path.join(_get_build_directory(name, False), f"{name}.so")):
                 print("fused: building the C++ kernels (first run only, ~30 s)", file=sys.stderr, flush=True)
-            _kernel = load_inline(name, cpp_sources=[_SOURCE], functions=["forward", "backward", "rmsprop_step"],
-                                  extra_cflags=_FLAGS, verbose=False)
-        except Exception as err:  # no compiler, no ninja, ...: same numbers from the reference
+            _kernel = load_inline(
+                name,
+                cpp_sources=[_SOURCE],
+                functions=["forward", "backward", "rmsprop_step"],
+                extra_cflags=_FLAGS,
+                verbose=False,
+            )
+        except Exception as err:  # noqa: BLE001 - no compiler, no ninja, ...: same numbers from the reference
             reason = str(err).strip().splitlines()[-1][:160] if str(err).strip() else type(err).__name__
-            print(f"fused: C++ kernels unavailable ({reason}); using the plain-torch LSTM and RMSprop "
-                  "(same equations, slower)", file=sys.stderr, flush=True)
+            print(
+                f"fused: C++ kernels unavailable ({reason}); using the plain-torch LSTM and RMSprop (same equations, slower)",
+                file=sys.stderr,
+                flush=True,
+            )
             _kernel = False
     return _kernel or None
 
@@ -294,13 +303,73 @@ def lstm_last(x, w_ih, w_hh, b_ih, b_hh, use_kernel: bool = True):
     return reference_lstm_last(x, w_ih, w_hh, b_ih, b_hh)
 
 
+# ---------------------------------------------------------------------------------------------
+# 3. Per-agent layers: K networks' layers with stacked weights (K, ...), run as batched products.
+# Like nn.Linear / nn.LSTM for the DRQN of every algos/ script (agent_{k}_q_network.pt keeps nn's names).
+# ---------------------------------------------------------------------------------------------
+def agent_parameter(n_nets, *shape, fan_in):
+    """One weight per network, stacked: torch.nn's Linear / LSTM init U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    return torch.nn.Parameter(torch.empty(n_nets, *shape).uniform_(-(fan_in**-0.5), fan_in**-0.5))
+
+
+class AgentsInput(torch.nn.Module):
+    """K x Linear(obs + onehot(prev action) [+ onehot(agent id)], H). The weight is kept as its obs columns
+    (K, H, obs) and its one-hot columns as the rows of a lookup table (K, n_actions [+ n_ids], H): a one-hot
+    vector times a matrix is one row of it."""
+
+    def __init__(self, n_nets, obs_dim, n_actions, n_ids, hidden_dim):
+        super().__init__()
+        self.n_actions, fan_in = n_actions, obs_dim + n_actions + n_ids
+        self.weight_obs = agent_parameter(n_nets, hidden_dim, obs_dim, fan_in=fan_in)
+        self.weight_onehot = agent_parameter(n_nets, n_actions + n_ids, hidden_dim, fan_in=fan_in)
+        self.bias = agent_parameter(n_nets, hidden_dim, fan_in=fan_in)
+        self.register_buffer("rows", (n_actions + n_ids) * torch.arange(n_nets).unsqueeze(1), persistent=False)
+
+    def forward(self, obs, prev_a, agent_ids=None):
+        """obs (K, W, M, obs_dim), prev_a (K, W, M) long [, agent_ids (M,)] -> (K, W, M, H)."""
+        K, W, M, O = obs.shape
+        table = self.weight_onehot.reshape(-1, self.weight_onehot.shape[-1])  # network k's row r: rows[k] + r
+        x = torch.baddbmm(self.bias.unsqueeze(1), obs.reshape(K, W * M, O), self.weight_obs.transpose(1, 2))
+        x = x + table.index_select(0, (prev_a.reshape(K, W * M) + self.rows).reshape(-1)).view(K, W * M, -1)
+        if agent_ids is not None:
+            x = x + table.index_select(0, self.n_actions + agent_ids.repeat(W)).view(K, W * M, -1)
+        return x.view(K, W, M, -1)
+
+
+class AgentsLSTM(torch.nn.Module):
+    """K x LSTM(H, H) (nn.LSTM's parameter names), each over its window from a zero state -> the last output h_W
+    (lstm_last: all K in one kernel call)."""
+
+    def __init__(self, n_nets, hidden_dim, use_kernel=True):
+        super().__init__()
+        self.use_kernel, H = use_kernel, hidden_dim
+        self.weight_ih_l0, self.weight_hh_l0 = (agent_parameter(n_nets, 4 * H, H, fan_in=H) for _ in "ih")
+        self.bias_ih_l0, self.bias_hh_l0 = (agent_parameter(n_nets, 4 * H, fan_in=H) for _ in "ih")
+
+    def forward(self, x):
+        """x (K, W, M, H) -> h_W (K, M, H)."""
+        return lstm_last(x, self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0, self.use_kernel)
+
+
+class AgentsLinear(torch.nn.Module):
+    """K x Linear(in, out), one batched matrix product: x (K, M, in) -> (K, M, out)."""
+
+    def __init__(self, n_nets, in_dim, out_dim):
+        super().__init__()
+        self.weight = agent_parameter(n_nets, out_dim, in_dim, fan_in=in_dim)
+        self.bias = agent_parameter(n_nets, out_dim, fan_in=in_dim)
+
+    def forward(self, x):
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
+
 class RMSprop(torch.optim.Optimizer):
     """torch.optim.RMSprop(params, lr, alpha, eps) without momentum, centring or weight decay:
     v <- alpha v + (1 - alpha) g^2, p <- p - lr g / (sqrt(v) + eps), one C++ pass per tensor.
     State keys as torch's ("step", "square_avg"); use_kernel=False runs torch's own update ops."""
 
     def __init__(self, params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8, use_kernel: bool = True):
-        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps))
+        super().__init__(params, {"lr": lr, "alpha": alpha, "eps": eps})
         self.use_kernel = use_kernel
 
     @torch.no_grad()

@@ -21,7 +21,8 @@ The default is the released pipeline (the paper gives no architecture and no fit
 The fit of the first version of this script stays available: --fit offline --architecture trunk
 --per-agent-coins (40 episodes per group collected first, then 5000 Adam steps of a 128-wide shared trunk
 on standardised inputs and rewards).
-Docs: docs/groupdr.md (usage, metrics, implementation details).
+Stage 2 imports this file for its flags and groups (check_stage2_args, training_groups) and the frozen estimator
+(stage_estimator, worst_case_reward). Docs: docs/groupdr.md (usage, metrics, implementation details).
 
 Deviations from the authors' released code, on purpose: (1) its estimator had a head for, and data
 from, all six configs, env_6 included; here the default is env_1..env_5 and env_6 needs --allow-env6
@@ -32,36 +33,36 @@ the checkpoint and applied inside the network to the raw step index, so stage 2 
 day / group draws are seeded from --seed (released: 42 everywhere).
 """
 
-import importlib.util
-import json
 import os
 import random
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-import tyro
+from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import envs  # noqa: E402  (environment plumbing shared by all scripts)
-import eval as evaluation  # noqa: E402  (checkpoint formats)
+import envs  # the tasks (building, StarCraft, matrix games) and the agents' acting window (History)
+import eval as evaluation  # StarCraft win-rate evaluation during training
+import runs  # run plumbing: flags, run folder, checkpoint / resume, Ctrl-C, NaN guard, progress, logging
 
 ESTIMATOR_FORMAT = "drigm-groupdr-estimator-v1"
 TRAIN_CONFIGS = "env_1,env_2,env_3,env_4,env_5"  # paper F.2: GroupDR's groups; env_6 is held out
 HELD_OUT_CONFIG = "env_6"
-BEHAVIOUR_COMMAND = ("python algos/groupdr_vdn.py --observed-reward --single-coin --save-model "
-                     "--run-name groupdr_behaviour")
+BEHAVIOUR_COMMAND = "python algos/groupdr_vdn.py --observed-reward --single-coin --save-model --run-name groupdr_behaviour"
+ESTIMATOR_COMMAND = (
+    "python algos/groupdr_estimator.py --behaviour-checkpoint runs/groupdr_behaviour/model.pt --run-name groupdr_estimator"
+)
 ARCHITECTURES = {"released": 64, "trunk": 128}  # architecture -> its default width (--hidden-dim 0)
-FITS = ("online", "offline")
 
 
 @dataclass
-class Args:
+class Args:  # not runs.RunArgs: no checkpoint.pt / --resume (a fit takes minutes), --log-every 0 = its own defaults
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     run_name: str = ""
@@ -94,9 +95,9 @@ class Args:
     """one epsilon coin per agent instead of one joint coin for all agents (released: joint)"""
 
     # Estimator network (paper silent; released: --architecture released, 64 wide)
-    fit: str = "online"
+    fit: Literal["online", "offline"] = "online"
     """online (released: fitted while the behaviour episodes are played) or offline (collect, then fit)"""
-    architecture: str = "released"
+    architecture: Literal["released", "trunk"] = "released"
     """released (state / joint-action / time embeddings, raw inputs) or trunk (one MLP on standardised inputs)"""
     hidden_dim: int = 0
     """width of the estimator's hidden layers (0 = the architecture's: released 64, trunk 128)"""
@@ -157,46 +158,79 @@ def parse_days(text: str, flag: str = "--train-days") -> tuple[int, int]:
     return int(lo), int(hi)
 
 
+def check_groups(configs: str, allow_env6: bool, days: str, flag: str = "--configs") -> None:
+    """--configs / --train-configs and --train-days (parse_configs, parse_days): one error line, exit 2."""
+    try:
+        parse_configs(configs, allow_env6, flag)
+        parse_days(days)
+    except envs.EnvArgError as e:
+        runs.fail(str(e))
+
+
+def check_stage2_args(args) -> None:
+    """The flags of algos/groupdr_{vdn,qmix,qtran}.py (their runs.check_run_args): --estimator-checkpoint given and a
+    file (unless --observed-reward; its contents: stage_estimator), --train-configs, --train-days, every count and
+    frequency (runs.check_counts). One error line naming the flag, exit 2."""
+    if getattr(args, "observed_reward", False) and args.estimator_checkpoint:
+        runs.fail(
+            "--estimator-checkpoint and --observed-reward exclude each other (--observed-reward trains on the "
+            "observed reward, without an estimator)"
+        )
+    if not getattr(args, "observed_reward", False) and not args.estimator_checkpoint:
+        runs.fail(f"--estimator-checkpoint is required: run stage 1 first, {ESTIMATOR_COMMAND} (see docs/groupdr.md)")
+    if args.estimator_checkpoint and not os.path.isfile(args.estimator_checkpoint):
+        runs.fail(f"--estimator-checkpoint: no such file '{args.estimator_checkpoint}'")
+    check_groups(args.train_configs, args.allow_env6, args.train_days, "--train-configs")
+    runs.check_counts(args)
+
+
+def training_groups(args):
+    """Stage 2's groups: --train-configs -> (the configs, {config: its building env, built once}), --train-days -> (a, b)."""
+    configs = parse_configs(args.train_configs, args.allow_env6, "--train-configs")
+    return configs, {config: envs.make_env("building", config) for config in configs}, parse_days(args.train_days)
+
+
+# flag -> (accepted, test) of this script's numbers (tyro checks --fit and --architecture)
+LIMITS = {
+    "time_norm": ("> 0", lambda v: v > 0),
+    "learning_rate": ("> 0", lambda v: v > 0),
+    "fit_learning_rate": ("> 0", lambda v: v > 0),
+    "behaviour_epsilon": ("in [0, 1]", lambda v: 0.0 <= v <= 1.0),
+    "val_fraction": ("in [0, 1)", lambda v: 0.0 <= v < 1.0),
+    **{f: (">= 0", lambda v: v >= 0) for f in ("grad_clip", "hidden_dim", "episode_steps", "log_every", "torch_threads")},
+    **{
+        f: (">= 1", lambda v: v >= 1)
+        for f in (
+            "episodes",
+            "buffer_size",
+            "batch_size",
+            "train_frequency",
+            "episodes_per_config",
+            "parallel_envs",
+            "fit_steps",
+            "fit_batch_size",
+        )
+    },
+}
+
+
 def check_args(args: Args) -> None:
     """One clear line naming the flag for every bad input, then exit != 0."""
-    try:
-        parse_configs(args.configs, args.allow_env6)
-        parse_days(args.train_days)
-    except envs.EnvArgError as e:
-        envs.fail(str(e))
-    if args.fit not in FITS:
-        envs.fail(f"--fit must be one of {', '.join(FITS)} (got '{args.fit}')")
-    if args.architecture not in ARCHITECTURES:
-        envs.fail(f"--architecture must be one of {', '.join(ARCHITECTURES)} (got '{args.architecture}')")
+    check_groups(args.configs, args.allow_env6, args.train_days)
     if args.architecture == "trunk" and args.fit == "online":
-        envs.fail("--architecture trunk needs --fit offline (it standardises with statistics of the collected data)")
+        runs.fail("--architecture trunk needs --fit offline (it standardises with statistics of the collected data)")
     if not args.behaviour_checkpoint:
-        envs.fail(
+        runs.fail(
             "--behaviour-checkpoint is required: train the VDN behaviour policy first with "
             f"'{BEHAVIOUR_COMMAND}', then pass --behaviour-checkpoint runs/groupdr_behaviour/model.pt"
         )
     if not os.path.isfile(args.behaviour_checkpoint):
-        envs.fail(f"--behaviour-checkpoint: no such file '{args.behaviour_checkpoint}' (create it with '{BEHAVIOUR_COMMAND}')")
-    if not 0.0 <= args.behaviour_epsilon <= 1.0:
-        envs.fail(f"--behaviour-epsilon must be in [0, 1] (got {args.behaviour_epsilon})")
-    if not 0.0 <= args.val_fraction < 1.0:
-        envs.fail(f"--val-fraction must be in [0, 1) (got {args.val_fraction})")
-    for flag, value in [("--time-norm", args.time_norm), ("--learning-rate", args.learning_rate),
-                        ("--fit-learning-rate", args.fit_learning_rate)]:
-        if not value > 0:
-            envs.fail(f"{flag} must be > 0 (got {value})")
-    for flag, value in [("--grad-clip", args.grad_clip), ("--hidden-dim", args.hidden_dim),
-                        ("--episode-steps", args.episode_steps), ("--log-every", args.log_every)]:
-        if value < 0:
-            envs.fail(f"{flag} must be >= 0 (got {value})")
-    for flag, value in [("--episodes", args.episodes), ("--buffer-size", args.buffer_size),
-                        ("--batch-size", args.batch_size), ("--train-frequency", args.train_frequency),
-                        ("--episodes-per-config", args.episodes_per_config), ("--parallel-envs", args.parallel_envs),
-                        ("--fit-steps", args.fit_steps), ("--fit-batch-size", args.fit_batch_size)]:
-        if value < 1:
-            envs.fail(f"{flag} must be >= 1 (got {value})")
+        runs.fail(f"--behaviour-checkpoint: no such file '{args.behaviour_checkpoint}' (create it with '{BEHAVIOUR_COMMAND}')")
+    for field, (accepted, ok) in LIMITS.items():
+        if not ok(getattr(args, field)):
+            runs.fail(f"--{field.replace('_', '-')} must be {accepted} (got {getattr(args, field)})")
     if args.batch_size > args.buffer_size:
-        envs.fail(f"--batch-size {args.batch_size} exceeds --buffer-size {args.buffer_size} (drawn without replacement)")
+        runs.fail(f"--batch-size {args.batch_size} exceeds --buffer-size {args.buffer_size} (drawn without replacement)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,8 +244,9 @@ class ReleasedEstimator(nn.Module):
     computed as one weight-column lookup per agent (the same numbers, no 1200-wide one-hot). No input or
     reward scaling: the network regresses raw rewards on the raw 10-dim state (as released)."""
 
-    def __init__(self, state_dim: int, n_agents: int, n_actions: int, n_heads: int, hidden_dim: int = 64,
-                 time_norm: float = 288.0):
+    def __init__(
+        self, state_dim: int, n_agents: int, n_actions: int, n_heads: int, hidden_dim: int = 64, time_norm: float = 288.0
+    ):
         super().__init__()
         self.state_dim, self.n_agents, self.n_actions, self.n_heads = state_dim, n_agents, n_actions, n_heads
         self.state_fc = nn.Linear(state_dim, hidden_dim)
@@ -246,8 +281,9 @@ class RewardEstimator(nn.Module):
     Input and reward standardisation live in buffers, so the state dict carries them:
     forward() takes raw states and raw step indices t and returns rewards in env units."""
 
-    def __init__(self, state_dim: int, n_agents: int, n_actions: int, n_heads: int, hidden_dim: int = 128,
-                 time_norm: float = 288.0):
+    def __init__(
+        self, state_dim: int, n_agents: int, n_actions: int, n_heads: int, hidden_dim: int = 128, time_norm: float = 288.0
+    ):
         super().__init__()
         self.state_dim, self.n_agents, self.n_actions, self.n_heads = state_dim, n_agents, n_actions, n_heads
         self.fc1 = nn.Linear(state_dim + n_agents * n_actions + 1, hidden_dim)
@@ -294,15 +330,24 @@ class RewardEstimator(nn.Module):
         return (reward - self.reward_mean) / self.reward_std
 
 
-def make_estimator(architecture: str, state_dim: int, n_agents: int, n_actions: int, n_heads: int, hidden_dim: int = 0,
-                   time_norm: float = 288.0):
+def make_estimator(
+    architecture: str,
+    state_dim: int,
+    n_agents: int,
+    n_actions: int,
+    n_heads: int,
+    hidden_dim: int = 0,
+    time_norm: float = 288.0,
+):
     """--architecture released | trunk; hidden_dim 0 = the architecture's own width (64 | 128)."""
     cls = ReleasedEstimator if architecture == "released" else RewardEstimator
     return cls(state_dim, n_agents, n_actions, n_heads, hidden_dim or ARCHITECTURES[architecture], time_norm)
 
 
+@torch.no_grad()
 def worst_case_reward(estimator, state, actions, t):
-    """r_tilde(s, a, t) = min_k r_hat_k(s, a, t): the worst group's predicted reward, per sample (B,)."""
+    """r_tilde(s, a, t) = min_k r_hat_k(s, a, t): the worst group's predicted reward, per sample (B,); a constant of
+    stage 2's TD target (the estimator is frozen: no gradient reaches it)."""
     return estimator(state, actions, t).min(-1).values
 
 
@@ -314,13 +359,15 @@ def load_estimator(path: str, n_agents: int, n_actions: int, state_dim: int, dev
     """-> (estimator in eval mode, checkpoint dict). EstimatorError for any bad file. A checkpoint without
     an "architecture" entry (written before the released architecture existed) is a trunk."""
     if not path:
-        raise EstimatorError("is required (write one with python algos/groupdr_estimator.py, see docs/groupdr.md)")
+        raise EstimatorError(f"is required (write one with {ESTIMATOR_COMMAND}, see docs/groupdr.md)")
     if not os.path.isfile(path):
         raise EstimatorError(f"no such file '{path}'")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+    try:  # tensors and plain types only: a downloaded file cannot run code
+        ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise EstimatorError(f"cannot read '{path}' as a torch checkpoint ({type(e).__name__})") from None
+        raise EstimatorError(
+            f"cannot read '{path}' as a torch checkpoint of tensors and plain types ({type(e).__name__})"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != ESTIMATOR_FORMAT:
         raise EstimatorError(f"'{path}' is not a GroupDR estimator checkpoint (written by algos/groupdr_estimator.py)")
     try:
@@ -332,8 +379,9 @@ def load_estimator(path: str, n_agents: int, n_actions: int, state_dim: int, dev
         architecture = ckpt.get("architecture", "trunk")
         if architecture not in ARCHITECTURES:
             raise EstimatorError(f"'{path}' has an unknown architecture '{architecture}'")
-        estimator = make_estimator(architecture, state_dim, n_agents, n_actions, len(ckpt["configs"]), ckpt["hidden_dim"],
-                                   ckpt["time_norm"])
+        estimator = make_estimator(
+            architecture, state_dim, n_agents, n_actions, len(ckpt["configs"]), ckpt["hidden_dim"], ckpt["time_norm"]
+        )
         estimator.load_state_dict(ckpt["estimator"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         if isinstance(e, EstimatorError):
@@ -342,38 +390,52 @@ def load_estimator(path: str, n_agents: int, n_actions: int, state_dim: int, dev
     return estimator.to(device).eval(), ckpt
 
 
+def stage_estimator(args, n_agents: int, n_actions: int, state_dim: int, device, train_configs):
+    """Stage 2's frozen estimator from --estimator-checkpoint, with its head configs (None, None with
+    --observed-reward); a bad file, or an env_6 head without --allow-env6, stops with one error line."""
+    if getattr(args, "observed_reward", False):  # stage 0: plain VDN with domain randomisation
+        print(f"observed reward, no estimator: plain VDN on episodes from {','.join(train_configs)}", flush=True)
+        return None, None
+    try:
+        estimator, ckpt = load_estimator(args.estimator_checkpoint, n_agents, n_actions, state_dim, device)
+    except EstimatorError as e:
+        runs.fail(f"--estimator-checkpoint: {e}")
+    if HELD_OUT_CONFIG in ckpt["configs"] and not args.allow_env6:  # env_6 data = training on env_6
+        runs.fail(
+            f"--estimator-checkpoint: its heads include {HELD_OUT_CONFIG}, the held-out test config "
+            "(fitted with --allow-env6); pass --allow-env6 to train with it anyway"
+        )
+    print(
+        f"estimator {args.estimator_checkpoint}: heads {','.join(ckpt['configs'])}, time t/{ckpt['time_norm']:g}; "
+        f"training episodes from {','.join(train_configs)}",
+        flush=True,
+    )
+    return estimator, ckpt["configs"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Behaviour policy
 # ---------------------------------------------------------------------------------------------
 def load_behaviour(path: str, device):
-    """A checkpoint of algos/<algo>.py --save-model -> (its module, q_network, env dict, args dict).
-    The network class is taken from the training script itself, as eval.py does."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        envs.fail(f"--behaviour-checkpoint: cannot read '{path}' as a torch checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("format") not in evaluation.CHECKPOINT_FORMATS:
-        envs.fail(f"--behaviour-checkpoint: '{path}' is not a checkpoint written by algos/*.py --save-model "
-                  f"(create one with '{BEHAVIOUR_COMMAND}')")
+    """A model.pt of algos/<algo>.py --save-model (read with weights_only, runs.load_model) -> (the script as a module,
+    its q_network, the model.pt dict). The network class is the training script's own, as eval.py does."""
+    ckpt = runs.load_model(path, "--behaviour-checkpoint", device)
     a, e = ckpt["args"], ckpt["env"]
     if e.get("env") != "building":
-        envs.fail(f"--behaviour-checkpoint: '{path}' was trained on --env {e.get('env')}; GroupDR needs a building policy")
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{ckpt['algo']}.py")
+        runs.fail(f"--behaviour-checkpoint: '{path}' was trained on --env {e.get('env')}; GroupDR needs a building policy")
     try:
-        if not os.path.isfile(script):
-            raise ValueError(f"it names algorithm '{ckpt['algo']}', which has no script algos/{ckpt['algo']}.py")
-        spec = importlib.util.spec_from_file_location(f"behaviour_{ckpt['algo']}", script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = evaluation.load_algo_module(ckpt["algo"])
         net = module.QNetworks(e["n_agents"], e["obs_dim"], e["n_actions"], a["hidden_dim"], a["share_params"])
         evaluation.load_q_network(net, ckpt)
     except (ValueError, RuntimeError, KeyError) as err:
-        envs.fail(f"--behaviour-checkpoint: '{path}' does not match its network: {str(err).splitlines()[0]}")
-    plain_vdn = ckpt["algo"] == "robust_vdn_rho" or (ckpt["algo"] == "groupdr_vdn" and a.get("observed_reward"))
-    if not plain_vdn:
-        print(f"warning: the behaviour policy is {ckpt['algo']}; the paper uses a VDN-trained one "
-              f"(released: plain VDN on env_1..env_5, '{BEHAVIOUR_COMMAND}')", file=sys.stderr)
-    return module, net.to(device).eval(), e, a
+        runs.fail(f"--behaviour-checkpoint: '{path}' does not match its network: {str(err).splitlines()[0]}")
+    if not (ckpt["algo"] == "robust_vdn_rho" or (ckpt["algo"] == "groupdr_vdn" and a.get("observed_reward"))):
+        print(
+            f"warning: the behaviour policy is {ckpt['algo']}; the paper uses a VDN-trained one "
+            f"(released: plain VDN on env_1..env_5, '{BEHAVIOUR_COMMAND}')",
+            file=sys.stderr,
+        )
+    return module, net.to(device).eval(), ckpt
 
 
 def behaviour_actions(module, q_network, history, avail, epsilon, joint_coin, rng, device="cpu"):
@@ -435,8 +497,25 @@ def estimator_update(estimator, optimizer, replay, idx, grad_clip, device="cpu")
     return loss.item()
 
 
-def fit_online(estimator, tasks, behaviour, episodes, days, epsilon, joint_coin, episode_steps, buffer_size,
-               batch_size, train_frequency, learning_rate, grad_clip, rng, device="cpu", writer=None, log_every=0):
+def fit_online(
+    estimator,
+    tasks,
+    behaviour,
+    episodes,
+    days,
+    epsilon,
+    joint_coin,
+    episode_steps,
+    buffer_size,
+    batch_size,
+    train_frequency,
+    learning_rate,
+    grad_clip,
+    rng,
+    device="cpu",
+    writer=None,
+    log_every=0,
+):
     """The released fit. tasks: one env per head k; behaviour: (module, q_network, window). Every episode
     draws its group k uniformly and its day uniformly in days = [a, b), and plays the epsilon-greedy
     behaviour policy; every transition (s_t, a_t, k, r_t, t) is stored, and after every train_frequency-th
@@ -446,7 +525,7 @@ def fit_online(estimator, tasks, behaviour, episodes, days, epsilon, joint_coin,
     N, obs_dim = tasks[0].n_agents, tasks[0].obs_dim
     replay = BanditReplay(buffer_size, tasks[0].state_dim, N)
     optimizer = torch.optim.Adam(estimator.parameters(), lr=learning_rate, fused=True)
-    history = module.History(1, window, N, obs_dim)
+    history = envs.History(1, window, N, obs_dim)
     estimator.train()
     n_stored, losses, heads, returns, idx, start, cpu_start = 0, [], [], [], None, time.time(), time.process_time()
     for episode in range(episodes):
@@ -478,26 +557,41 @@ def fit_online(estimator, tasks, behaviour, episodes, days, epsilon, joint_coin,
             writer.add_scalar("charts/SPS", int(n_stored / (time.time() - start)), n_stored)
         if log_every and ((episode + 1) % log_every == 0 or episode + 1 == episodes):
             recent = float(np.mean(losses[-1000:])) if losses else float("nan")
-            print(f"episode {episode + 1}/{episodes} | transitions {n_stored} | updates {len(losses)} | "
-                  f"loss (last 1000 updates) {recent:.3f} | episodes/s {(episode + 1) / (time.time() - start):.2f}",
-                  flush=True)
+            print(
+                f"episode {episode + 1}/{episodes} | transitions {n_stored} | updates {len(losses)} | "
+                f"loss (last 1000 updates) {recent:.3f} | episodes/s {(episode + 1) / (time.time() - start):.2f}",
+                flush=True,
+            )
     estimator.eval()
     with torch.no_grad():  # the fit on the transitions still in the replay (the last buffer_size)
         state, actions, head, reward, t = replay.tensors(np.arange(replay.size), device)
         pred = estimator(state, actions, t)
         own = pred.gather(1, head.unsqueeze(1)).squeeze(1)
-        mse = [F.mse_loss(own[head == k], reward[head == k]).item() if (head == k).any() else float("nan")
-               for k in range(len(tasks))]
+        mse = [
+            F.mse_loss(own[head == k], reward[head == k]).item() if (head == k).any() else float("nan")
+            for k in range(len(tasks))
+        ]
         min_share = torch.bincount(pred.argmin(-1), minlength=len(tasks)).float() / max(replay.size, 1)
-    return {"mode": "online", "episodes": episodes, "transitions": n_stored, "updates": len(losses),
-            "episodes_per_head": np.bincount(heads, minlength=len(tasks)).tolist(), "heads": heads, "returns": returns,
-            "loss_first_1000": float(np.mean(losses[:1000])) if losses else float("nan"),
-            "loss_last_1000": float(np.mean(losses[-1000:])) if losses else float("nan"),
-            "replay_mse": mse, "replay_reward_var": [float(reward[head == k].var(unbiased=False)) if (head == k).any()
-                                                     else float("nan") for k in range(len(tasks))],
-            "min_head_share": min_share.tolist(), "seconds": time.time() - start,
-            "cpu_seconds": time.process_time() - cpu_start,
-            "last_batch": None if idx is None else idx.tolist(), "replay": replay}
+    return {
+        "mode": "online",
+        "episodes": episodes,
+        "transitions": n_stored,
+        "updates": len(losses),
+        "episodes_per_head": np.bincount(heads, minlength=len(tasks)).tolist(),
+        "heads": heads,
+        "returns": returns,
+        "loss_first_1000": float(np.mean(losses[:1000])) if losses else float("nan"),
+        "loss_last_1000": float(np.mean(losses[-1000:])) if losses else float("nan"),
+        "replay_mse": mse,
+        "replay_reward_var": [
+            float(reward[head == k].var(unbiased=False)) if (head == k).any() else float("nan") for k in range(len(tasks))
+        ],
+        "min_head_share": min_share.tolist(),
+        "seconds": time.time() - start,
+        "cpu_seconds": time.process_time() - cpu_start,
+        "last_batch": None if idx is None else idx.tolist(),
+        "replay": replay,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,7 +613,7 @@ def collect(module, q_network, tasks, days, window, epsilon, episode_steps, rng,
         obs = np.stack([f[0] for f in first])
         state = np.stack([f[1] for f in first])
         avail = np.stack([f[2] for f in first])
-        history = module.History(len(lanes), window, N, obs_dim)
+        history = envs.History(len(lanes), window, N, obs_dim)
         history.reset(obs)
         returns, done = np.zeros(len(lanes)), np.zeros(len(lanes), dtype=bool)
         for t in range(limit):
@@ -550,8 +644,9 @@ def collect(module, q_network, tasks, days, window, epsilon, episode_steps, rng,
     }
 
 
-def fit_estimator(estimator, data, steps, batch_size, learning_rate, val_fraction, rng, device="cpu",
-                  writer=None, log_every=0):
+def fit_estimator(
+    estimator, data, steps, batch_size, learning_rate, val_fraction, rng, device="cpu", writer=None, log_every=0
+):
     """--fit offline. data: one dict per head k (keys state, actions, t, reward). Every step draws batch_size
     transitions from each environment and minimises the mean over k of head k's MSE on its own
     environment's batch. -> per-head train/val MSE in env reward units, and min-head shares."""
@@ -559,7 +654,7 @@ def fit_estimator(estimator, data, steps, batch_size, learning_rate, val_fractio
     for d in data:
         n = len(d["reward"])
         perm = rng.permutation(n)
-        n_val = int(round(val_fraction * n)) if n > 1 else 0
+        n_val = round(val_fraction * n) if n > 1 else 0
         splits.append((perm[n_val:], perm[:n_val]))
         tensors.append({k: torch.from_numpy(np.asarray(d[k])).to(device) for k in ("state", "actions", "t", "reward")})
     if hasattr(estimator, "set_normalisation"):  # the trunk standardises with the pooled training split
@@ -582,8 +677,10 @@ def fit_estimator(estimator, data, steps, batch_size, learning_rate, val_fractio
         if writer is not None and (step % 100 == 0 or step + 1 == steps):
             writer.add_scalar("losses/estimator_loss", loss.item(), step)
         if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
-            print(f"fit step {step + 1}/{steps} | fit MSE {loss.item():.4f} "
-                  f"| steps/s {(step + 1) / (time.time() - start):.0f}", flush=True)
+            print(
+                f"fit step {step + 1}/{steps} | fit MSE {loss.item():.4f} | steps/s {(step + 1) / (time.time() - start):.0f}",
+                flush=True,
+            )
     estimator.eval()
 
     @torch.no_grad()
@@ -606,8 +703,7 @@ def fit_estimator(estimator, data, steps, batch_size, learning_rate, val_fractio
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    check_args(args)
+    args = runs.parse_args(Args, __file__, check_args)  # one error line per bad flag
     configs = parse_configs(args.configs, args.allow_env6)
     day_lo, day_hi = parse_days(args.train_days)
     run_name = args.run_name or f"building__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -625,85 +721,143 @@ if __name__ == "__main__":
         torch.set_num_threads(args.torch_threads)
 
     # Behaviour policy: a VDN-trained checkpoint (paper F.2; released: plain VDN on env_1..env_5)
-    module, behaviour, b_env, b_args = load_behaviour(args.behaviour_checkpoint, device)
-    writer = SummaryWriter(run_dir)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    module, behaviour, b_ckpt = load_behaviour(args.behaviour_checkpoint, device)
+    b_env, b_args = b_ckpt["env"], b_ckpt["args"]
 
     # One env per group (env_6 never, unless --allow-env6); offline collection runs --parallel-envs of each
     n_lanes = 1 if args.fit == "online" else min(args.parallel_envs, args.episodes_per_config)
     lanes = {config: [envs.make_env("building", config) for _ in range(n_lanes)] for config in configs}
     task = lanes[configs[0]][0]
     if (b_env["n_agents"], b_env["n_actions"], b_env["obs_dim"]) != (task.n_agents, task.n_actions, task.obs_dim):
-        envs.fail(f"--behaviour-checkpoint: its network has n_agents {b_env['n_agents']}, n_actions "
-                  f"{b_env['n_actions']}, obs_dim {b_env['obs_dim']}; {configs[0]} has {task.n_agents}, "
-                  f"{task.n_actions}, {task.obs_dim}")
+        runs.fail(
+            f"--behaviour-checkpoint: its network has n_agents {b_env['n_agents']}, n_actions "
+            f"{b_env['n_actions']}, obs_dim {b_env['obs_dim']}; {configs[0]} has {task.n_agents}, "
+            f"{task.n_actions}, {task.obs_dim}"
+        )
+    writer = SummaryWriter(run_dir)  # the run folder, once every input is checked
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    runs.write_json_atomic(os.path.join(run_dir, "args.json"), vars(args))
     hidden_dim = args.hidden_dim or ARCHITECTURES[args.architecture]
-    estimator = make_estimator(args.architecture, task.state_dim, task.n_agents, task.n_actions, len(configs), hidden_dim,
-                               args.time_norm).to(device)
+    estimator = make_estimator(
+        args.architecture, task.state_dim, task.n_agents, task.n_actions, len(configs), hidden_dim, args.time_norm
+    ).to(device)
     joint_coin = not args.per_agent_coins
-    print(f"estimator: {args.architecture} {hidden_dim} wide, fit {args.fit}, heads {','.join(configs)}, time "
-          f"t/{args.time_norm:g}; behaviour {args.behaviour_checkpoint} ({'joint' if joint_coin else 'per-agent'} "
-          f"coin, epsilon {args.behaviour_epsilon:g})", flush=True)
+    print(
+        f"estimator: {args.architecture} {hidden_dim} wide, fit {args.fit}, heads {','.join(configs)}, time "
+        f"t/{args.time_norm:g}; behaviour {args.behaviour_checkpoint} ({'joint' if joint_coin else 'per-agent'} "
+        f"coin, epsilon {args.behaviour_epsilon:g})",
+        flush=True,
+    )
 
     if args.fit == "online":  # released: fitted while 1000 behaviour episodes are played
-        fit = fit_online(estimator, [lanes[c][0] for c in configs], (module, behaviour, b_args["window"]), args.episodes,
-                         (day_lo, day_hi), args.behaviour_epsilon, joint_coin, args.episode_steps, args.buffer_size,
-                         args.batch_size, args.train_frequency, args.learning_rate, args.grad_clip, rng, device, writer,
-                         args.log_every or 50)
+        fit = fit_online(
+            estimator,
+            [lanes[c][0] for c in configs],
+            (module, behaviour, b_args["window"]),
+            args.episodes,
+            (day_lo, day_hi),
+            args.behaviour_epsilon,
+            joint_coin,
+            args.episode_steps,
+            args.buffer_size,
+            args.batch_size,
+            args.train_frequency,
+            args.learning_rate,
+            args.grad_clip,
+            rng,
+            device,
+            writer,
+            args.log_every or 50,
+        )
         fit.pop("replay")
         for k, config in enumerate(configs):
             writer.add_scalar(f"losses/replay_mse_{config}", fit["replay_mse"][k], fit["transitions"])
-            print(f"{config}: {fit['episodes_per_head'][k]} episodes | MSE on the final replay {fit['replay_mse'][k]:.3f} "
-                  f"| reward variance {fit['replay_reward_var'][k]:.3f} | min head on "
-                  f"{100 * fit['min_head_share'][k]:.1f}% of the replay")
-        print(f"{fit['episodes']} episodes, {fit['transitions']} transitions, {fit['updates']} updates in "
-              f"{fit['seconds']:.0f} s ({fit['episodes'] / max(fit['seconds'], 1e-9):.2f} episodes/s; CPU "
-              f"{fit['cpu_seconds']:.0f} s, {fit['episodes'] / max(fit['cpu_seconds'], 1e-9):.2f} episodes per CPU second)")
+            print(
+                f"{config}: {fit['episodes_per_head'][k]} episodes | MSE on the final replay {fit['replay_mse'][k]:.3f} "
+                f"| reward variance {fit['replay_reward_var'][k]:.3f} | min head on "
+                f"{100 * fit['min_head_share'][k]:.1f}% of the replay"
+            )
+        print(
+            f"{fit['episodes']} episodes, {fit['transitions']} transitions, {fit['updates']} updates in "
+            f"{fit['seconds']:.0f} s ({fit['episodes'] / max(fit['seconds'], 1e-9):.2f} episodes/s; CPU "
+            f"{fit['cpu_seconds']:.0f} s, {fit['episodes'] / max(fit['cpu_seconds'], 1e-9):.2f} episodes per CPU second)"
+        )
     else:  # collect every group's episodes first, then fit
         data, global_step, start_time = [], 0, time.time()
         for k, config in enumerate(configs):
             days = rng.integers(day_lo, day_hi, args.episodes_per_config).tolist()
-            d = collect(module, behaviour, lanes[config], days, b_args["window"], args.behaviour_epsilon, args.episode_steps,
-                        rng, device, joint_coin)
+            d = collect(
+                module,
+                behaviour,
+                lanes[config],
+                days,
+                b_args["window"],
+                args.behaviour_epsilon,
+                args.episode_steps,
+                rng,
+                device,
+                joint_coin,
+            )
             for ret in d["returns"]:
                 global_step += len(d["reward"]) // len(d["returns"])
                 writer.add_scalar("charts/episodic_return", ret, global_step)
                 writer.add_scalar("charts/normalised_return", envs.normalised_return(ret), global_step)
             writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
-            print(f"collected {config}: {len(d['returns'])} episodes, {len(d['reward'])} transitions | return "
-                  f"{d['returns'].mean():.1f} | reward mean {d['reward'].mean():.2f} std {d['reward'].std():.2f}", flush=True)
+            print(
+                f"collected {config}: {len(d['returns'])} episodes, {len(d['reward'])} transitions | return "
+                f"{d['returns'].mean():.1f} | reward mean {d['reward'].mean():.2f} std {d['reward'].std():.2f}",
+                flush=True,
+            )
             data.append(d)
         # Fit r_hat_k on env k's data (one head per environment)
-        fit = fit_estimator(estimator, data, args.fit_steps, args.fit_batch_size, args.fit_learning_rate,
-                            args.val_fraction, rng, device, writer, args.log_every or 500)
+        fit = fit_estimator(
+            estimator,
+            data,
+            args.fit_steps,
+            args.fit_batch_size,
+            args.fit_learning_rate,
+            args.val_fraction,
+            rng,
+            device,
+            writer,
+            args.log_every or 500,
+        )
         for k, config in enumerate(configs):
             writer.add_scalar(f"losses/val_mse_{config}", fit["val_mse"][k], args.fit_steps)
-            print(f"{config}: train MSE {fit['train_mse'][k]:.3f} | val MSE {fit['val_mse'][k]:.3f} | reward variance "
-                  f"{fit['reward_var'][k]:.3f} | min head on {100 * fit['min_head_share'][k]:.1f}% of transitions")
+            print(
+                f"{config}: train MSE {fit['train_mse'][k]:.3f} | val MSE {fit['val_mse'][k]:.3f} | reward variance "
+                f"{fit['reward_var'][k]:.3f} | min head on {100 * fit['min_head_share'][k]:.1f}% of transitions"
+            )
 
     # Estimator checkpoint, written atomically
     path = os.path.join(run_dir, "estimator.pt")
     normalisation = {"time": f"t / {args.time_norm:g}"}
     if args.architecture == "trunk":
-        normalisation.update(state_mean=estimator.state_mean.tolist(), state_std=estimator.state_std.tolist(),
-                             reward_mean=estimator.reward_mean.item(), reward_std=estimator.reward_std.item())
-    checkpoint = {
+        normalisation.update(
+            state_mean=estimator.state_mean.tolist(),
+            state_std=estimator.state_std.tolist(),
+            reward_mean=estimator.reward_mean.item(),
+            reward_std=estimator.reward_std.item(),
+        )
+    checkpoint = {  # tensors and plain types only: load_estimator reads it with torch.load(weights_only=True)
         "format": ESTIMATOR_FORMAT,
         "algo": os.path.basename(__file__)[: -len(".py")],
         "args": vars(args),
         "configs": configs,  # head k = configs[k]
-        "n_agents": task.n_agents, "n_actions": task.n_actions, "state_dim": task.state_dim,
+        "n_agents": task.n_agents,
+        "n_actions": task.n_actions,
+        "state_dim": task.state_dim,
         "architecture": args.architecture,
         "hidden_dim": hidden_dim,
         "time_norm": args.time_norm,
         "normalisation": normalisation,
-        "behaviour": {"checkpoint": os.path.abspath(args.behaviour_checkpoint), "algo": module.__name__[len("behaviour_"):],
-                      "rho": b_args.get("rho"), "epsilon": args.behaviour_epsilon, "joint_coin": joint_coin},
+        "behaviour": {
+            "checkpoint": os.path.abspath(args.behaviour_checkpoint),
+            "algo": b_ckpt["algo"],
+            "rho": b_args.get("rho"),
+            "epsilon": args.behaviour_epsilon,
+            "joint_coin": joint_coin,
+        },
         "fit": fit,
         "estimator": estimator.state_dict(),
     }

@@ -1,69 +1,50 @@
-"""GroupDR VDN: the group distributionally robust baseline of Liu et al. (2025) (paper Sec. 5.1, F.2),
-one file.
+"""GroupDR VDN: the group distributionally robust baseline of Liu et al. (2025) (paper Sec. 5.1, F.2), one file.
 
-    python algos/groupdr_vdn.py --estimator-checkpoint runs/groupdr_estimator/estimator.pt
-    python algos/groupdr_vdn.py --observed-reward --single-coin   # stage 0: the released behaviour policy
+    python algos/groupdr_vdn.py --observed-reward --single-coin --save-model --run-name groupdr_behaviour  # stage 0
+    python algos/groupdr_vdn.py --estimator-checkpoint runs/groupdr_estimator/estimator.pt                   # stage 2
 
-Stage 2 of GroupDR (stage 1, the worst-case reward estimator, is algos/groupdr_estimator.py).
-Every episode is drawn from one of the training environments env_1..env_5, picked uniformly at
-random (paper F.2: "randomly sampling episodes from Env_1 to Env_5"; env_6 is never trained on).
-Q_tot(h, a) = sum_i Q_i(h_i, a_i) (VDN) is trained towards the nominal VDN target with the
-observed reward replaced by the estimated worst-case reward of the groups:
-    y = r_tilde + gamma * Q_tot(h', a_bar'; theta-),   r_tilde = min_k r_hat_k(s, a, t),
-a_bar'_i = argmax Q_i(h'_i; theta-). There is no rho. With --observed-reward the target keeps the observed
-reward and no estimator is used: plain VDN on episodes drawn from env_1..env_5 (domain randomisation),
-the behaviour policy of GroupDR's stage 1 as released (its vdn_dr.py, with --single-coin). Docs: docs/groupdr.md.
-
-Deviations from the authors' released code, on purpose: (1) its estimator was fitted on all six
-configs, env_6 included; here neither stage touches env_6 (paper F.2), both refuse it unless
---allow-env6; (2) it normalised the time feature by 255 in one place and by 288 in another; here
-it is t / 288 everywhere: the estimator checkpoint stores time_norm and RewardEstimator applies
-it to the raw step index stored in the replay, so fit and use cannot disagree; (3) as in every
-script here, the last transition of each day is stored (released: dropped) and torch is seeded
-from --seed (released: 42).
+Stage 2 (stage 1: algos/groupdr_estimator.py): each episode in a config drawn uniformly from env_1..env_5;
+Q_tot(h, a) = sum_i Q_i(h_i, a_i) (VDN) trained towards y = r_tilde + gamma * Q_tot(h', a_bar'; theta-), the worst
+group's estimated reward r_tilde = min_k r_hat_k(s, a, t) (no rho; --observed-reward: r, the behaviour policy).
+Docs: docs/groupdr.md (usage, metrics, implementation details, deviations from the released code).
 """
 
-import importlib.util
+import functools
 import os
 import random
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-import tyro
+from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import envs  # noqa: E402  (environment plumbing shared by all scripts)
-import eval as evaluation  # noqa: E402  (checkpoint format)
-import fused  # noqa: E402  (C++ kernels: the agents' LSTMs in one call, RMSprop in one pass; same equations)
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
+import groupdr_estimator as est
+
+import envs  # the tasks (building, StarCraft, matrix games) and the agents' acting window (History)
+import fused  # per-agent layers and C++ kernels (the agents' LSTMs in one call, RMSprop in one pass)
+import runs  # run plumbing: flags, run folder, checkpoint / resume, Ctrl-C, NaN guard, progress, logging
 
 
 @dataclass
-class Args(envs.RunArgs):  # + the run flags of envs.RunArgs (--seed, --run-name, --resume, ...)
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-
-    # Environment (building only: GroupDR needs several training environments, the groups)
-    env: str = "building"
-    """the task: building only (GroupDR's groups are the building configs)"""
-    train_configs: str = "env_1,env_2,env_3,env_4,env_5"
-    """comma-separated building configs an episode is drawn from, uniformly (paper F.2: env_1..env_5)"""
-    allow_env6: bool = False
-    """allow env_6 in --train-configs (held out by the paper: no method trains on it)"""
-    train_days: str = "0:200"
-    """building: day-of-year range [a, b) a training episode is drawn from (paper: days 0-199)"""
-    episode_steps: int = 0
-    """cap on steps per episode, a time limit (0 = the env's own limit, 288 for building)"""
-
-    # Algorithm (paper F.2 defaults)
+class Args(runs.RunArgs):  # + the run flags (--seed, --resume, ...)
+    # Algorithm (paper F.2 defaults; GroupDR's groups are building configs)
     estimator_checkpoint: str = ""
     """estimator.pt written by algos/groupdr_estimator.py (stage 1); required unless --observed-reward"""
     observed_reward: bool = False
     """no estimator: the target keeps the observed reward (plain VDN on --train-configs: GroupDR's behaviour policy)"""
+    env: Literal["building"] = "building"
+    """the task: building only (GroupDR's groups are the building configs)"""
+    train_configs: str = "env_1,env_2,env_3,env_4,env_5"
+    """comma-separated building configs an episode is drawn from, uniformly (paper F.2: env_1..env_5)"""
+    train_days: str = "0:200"
+    """building: day-of-year range [a, b) a training episode is drawn from (paper: days 0-199)"""
+    episode_steps: int = 0
+    """cap on steps per episode, a time limit (0 = the env's own limit, 288 for building)"""
     total_episodes: int = 600
     """number of training episodes E (Alg. 2 l.5)"""
     gamma: float = 0.997
@@ -86,8 +67,6 @@ class Args(envs.RunArgs):  # + the run flags of envs.RunArgs (--seed, --run-name
     """final epsilon"""
     exploration_steps: int = 120_000
     """env steps over which epsilon decays linearly"""
-    single_coin: bool = False
-    """one epsilon coin for all agents (released code) instead of one per agent (Alg. 2 l.8)"""
     hidden_dim: int = 64
     """width of the agent MLP and LSTM"""
     window: int = 8
@@ -96,47 +75,21 @@ class Args(envs.RunArgs):  # + the run flags of envs.RunArgs (--seed, --run-name
     """gradient-norm clip, 0 = none (paper silent; released VDN: none, QMIX/QTRAN 10, QTRAN-TV 1)"""
     rmsprop_eps: float = 1e-5
     """RMSprop epsilon (paper silent; released code: 1e-5, torch's default is 1e-8)"""
+
+    # Released-code switches (docs/index.md, "Two configurations"; the paper's choice is the default)
+    single_coin: bool = False
+    """one epsilon coin for all agents (released code) instead of one per agent (Alg. 2 l.8)"""
+
+    # Beyond the paper
+    allow_env6: bool = False
+    """allow env_6 in --train-configs (held out by the paper: no method trains on it)"""
     share_params: bool = False
     """one DRQN for all agents with an agent-id input (pymarl style) instead of one per agent"""
-    fused: bool = True
-    """agents' LSTMs and RMSprop in fused.py's C++ kernels (same equations; --no-fused: plain torch)"""
-
-
-def load_estimator_module():
-    """algos/groupdr_estimator.py (stage 1) as a module: its RewardEstimator, load_estimator and
-    parse_configs. Loaded from this file's folder, so it works however this script is imported."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "groupdr_estimator.py")
-    spec = importlib.util.spec_from_file_location("groupdr_estimator", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def check_args(args: Args) -> None:
-    """One clear line naming the flag for every bad input, then exit != 0."""
-    if args.env != "building":
-        envs.fail(f"--env must be building (got '{args.env}'): GroupDR's groups are the building configs")
-    if args.observed_reward and args.estimator_checkpoint:
-        envs.fail("--estimator-checkpoint and --observed-reward exclude each other (--observed-reward trains on the "
-                  "observed reward, without an estimator)")
-    if not args.estimator_checkpoint and not args.observed_reward:
-        envs.fail("--estimator-checkpoint is required: run stage 1 first, "
-                  "python algos/groupdr_estimator.py --behaviour-checkpoint runs/groupdr_behaviour/model.pt "
-                  "--run-name groupdr_estimator (see docs/groupdr.md)")
-    if args.estimator_checkpoint and not os.path.isfile(args.estimator_checkpoint):
-        envs.fail(f"--estimator-checkpoint: no such file '{args.estimator_checkpoint}'")
-    est = load_estimator_module()
-    try:
-        est.parse_configs(args.train_configs, args.allow_env6, "--train-configs")
-        est.parse_days(args.train_days)
-    except envs.EnvArgError as e:
-        envs.fail(str(e))
-    envs.check_counts(args)  # every count and frequency flag (--log-every, --batch-size, ...)
-
-
-def make_train_envs(configs):
-    """One building env per training config, built once; every episode drawn from a config reuses it."""
-    return {config: envs.make_env("building", config) for config in configs}
+    """One clear line naming the flag for every bad input, then exit != 0 (tyro checks the Literal choices)."""
+    est.check_stage2_args(args)  # --estimator-checkpoint, --train-configs, --train-days, sizes (runs.check_counts)
 
 
 def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
@@ -144,55 +97,30 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
     return max(slope * t + start_e, end_e)
 
 
-# ---------------------------------------------------------------------------------------------
-# GroupDR TD target
-# ---------------------------------------------------------------------------------------------
+# --- GroupDR TD target ---
 def groupdr_target(worst_reward, next_value, terminated, gamma):
-    """y = r_tilde + gamma * Q_tot(h', a_bar'; theta-): the nominal VDN target (Alg. 2, Eq. 15 at rho = 0)
-    with the observed reward replaced by r_tilde = min_k r_hat_k(s, a, t) (paper F.2, GroupDR).
-    A terminated transition has no next state: y = r_tilde."""
+    """y = r_tilde + gamma * Q_tot(h', a_bar'; theta-): the nominal VDN target (Alg. 2, Eq. 15 at rho = 0) with the
+    observed reward replaced by r_tilde = min_k r_hat_k(s, a, t) (paper F.2). Terminated (no next state): y = r_tilde."""
     return worst_reward + gamma * (1.0 - terminated) * next_value
 
 
-# ---------------------------------------------------------------------------------------------
-# Agent network: one DRQN per agent, exactly as released (paper F.2 "Robust individual Q-networks")
-# ---------------------------------------------------------------------------------------------
+# --- Agent network: one DRQN per agent, exactly as released (paper F.2 "Robust individual Q-networks") ---
 class DRQN(nn.Module):
-    """K DRQNs, each Linear(obs + onehot(prev action) [+ onehot(agent id)], 64) -> ReLU -> LSTM(64, 64)
-    -> last output -> ReLU -> Linear(64, n_actions), run over a history window from a zero LSTM state.
-    Every parameter is stacked over the K networks, so all K run as batched matrix products and one
-    fused.lstm_last call. fc1's weight is kept as its obs columns (K, H, obs) and its one-hot columns
-    as the rows of a lookup table (K, n_actions [+ n_ids], H); eval.agent_state_dict(drqn, k)
-    gives network k in the released format (agent_{k}_q_network.pt)."""
+    """K DRQNs (paper F.2): fc1 = Linear(obs + onehot(prev action) [+ onehot(agent id)], 64) -> ReLU -> LSTM(64, 64)
+    from a zero state over the window, last output -> ReLU -> fc_out = Linear(64, n_actions); fused.py stacks the K
+    networks' weights (eval.agent_state_dict(drqn, k): network k in the released format, agent_{k}_q_network.pt)."""
 
     def __init__(self, n_nets: int, obs_dim: int, n_actions: int, hidden_dim: int, n_ids: int = 0, use_kernel=True):
         super().__init__()
-        self.obs_dim, self.n_actions, self.use_kernel = obs_dim, n_actions, use_kernel
-        in_dim, H = obs_dim + n_actions + n_ids, hidden_dim
-
-        def param(*shape, fan_in):  # torch.nn's Linear and LSTM init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-            return nn.Parameter(torch.empty(n_nets, *shape).uniform_(-(fan_in**-0.5), fan_in**-0.5))
-
-        self.fc1_obs, self.fc1_table = param(H, obs_dim, fan_in=in_dim), param(n_actions + n_ids, H, fan_in=in_dim)
-        self.fc1_bias = param(H, fan_in=in_dim)
-        self.lstm_weight_ih, self.lstm_weight_hh = param(4 * H, H, fan_in=H), param(4 * H, H, fan_in=H)
-        self.lstm_bias_ih, self.lstm_bias_hh = param(4 * H, fan_in=H), param(4 * H, fan_in=H)
-        self.fc_out_weight, self.fc_out_bias = param(n_actions, H, fan_in=H), param(n_actions, fan_in=H)
-        self.register_buffer("rows", (n_actions + n_ids) * torch.arange(n_nets).unsqueeze(1), persistent=False)
+        self.fc1 = fused.AgentsInput(n_nets, obs_dim, n_actions, n_ids, hidden_dim)
+        self.lstm = fused.AgentsLSTM(n_nets, hidden_dim, use_kernel)
+        self.fc_out = fused.AgentsLinear(n_nets, hidden_dim, n_actions)
 
     def forward(self, obs_w, prev_a_w, agent_ids=None):
-        """obs_w (K, W, M, obs_dim), prev_a_w (K, W, M) long [, agent_ids (M,)] -> Q (K, M, n_actions)
-        and the last LSTM outputs (K, M, hidden)."""
-        K, W, M, O = obs_w.shape
-        table = self.fc1_table.reshape(-1, self.fc1_table.shape[-1])  # network k's row r is row self.rows[k] + r
-        # fc1 on [obs, onehot(a_prev) (, onehot(id))] = obs columns + the one-hot columns looked up: same numbers
-        x = torch.baddbmm(self.fc1_bias.unsqueeze(1), obs_w.reshape(K, W * M, O), self.fc1_obs.transpose(1, 2))
-        x = x + table.index_select(0, (prev_a_w.reshape(K, W * M) + self.rows).reshape(-1)).view(K, W * M, -1)
-        if agent_ids is not None:
-            x = x + table.index_select(0, self.n_actions + agent_ids.repeat(W)).view(K, W * M, -1)
-        h = fused.lstm_last(F.relu(x).view(K, W, M, -1), self.lstm_weight_ih, self.lstm_weight_hh,
-                            self.lstm_bias_ih, self.lstm_bias_hh, self.use_kernel)  # zero initial state
-        return torch.baddbmm(self.fc_out_bias.unsqueeze(1), F.relu(h), self.fc_out_weight.transpose(1, 2)), h
+        """obs_w (K, W, M, obs_dim), prev_a_w (K, W, M) long [, agent_ids (M,)] -> Q (K, M, n_actions), h_W (K, M, H)."""
+        x = F.relu(self.fc1(obs_w, prev_a_w, agent_ids))
+        h = self.lstm(x)
+        return self.fc_out(F.relu(h)), h
 
 
 class QNetworks(nn.Module):
@@ -225,52 +153,38 @@ def masked_argmax(q, avail):
     return q.masked_fill(~avail, -float("inf")).argmax(-1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Histories and replay
-# ---------------------------------------------------------------------------------------------
-class History:
-    """The acting window of E parallel episodes: the last W (obs, previous action) pairs, padded
-    at the front with zero observations and previous-action index 0 (also the t=0 previous action)."""
+# --- Replay ---
+class Batch:
+    """Slots idx of a replay buffer as device tensors, one attribute per field named below; history and
+    next_history: the (obs, previous action) windows ending at t and t + 1, (W, B, N, obs_dim) and (W, B, N)."""
 
-    def __init__(self, n_envs, window, n_agents, obs_dim):
-        self.obs = np.zeros((window, n_envs, n_agents, obs_dim), dtype=np.float32)
-        self.prev_a = np.zeros((window, n_envs, n_agents), dtype=np.int64)
+    def __init__(self, rb, idx):
+        self.rb, self.idx = rb, idx
+        for name in ("state", "actions", "reward", "terminated", "next_state", "next_avail", "next_value", "t"):
+            setattr(self, name, torch.from_numpy(getattr(rb, name)[idx]).to(rb.device))
 
-    def reset(self, obs):
-        self.obs[:] = 0.0
-        self.prev_a[:] = 0
-        self.obs[-1] = obs
+    @functools.cached_property
+    def windows(self):
+        return [torch.from_numpy(w).to(self.rb.device) for w in self.rb.windows(self.idx)]
 
-    def push(self, obs, prev_actions):
-        self.obs = np.roll(self.obs, -1, axis=0)
-        self.prev_a = np.roll(self.prev_a, -1, axis=0)
-        self.obs[-1], self.prev_a[-1] = obs, prev_actions
-
-    def tensors(self, device):
-        return torch.from_numpy(self.obs).to(device), torch.from_numpy(self.prev_a).to(device)
+    history = property(lambda self: self.windows[:2])  # (obs, previous action) windows ending at t
+    next_history = property(lambda self: self.windows[2:])  # ... ending at t + 1
 
 
 class ReplayBuffer:
-    """Each transition (o, s, a, r, o', s', avail', terminated, truncated) is stored once, with its
-    step index t in the episode; the window ending at t and the one ending at t+1 are gathered at
-    sample time. The last transition of every episode is stored with its truncation flag."""
+    """D: each transition (o, s, a, r, o', s', avail', terminated, truncated) stored once with its step t in the episode
+    (windows are gathered at sample time), and V' per slot, cached: theta- only changes at the hard copy."""
 
-    def __init__(self, capacity, n_agents, obs_dim, state_dim, n_actions, window):
-        self.capacity, self.window, self.ptr, self.size = capacity, window, 0, 0
-        self.obs = np.zeros((capacity, n_agents, obs_dim), dtype=np.float32)
-        self.next_obs = np.zeros_like(self.obs)
-        self.state = np.zeros((capacity, state_dim), dtype=np.float32)
-        self.next_state = np.zeros_like(self.state)
-        self.actions = np.zeros((capacity, n_agents), dtype=np.int64)
+    def __init__(self, capacity, n_agents, obs_dim, state_dim, n_actions, window, device="cpu"):
+        self.capacity, self.window, self.ptr, self.size, self.device = capacity, window, 0, 0, device
+        self.obs, self.next_obs = np.zeros((2, capacity, n_agents, obs_dim), dtype=np.float32)
+        self.state, self.next_state = np.zeros((2, capacity, state_dim), dtype=np.float32)
+        self.actions, self.t = np.zeros((capacity, n_agents), dtype=np.int64), np.zeros(capacity, dtype=np.int64)
         self.next_avail = np.zeros((capacity, n_agents, n_actions), dtype=bool)
-        self.reward = np.zeros(capacity, dtype=np.float32)
-        self.terminated = np.zeros(capacity, dtype=np.float32)
-        self.truncated = np.zeros(capacity, dtype=np.float32)
-        self.t = np.zeros(capacity, dtype=np.int64)
-        # Cache of Q_tot(h', a_bar'; theta-): theta- only changes at the hard copy, so a value
-        # computed once per target period equals recomputing it at every update.
-        self.next_value = np.zeros(capacity, dtype=np.float32)
+        self.reward, self.terminated, self.truncated = np.zeros((3, capacity), dtype=np.float32)
+        self.next_value = np.zeros(capacity, dtype=np.float32)  # V' of theta- version value_version[slot]
         self.value_version = np.full(capacity, -1, dtype=np.int64)
+        self.version = 0  # hard copies theta- <- theta so far
 
     def add(self, obs, state, actions, reward, next_obs, next_state, next_avail, terminated, truncated, t):
         i = self.ptr
@@ -280,27 +194,38 @@ class ReplayBuffer:
         self.ptr = (i + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
-    def sample(self, batch_size, rng):
-        """Uniform over stored transitions whose window is intact: once the buffer wraps, the
-        W oldest slots may have lost the start of their window (W-1 earlier observations plus the
-        previous action before the first of them) and are skipped."""
-        if self.size < self.capacity:
-            return rng.integers(0, self.size, batch_size)
-        return (self.ptr + rng.integers(self.window, self.capacity, batch_size)) % self.capacity
+    def target_changed(self):
+        """theta- <- theta: every cached V' is stale."""
+        self.version += 1
 
-    def stale(self, idx, version, newest=32):
-        """Slots among idx without a cached target value for theta- version `version`; if there are
-        any, the stale ones among the `newest` latest slots join them: one larger target pass instead
-        of many tiny ones (each value is still computed once per target period)."""
-        todo = idx[self.value_version[idx] != version]
+    def sample(self, batch_size, rng, next_values, n=1):
+        """n minibatches of batch_size slots (drawn at once) -> a Batch (n = 1) or a list; next_values(Batch) gives V'
+        of the slots without a cached value for the current theta-."""
+        idx = self.sample_slots(n * batch_size, rng)
+        todo = self.stale(idx)
+        if len(todo):
+            self.next_value[todo] = next_values(Batch(self, todo)).cpu().numpy()
+            self.value_version[todo] = self.version
+        batches = [Batch(self, part) for part in np.split(idx, n)]
+        return batches[0] if n == 1 else batches
+
+    def sample_slots(self, k, rng):
+        """Uniform over stored slots whose window is intact (once the buffer wraps, the W oldest are skipped)."""
+        if self.size < self.capacity:
+            return rng.integers(0, self.size, k)
+        return (self.ptr + rng.integers(self.window, self.capacity, k)) % self.capacity
+
+    def stale(self, idx, newest=32):
+        """Slots among idx without a cached V' for the current theta-, and then also the stale ones among the `newest`
+        latest slots: one larger target pass instead of many tiny ones."""
+        todo = idx[self.value_version[idx] != self.version]
         if len(todo):
             recent = (self.ptr - 1 - np.arange(min(newest, self.size))) % self.capacity
-            todo = np.union1d(todo, recent[self.value_version[recent] != version])
+            todo = np.union1d(todo, recent[self.value_version[recent] != self.version])
         return todo
 
     def windows(self, idx):
-        """Current windows (ending at t) and next windows (ending at t+1) of slots idx:
-        obs (W, B, N, obs_dim) and previous actions (W, B, N), both pairs."""
+        """Windows ending at t and at t+1 of slots idx: obs (W, B, N, obs_dim), previous actions (W, B, N), twice."""
         d = np.arange(1 - self.window, 1)  # offsets -(W-1) .. 0
         src = (idx[None, :] + d[:, None]) % self.capacity  # (W, B)
         tau = self.t[idx][None, :] + d[:, None]  # time step of each window position
@@ -311,10 +236,17 @@ class ReplayBuffer:
         return obs_w, prev_w, next_obs_w, next_prev_w
 
 
+@torch.no_grad()
+def target_values(b, target_network):
+    """V' = Q_tot(h', a_bar'; theta-) = sum_i max_{a available} Q_i(h'_i, a; theta-) (Alg. 2 l.12, l.14) of Batch b.
+    Terminal next state (terminated transition): V' = 0, its value; --worst-value batch-min's m sees it."""
+    q_next = target_network.greedy_q(*b.next_history)
+    value = q_next.masked_fill(~b.next_avail, -float("inf")).max(-1).values.sum(-1)
+    return torch.where(b.terminated > 0, 0.0, value)  # y bootstraps nothing there either
+
+
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    resume = evaluation.resume_args(args, __file__)  # --resume runs/<name>: that run's args and checkpoint
-    check_args(args)
+    args = runs.parse_args(Args, __file__, check_args)  # --resume runs/<name>: that run's flags; one line per bad flag
     run_name = args.run_name or f"building__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or os.path.join("runs", run_name)
 
@@ -322,148 +254,80 @@ if __name__ == "__main__":
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN-fill of every torch.empty (~1 ms a step)
     rng = np.random.default_rng(args.seed)
-    device = torch.device(args.device)
-    if args.torch_threads > 0:
-        torch.set_num_threads(args.torch_threads)
+    device = runs.torch_setup(args)  # deterministic algorithms, --torch-threads, --device
 
-    # Environment: one env per training config (GroupDR's groups, paper F.2: env_1..env_5), built
-    # once. env_6 is refused by parse_configs unless --allow-env6.
-    est = load_estimator_module()
-    train_configs = est.parse_configs(args.train_configs, args.allow_env6, "--train-configs")
-    train_envs = make_train_envs(train_configs)
+    # Environment: one env per training config (GroupDR's groups, paper F.2: env_1..env_5), built once
+    train_configs, train_envs, (day_lo, day_hi) = est.training_groups(args)  # --train-configs, --train-days
     env = train_envs[train_configs[0]]
     N, A = env.n_agents, env.n_actions
     episode_steps = min(args.episode_steps or env.episode_limit, env.episode_limit)
-    day_lo, day_hi = est.parse_days(args.train_days)
-
-    # GroupDR stage 1: the frozen reward estimator r_hat_k(s, a, t), one head per estimator config
-    estimator, estimator_ckpt = None, {"configs": None}
-    if args.observed_reward:  # stage 0: plain VDN with domain randomisation, the behaviour policy of stage 1
-        print(f"observed reward, no estimator: plain VDN on episodes from {','.join(train_configs)}", flush=True)
-    else:
-        try:
-            estimator, estimator_ckpt = est.load_estimator(args.estimator_checkpoint, N, A, env.state_dim, device)
-        except est.EstimatorError as e:
-            envs.fail(f"--estimator-checkpoint: {e}")
-        if est.HELD_OUT_CONFIG in estimator_ckpt["configs"] and not args.allow_env6:  # env_6 data = training on env_6
-            envs.fail(f"--estimator-checkpoint: its heads include {est.HELD_OUT_CONFIG}, the held-out test config "
-                      "(fitted with --allow-env6); pass --allow-env6 to train with it anyway")
-        print(f"estimator {args.estimator_checkpoint}: heads {','.join(estimator_ckpt['configs'])}, time t/"
-              f"{estimator_ckpt['time_norm']:g}; training episodes from {','.join(train_configs)}", flush=True)
-    writer = evaluation.open_run(run_dir, args, resume)  # the run folder: args.json, TensorBoard (continued on --resume)
+    estimator, heads = est.stage_estimator(args, N, A, env.state_dim, device, train_configs)  # r_hat_k, frozen
+    run = runs.Run(run_dir, args, __file__)  # the run folder: args.json, TensorBoard (continued on --resume)
 
     # Alg. 2 l.3-4: Q_i with parameters theta, target theta- = theta
     q_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.fused).to(device)
-    optimizer = fused.RMSprop(q_network.parameters(), lr=args.learning_rate, eps=args.rmsprop_eps, use_kernel=args.fused)  # = torch.optim.RMSprop
+    params = list(q_network.parameters())
+    optimizer = fused.RMSprop(params, lr=args.learning_rate, eps=args.rmsprop_eps, use_kernel=args.fused)
     target_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.fused).to(device)
     target_network.load_state_dict(q_network.state_dict())
-    target_version = 0
+    max_norm = args.max_grad_norm or float("inf")  # inf: the norm is only measured (logged, NaN guard)
 
     # Alg. 2 l.2: replay buffer D
-    rb = ReplayBuffer(args.buffer_size, N, env.obs_dim, env.state_dim, A, args.window)
-    history = History(1, args.window, N, env.obs_dim)
+    rb = ReplayBuffer(args.buffer_size, N, env.obs_dim, env.state_dim, A, args.window, device)
+    history = envs.History(1, args.window, N, env.obs_dim)  # acting: each agent's last W (obs, prev. action)
 
-    @torch.no_grad()
-    def target_values(idx):
-        """Q_tot(h', a_bar'; theta-) = sum_i max_{a available} Q_i(h'_i, a; theta-) (Alg. 2 l.12, l.14)."""
-        _, _, next_obs_w, next_prev_w = rb.windows(idx)
-        q_next = target_network.greedy_q(torch.from_numpy(next_obs_w).to(device), torch.from_numpy(next_prev_w).to(device))
-        avail = torch.from_numpy(rb.next_avail[idx]).to(device)
-        return q_next.masked_fill(~avail, -float("inf")).max(-1).values.sum(-1).cpu().numpy()
+    run.track(q_network=q_network, target_network=target_network, optimizer=optimizer, rb=rb, rng=rng)  # --resume: restored
+    global_step = run.global_step
+    with run:  # Ctrl-C / SIGTERM: checkpoint at the episode's end; a non-finite gradient: one error line
+        for episode in range(run.episode, args.total_episodes):  # Alg. 2 l.5
+            env = train_envs[train_configs[int(rng.integers(len(train_configs)))]]  # GroupDR: a group, uniformly
+            obs, state, avail = env.reset(int(rng.integers(day_lo, day_hi)))  # Alg. 2 l.6, a day uniformly
+            history.reset(obs[None])
+            episode_return = 0.0
+            for t in range(episode_steps):  # Alg. 2 l.7
+                # Alg. 2 l.8: each agent picks its action epsilon-greedily (masked to available actions)
+                epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, global_step)
+                q = q_network.greedy_q(*history.tensors(device))[0]  # no_grad inside
+                greedy = masked_argmax(q, torch.from_numpy(avail).to(device)).cpu().numpy()
+                random_actions = np.argmax(rng.random((N, A)) * avail, axis=1)  # uniform over available
+                coins = rng.random(1).repeat(N) if args.single_coin else rng.random(N)
+                actions = np.where(coins < epsilon, random_actions, greedy)
 
-    # Checkpoints of all of the above, every RNG and the counters (--checkpoint-every, Ctrl-C), --resume, NaN guard
-    run = evaluation.TrainingRun(run_dir, __file__, args, writer, resume, q_network=q_network,
-                                 target_network=target_network, optimizer=optimizer, rb=rb, rng=rng)
-    global_step, n_updates, recent = 0, 0, []
-    first_episode, global_step, n_updates, target_version, recent = run.counters(
-        episode=0, global_step=global_step, n_updates=n_updates, target_version=target_version, recent=recent)  # --resume: the checkpoint's
-    for episode in range(first_episode, args.total_episodes):  # Alg. 2 l.5
-        # GroupDR (paper F.2): each episode comes from a training environment picked uniformly
-        env = train_envs[train_configs[int(rng.integers(len(train_configs)))]]
-        day = int(rng.integers(day_lo, day_hi))
-        obs, state, avail = env.reset(day)  # Alg. 2 l.6
-        history.reset(obs[None])
-        episode_return = 0.0
-        for t in range(episode_steps):  # Alg. 2 l.7
-            # Alg. 2 l.8: each agent picks its action epsilon-greedily (masked to available actions)
-            epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, global_step)
-            with torch.no_grad():
-                q = q_network.greedy_q(*history.tensors(device))[0]
-            greedy = masked_argmax(q, torch.from_numpy(avail).to(device)).cpu().numpy()
-            random_actions = np.argmax(rng.random((N, A)) * avail, axis=1)  # uniform over available
-            coins = rng.random(1).repeat(N) if args.single_coin else rng.random(N)
-            actions = np.where(coins < epsilon, random_actions, greedy)
+                # Alg. 2 l.9: step the joint action
+                next_obs, next_state, next_avail, reward, terminated, truncated, info = env.step(actions)
+                truncated = truncated or t == episode_steps - 1
+                episode_return += reward
+                # Alg. 2 l.10: store (h, a, r, h'); windows are rebuilt from single transitions
+                rb.add(obs, state, actions, reward, next_obs, next_state, next_avail, terminated, truncated, t)
+                history.push(next_obs[None], actions[None])
+                obs, state, avail = next_obs, next_state, next_avail
+                global_step += 1
 
-            # Alg. 2 l.9: step the joint action
-            next_obs, next_state, next_avail, reward, terminated, truncated, info = env.step(actions)
-            truncated = truncated or t == episode_steps - 1
-            episode_return += reward
-            # Alg. 2 l.10: store (h, a, r, h'); windows are rebuilt from single transitions
-            rb.add(obs, state, actions, reward, next_obs, next_state, next_avail, terminated, truncated, t)
-            history.push(next_obs[None], actions[None])
-            obs, state, avail = next_obs, next_state, next_avail
-            global_step += 1
+                if global_step > args.learning_starts and global_step % args.train_frequency == 0:
+                    b = rb.sample(args.batch_size, rng, lambda stale: target_values(stale, target_network))  # l.11, l.14
+                    q_taken = q_network(*b.history).gather(-1, b.actions.unsqueeze(-1)).squeeze(-1)  # Q_i(h_i, a_i)
+                    q_tot = q_taken.sum(-1)  # Alg. 2 l.13: Q_tot^VDN(h, a; theta)
+                    r_tilde = b.reward if args.observed_reward else est.worst_case_reward(estimator, b.state, b.actions, b.t)
+                    y = groupdr_target(r_tilde, b.next_value, b.terminated, args.gamma)  # l.15, r -> min_k r_hat_k(s, a, t)
+                    td_loss = F.mse_loss(q_tot, y)  # Alg. 2 l.16
+                    optimizer.zero_grad()
+                    td_loss.backward()  # Alg. 2 l.17
+                    grad_norm = nn.utils.clip_grad_norm_(params, max_norm, foreach=True, error_if_nonfinite=True)
+                    optimizer.step()
 
-            if global_step > args.learning_starts and global_step % args.train_frequency == 0:
-                update_start = time.perf_counter()
-                idx = rb.sample(args.batch_size, rng)  # Alg. 2 l.11
-                todo = rb.stale(idx, target_version)  # no cached value for this theta- yet
-                if len(todo):
-                    rb.next_value[todo] = target_values(todo)
-                    rb.value_version[todo] = target_version
-                obs_w, prev_w, _, _ = rb.windows(idx)
-                q = q_network(torch.from_numpy(obs_w).to(device), torch.from_numpy(prev_w).to(device))
-                actions_b = torch.from_numpy(rb.actions[idx]).to(device)
-                q_taken = q.gather(-1, actions_b.unsqueeze(-1)).squeeze(-1)
-                q_tot = q_taken.sum(-1)  # Alg. 2 l.13: Q_tot^VDN(h, a; theta)
-                with torch.no_grad():
-                    next_v = torch.from_numpy(rb.next_value[idx]).to(device)  # l.14 (cached)
-                    r_b = torch.from_numpy(rb.reward[idx]).to(device)  # observed reward: logged only
-                    terminated_b = torch.from_numpy(rb.terminated[idx]).to(device)  # truncation bootstraps
-                    # GroupDR: r_tilde = min_k r_hat_k(s_t, a_t, t), per sample, from the stored s, a, t
-                    state_b, t_b = torch.from_numpy(rb.state[idx]).to(device), torch.from_numpy(rb.t[idx]).to(device)
-                    r_tilde = r_b if args.observed_reward else est.worst_case_reward(estimator, state_b, actions_b, t_b)
-                    y = groupdr_target(r_tilde, next_v, terminated_b, args.gamma)  # l.15 with r -> r_tilde
-                td_loss = F.mse_loss(q_tot, y)  # Alg. 2 l.16
-                optimizer.zero_grad()
-                td_loss.backward()  # Alg. 2 l.17
-                if args.max_grad_norm > 0:
-                    grad_norm = nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm, foreach=True)
-                else:
-                    grad_norm = torch.zeros(())
-                run.check_finite(global_step, td_loss=td_loss, target=y, grad_norm=grad_norm)  # NaN guard: no step on them
-                optimizer.step()
-                n_updates += 1
-                run.update_seconds += time.perf_counter() - update_start  # ms per update in the progress line
-                if n_updates % 100 == 0:
-                    writer.add_scalar("losses/td_loss", td_loss.item(), global_step)
-                    writer.add_scalar("losses/q_taken_mean", q_tot.mean().item(), global_step)  # Q_tot(h, a; theta)
-                    writer.add_scalar("losses/target_mean", y.mean().item(), global_step)
-                    writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
-                    writer.add_scalar("losses/r_tilde_mean", r_tilde.mean().item(), global_step)
-                    writer.add_scalar("losses/reward_mean", r_b.mean().item(), global_step)
-                    writer.add_scalar("charts/SPS", run.sps(global_step), global_step)
-                    writer.add_scalar("charts/epsilon", epsilon, global_step)
+                    if global_step % (100 * args.train_frequency) == 0:  # logging, every 100 gradient steps
+                        r_means = {"r_tilde_mean": r_tilde.mean(), "reward_mean": b.reward.mean()}  # worst-case, observed r
+                        run.log(global_step, epsilon, td_loss, q_tot, y, grad_norm, **r_means)  # losses/*, charts/*
 
-            if global_step % args.target_network_frequency == 0:  # Alg. 2 l.18: theta- <- theta
-                target_network.load_state_dict(q_network.state_dict())
-                target_version += 1
-            if terminated or truncated:
+                if global_step % args.target_network_frequency == 0:  # Alg. 2 l.18: theta- <- theta
+                    target_network.load_state_dict(q_network.state_dict())
+                    rb.target_changed()  # cached V' are stale
+                if terminated or truncated:
+                    break
+
+            if run.episode_end(episode + 1, global_step, episode_return, epsilon, info):  # progress, checkpoint, Ctrl-C
                 break
 
-        writer.add_scalar("charts/episodic_return", episode_return, global_step)
-        writer.add_scalar("charts/normalised_return", envs.normalised_return(episode_return), global_step)
-        recent.append(episode_return)
-        recent = run.progress(episode + 1, global_step, n_updates, epsilon, recent, episode + 1 == args.total_episodes)
-        run.episode_end(episode=episode + 1, global_step=global_step, n_updates=n_updates,
-                        target_version=target_version, recent=recent)  # checkpoint / Ctrl-C
-
     if args.save_model:  # weights, args and env config, written atomically (eval.py reads them back)
-        env_info = {"env": "building", "config": ",".join(train_configs), "n_agents": N, "n_actions": A,
-                    "obs_dim": env.obs_dim, "state_dim": env.state_dim}
-        path = evaluation.save_checkpoint(run_dir, __file__, args, env_info, estimator_configs=estimator_ckpt["configs"], q_network=q_network)
-        print(f"model saved to {path}")
-    run.close()  # TensorBoard file, signal handlers
+        runs.save_model(run_dir, __file__, args, env, ",".join(train_configs), estimator_configs=heads, q_network=q_network)

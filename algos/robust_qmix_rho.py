@@ -8,36 +8,33 @@ y = r + gamma * (1 - rho) * f_theta-((Q_i(h'_i, a_bar'_i; theta-))_i, s'), a_bar
 rho = 0 is plain QMIX. Docs: docs/qmix.md (usage, metrics, implementation details).
 """
 
+import functools
 import os
 import random
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-import tyro
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import envs  # noqa: E402  (environment plumbing shared by all scripts)
-import fused  # noqa: E402  (C++ kernels: the agents' LSTMs in one call, RMSprop in one pass; same equations)
-import eval as evaluation  # noqa: E402  (StarCraft win-rate evaluation during training)
+import envs  # the tasks (building, StarCraft, matrix games) and the agents' acting window (History)
+import eval as evaluation  # StarCraft win-rate evaluation during training
+import fused  # per-agent layers and C++ kernels (the agents' LSTMs in one call, RMSprop in one pass)
+import runs  # run plumbing: flags, run folder, checkpoint / resume, Ctrl-C, NaN guard, progress, logging
 
 
 @dataclass
-class Args(envs.EnvArgs):  # + the run and environment flags of envs.EnvArgs (--seed, --env, --resume, ...)
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-
+class Args(runs.RunArgs, envs.EnvArgs):  # + the run flags (--seed, --resume, ...) and the task flags (--env, ...)
     # Algorithm (paper F.2 defaults)
     total_episodes: int = 600
     """number of training episodes E (Alg. 3 l.5)"""
     rho: float = 0.0
     """rho-contamination radius in [0, 1) (Eq. 7); 0 gives plain QMIX"""
-    worst_value: str = "zero"
-    """min V in Eq. (28): zero (Assumption 1/2, exactly Alg. 3) or batch-min (general operator)"""
     gamma: float = 0.997
     """discount factor (F.1: 1/(1-gamma) = 288)"""
     learning_rate: float = 5e-4
@@ -58,35 +55,35 @@ class Args(envs.EnvArgs):  # + the run and environment flags of envs.EnvArgs (--
     """final epsilon"""
     exploration_steps: int = 120_000
     """env steps over which epsilon decays linearly"""
-    single_coin: bool = False
-    """one epsilon coin for all agents (released code) instead of one per agent (Alg. 3 l.8)"""
     hidden_dim: int = 64
     """width of the agent MLP and LSTM"""
     window: int = 8
     """history window: the last this many (obs, previous action) pairs"""
+    mixing_embed_dim: int = 32
+    """width of the mixer's hidden layer and of its state-value head V(s) (paper F.2, released code)"""
     max_grad_norm: float = 10.0
     """gradient-norm clip, 0 = none (paper silent; released code: 10)"""
     rmsprop_eps: float = 1e-5
     """RMSprop epsilon (paper silent; released code: 1e-5, torch's default is 1e-8)"""
+
+    # Released-code switches (docs/index.md, "Two configurations"; the paper's choice is the default)
+    optimizer: Literal["rmsprop", "adam"] = "rmsprop"
+    """rmsprop (paper F.2) or adam (the released QMIX code), one optimiser over agents and mixer"""
+    single_coin: bool = False
+    """one epsilon coin for all agents (released code) instead of one per agent (Alg. 3 l.8)"""
+
+    # Beyond the paper
+    worst_value: Literal["zero", "batch-min"] = "zero"
+    """min V in Eq. (28): zero (Assumption 1/2, exactly Alg. 3) or batch-min (general operator)"""
     share_params: bool = False
     """one DRQN for all agents with an agent-id input (pymarl style) instead of one per agent"""
-    fused: bool = True
-    """agents' LSTMs and RMSprop in fused.py's C++ kernels (same equations; --no-fused: plain torch)"""
-    optimizer: str = "rmsprop"
-    """rmsprop (paper F.2) or adam (the released QMIX code), one optimiser over agents and mixer"""
-    mixing_embed_dim: int = 32
-    """width of the mixer's hidden layer and of its state-value head V(s) (paper F.2, released code)"""
 
 
 def check_args(args: Args) -> None:
-    """One clear line naming the flag for every bad input, then exit != 0."""
+    """One clear line naming the flag for every bad input, then exit != 0 (tyro checks the Literal choices)."""
     if not 0.0 <= args.rho < 1.0:
-        envs.fail(f"--rho must be in [0, 1) for rho-contamination (got {args.rho})")
-    if args.worst_value not in ("zero", "batch-min"):
-        envs.fail(f"--worst-value must be one of zero, batch-min (got '{args.worst_value}')")
-    if args.optimizer not in ("rmsprop", "adam"):
-        envs.fail(f"--optimizer must be one of rmsprop, adam (got '{args.optimizer}')")
-    envs.check_run_args(args)  # --env, --train-config, --train-days, every count and frequency
+        runs.fail(f"--rho must be in [0, 1) for rho-contamination (got {args.rho})")
+    runs.check_run_args(args)  # --env, --train-config, --train-days, sizes
 
 
 def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
@@ -94,9 +91,7 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
     return max(slope * t + start_e, end_e)
 
 
-# ---------------------------------------------------------------------------------------------
-# Robust TD target
-# ---------------------------------------------------------------------------------------------
+# --- Robust TD target ---
 def robust_target(reward, next_value, terminated, gamma, rho, worst_value="zero"):
     """Alg. 3 l.15, Eq. (15): y = r + gamma * (1 - rho) * Q_tot(h', a_bar'; theta-).
 
@@ -111,45 +106,23 @@ def robust_target(reward, next_value, terminated, gamma, rho, worst_value="zero"
     return reward + gamma * (1.0 - terminated) * bootstrap
 
 
-# ---------------------------------------------------------------------------------------------
-# Agent network: one DRQN per agent, exactly as released (paper F.2 "Robust individual Q-networks")
-# ---------------------------------------------------------------------------------------------
+# --- Agent network: one DRQN per agent, exactly as released (paper F.2 "Robust individual Q-networks") ---
 class DRQN(nn.Module):
-    """K DRQNs, each Linear(obs + onehot(prev action) [+ onehot(agent id)], 64) -> ReLU -> LSTM(64, 64)
-    -> last output -> ReLU -> Linear(64, n_actions), run over a history window from a zero LSTM state.
-    Every parameter is stacked over the K networks, so all K run as batched matrix products and one
-    fused.lstm_last call. fc1's weight is kept as its obs columns (K, H, obs) and its one-hot columns
-    as the rows of a lookup table (K, n_actions [+ n_ids], H); eval.agent_state_dict(drqn, k)
-    gives network k in the released format (agent_{k}_q_network.pt)."""
+    """K DRQNs (paper F.2): fc1 = Linear(obs + onehot(prev action) [+ onehot(agent id)], 64) -> ReLU -> LSTM(64, 64)
+    from a zero state over the window, last output -> ReLU -> fc_out = Linear(64, n_actions); fused.py stacks the K
+    networks' weights (eval.agent_state_dict(drqn, k): network k in the released format, agent_{k}_q_network.pt)."""
 
     def __init__(self, n_nets: int, obs_dim: int, n_actions: int, hidden_dim: int, n_ids: int = 0, use_kernel=True):
         super().__init__()
-        self.obs_dim, self.n_actions, self.use_kernel = obs_dim, n_actions, use_kernel
-        in_dim, H = obs_dim + n_actions + n_ids, hidden_dim
-
-        def param(*shape, fan_in):  # torch.nn's Linear and LSTM init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-            return nn.Parameter(torch.empty(n_nets, *shape).uniform_(-(fan_in**-0.5), fan_in**-0.5))
-
-        self.fc1_obs, self.fc1_table = param(H, obs_dim, fan_in=in_dim), param(n_actions + n_ids, H, fan_in=in_dim)
-        self.fc1_bias = param(H, fan_in=in_dim)
-        self.lstm_weight_ih, self.lstm_weight_hh = param(4 * H, H, fan_in=H), param(4 * H, H, fan_in=H)
-        self.lstm_bias_ih, self.lstm_bias_hh = param(4 * H, fan_in=H), param(4 * H, fan_in=H)
-        self.fc_out_weight, self.fc_out_bias = param(n_actions, H, fan_in=H), param(n_actions, fan_in=H)
-        self.register_buffer("rows", (n_actions + n_ids) * torch.arange(n_nets).unsqueeze(1), persistent=False)
+        self.fc1 = fused.AgentsInput(n_nets, obs_dim, n_actions, n_ids, hidden_dim)
+        self.lstm = fused.AgentsLSTM(n_nets, hidden_dim, use_kernel)
+        self.fc_out = fused.AgentsLinear(n_nets, hidden_dim, n_actions)
 
     def forward(self, obs_w, prev_a_w, agent_ids=None):
-        """obs_w (K, W, M, obs_dim), prev_a_w (K, W, M) long [, agent_ids (M,)] -> Q (K, M, n_actions)
-        and the last LSTM outputs (K, M, hidden)."""
-        K, W, M, O = obs_w.shape
-        table = self.fc1_table.reshape(-1, self.fc1_table.shape[-1])  # network k's row r is row self.rows[k] + r
-        # fc1 on [obs, onehot(a_prev) (, onehot(id))] = obs columns + the one-hot columns looked up: same numbers
-        x = torch.baddbmm(self.fc1_bias.unsqueeze(1), obs_w.reshape(K, W * M, O), self.fc1_obs.transpose(1, 2))
-        x = x + table.index_select(0, (prev_a_w.reshape(K, W * M) + self.rows).reshape(-1)).view(K, W * M, -1)
-        if agent_ids is not None:
-            x = x + table.index_select(0, self.n_actions + agent_ids.repeat(W)).view(K, W * M, -1)
-        h = fused.lstm_last(F.relu(x).view(K, W, M, -1), self.lstm_weight_ih, self.lstm_weight_hh,
-                            self.lstm_bias_ih, self.lstm_bias_hh, self.use_kernel)  # zero initial state
-        return torch.baddbmm(self.fc_out_bias.unsqueeze(1), F.relu(h), self.fc_out_weight.transpose(1, 2)), h
+        """obs_w (K, W, M, obs_dim), prev_a_w (K, W, M) long [, agent_ids (M,)] -> Q (K, M, n_actions), h_W (K, M, H)."""
+        x = F.relu(self.fc1(obs_w, prev_a_w, agent_ids))
+        h = self.lstm(x)
+        return self.fc_out(F.relu(h)), h
 
 
 class QNetworks(nn.Module):
@@ -207,52 +180,38 @@ def masked_argmax(q, avail):
     return q.masked_fill(~avail, -float("inf")).argmax(-1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Histories and replay
-# ---------------------------------------------------------------------------------------------
-class History:
-    """The acting window of E parallel episodes: the last W (obs, previous action) pairs, padded
-    at the front with zero observations and previous-action index 0 (also the t=0 previous action)."""
+# --- Replay ---
+class Batch:
+    """Slots idx of a replay buffer as device tensors, one attribute per field named below; history and
+    next_history: the (obs, previous action) windows ending at t and t + 1, (W, B, N, obs_dim) and (W, B, N)."""
 
-    def __init__(self, n_envs, window, n_agents, obs_dim):
-        self.obs = np.zeros((window, n_envs, n_agents, obs_dim), dtype=np.float32)
-        self.prev_a = np.zeros((window, n_envs, n_agents), dtype=np.int64)
+    def __init__(self, rb, idx):
+        self.rb, self.idx = rb, idx
+        for name in ("state", "actions", "reward", "terminated", "next_state", "next_avail", "next_value"):
+            setattr(self, name, torch.from_numpy(getattr(rb, name)[idx]).to(rb.device))
 
-    def reset(self, obs):
-        self.obs[:] = 0.0
-        self.prev_a[:] = 0
-        self.obs[-1] = obs
+    @functools.cached_property
+    def windows(self):
+        return [torch.from_numpy(w).to(self.rb.device) for w in self.rb.windows(self.idx)]
 
-    def push(self, obs, prev_actions):
-        self.obs = np.roll(self.obs, -1, axis=0)
-        self.prev_a = np.roll(self.prev_a, -1, axis=0)
-        self.obs[-1], self.prev_a[-1] = obs, prev_actions
-
-    def tensors(self, device):
-        return torch.from_numpy(self.obs).to(device), torch.from_numpy(self.prev_a).to(device)
+    history = property(lambda self: self.windows[:2])  # (obs, previous action) windows ending at t
+    next_history = property(lambda self: self.windows[2:])  # ... ending at t + 1
 
 
 class ReplayBuffer:
-    """Each transition (o, s, a, r, o', s', avail', terminated, truncated) is stored once, with its
-    step index t in the episode; the window ending at t and the one ending at t+1 are gathered at
-    sample time. The last transition of every episode is stored with its truncation flag."""
+    """D: each transition (o, s, a, r, o', s', avail', terminated, truncated) stored once with its step t in the episode
+    (windows are gathered at sample time), and V' per slot, cached: theta- only changes at the hard copy."""
 
-    def __init__(self, capacity, n_agents, obs_dim, state_dim, n_actions, window):
-        self.capacity, self.window, self.ptr, self.size = capacity, window, 0, 0
-        self.obs = np.zeros((capacity, n_agents, obs_dim), dtype=np.float32)
-        self.next_obs = np.zeros_like(self.obs)
-        self.state = np.zeros((capacity, state_dim), dtype=np.float32)
-        self.next_state = np.zeros_like(self.state)
-        self.actions = np.zeros((capacity, n_agents), dtype=np.int64)
+    def __init__(self, capacity, n_agents, obs_dim, state_dim, n_actions, window, device="cpu"):
+        self.capacity, self.window, self.ptr, self.size, self.device = capacity, window, 0, 0, device
+        self.obs, self.next_obs = np.zeros((2, capacity, n_agents, obs_dim), dtype=np.float32)
+        self.state, self.next_state = np.zeros((2, capacity, state_dim), dtype=np.float32)
+        self.actions, self.t = np.zeros((capacity, n_agents), dtype=np.int64), np.zeros(capacity, dtype=np.int64)
         self.next_avail = np.zeros((capacity, n_agents, n_actions), dtype=bool)
-        self.reward = np.zeros(capacity, dtype=np.float32)
-        self.terminated = np.zeros(capacity, dtype=np.float32)
-        self.truncated = np.zeros(capacity, dtype=np.float32)
-        self.t = np.zeros(capacity, dtype=np.int64)
-        # Cache of Q_tot(h', a_bar'; theta-): theta- only changes at the hard copy, so a value
-        # computed once per target period equals recomputing it at every update.
-        self.next_value = np.zeros(capacity, dtype=np.float32)
+        self.reward, self.terminated, self.truncated = np.zeros((3, capacity), dtype=np.float32)
+        self.next_value = np.zeros(capacity, dtype=np.float32)  # V' of theta- version value_version[slot]
         self.value_version = np.full(capacity, -1, dtype=np.int64)
+        self.version = 0  # hard copies theta- <- theta so far
 
     def add(self, obs, state, actions, reward, next_obs, next_state, next_avail, terminated, truncated, t):
         i = self.ptr
@@ -262,27 +221,38 @@ class ReplayBuffer:
         self.ptr = (i + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
-    def sample(self, batch_size, rng):
-        """Uniform over stored transitions whose window is intact: once the buffer wraps, the
-        W oldest slots may have lost the start of their window (W-1 earlier observations plus the
-        previous action before the first of them) and are skipped."""
-        if self.size < self.capacity:
-            return rng.integers(0, self.size, batch_size)
-        return (self.ptr + rng.integers(self.window, self.capacity, batch_size)) % self.capacity
+    def target_changed(self):
+        """theta- <- theta: every cached V' is stale."""
+        self.version += 1
 
-    def stale(self, idx, version, newest=32):
-        """Slots among idx without a cached target value for theta- version `version`; if there are
-        any, the stale ones among the `newest` latest slots join them: one larger target pass instead
-        of many tiny ones (each value is still computed once per target period)."""
-        todo = idx[self.value_version[idx] != version]
+    def sample(self, batch_size, rng, next_values, n=1):
+        """n minibatches of batch_size slots (drawn at once) -> a Batch (n = 1) or a list; next_values(Batch) gives V'
+        of the slots without a cached value for the current theta-."""
+        idx = self.sample_slots(n * batch_size, rng)
+        todo = self.stale(idx)
+        if len(todo):
+            self.next_value[todo] = next_values(Batch(self, todo)).cpu().numpy()
+            self.value_version[todo] = self.version
+        batches = [Batch(self, part) for part in np.split(idx, n)]
+        return batches[0] if n == 1 else batches
+
+    def sample_slots(self, k, rng):
+        """Uniform over stored slots whose window is intact (once the buffer wraps, the W oldest are skipped)."""
+        if self.size < self.capacity:
+            return rng.integers(0, self.size, k)
+        return (self.ptr + rng.integers(self.window, self.capacity, k)) % self.capacity
+
+    def stale(self, idx, newest=32):
+        """Slots among idx without a cached V' for the current theta-, and then also the stale ones among the `newest`
+        latest slots: one larger target pass instead of many tiny ones."""
+        todo = idx[self.value_version[idx] != self.version]
         if len(todo):
             recent = (self.ptr - 1 - np.arange(min(newest, self.size))) % self.capacity
-            todo = np.union1d(todo, recent[self.value_version[recent] != version])
+            todo = np.union1d(todo, recent[self.value_version[recent] != self.version])
         return todo
 
     def windows(self, idx):
-        """Current windows (ending at t) and next windows (ending at t+1) of slots idx:
-        obs (W, B, N, obs_dim) and previous actions (W, B, N), both pairs."""
+        """Windows ending at t and at t+1 of slots idx: obs (W, B, N, obs_dim), previous actions (W, B, N), twice."""
         d = np.arange(1 - self.window, 1)  # offsets -(W-1) .. 0
         src = (idx[None, :] + d[:, None]) % self.capacity  # (W, B)
         tau = self.t[idx][None, :] + d[:, None]  # time step of each window position
@@ -294,36 +264,28 @@ class ReplayBuffer:
 
 
 @torch.no_grad()
-def target_values(rb, idx, target_network, target_mixer, device="cpu"):
-    """Q_tot(h', a_bar'; theta-) = f_theta-((max_{a available} Q_i(h'_i, a; theta-))_i, s') (Alg. 3 l.12, l.14).
-    Exact to cache (target agents and mixer change only at the hard copy). Terminal next state: V' = 0."""
-    _, _, next_obs_w, next_prev_w = rb.windows(idx)
-    q_next = target_network.greedy_q(torch.from_numpy(next_obs_w).to(device), torch.from_numpy(next_prev_w).to(device))
-    avail = torch.from_numpy(rb.next_avail[idx]).to(device)
-    q_bar = q_next.masked_fill(~avail, -float("inf")).max(-1).values  # Q_i(h'_i, a_bar'_i; theta-)
-    value = target_mixer(q_bar, torch.from_numpy(rb.next_state[idx]).to(device)).cpu().numpy()
-    return np.where(rb.terminated[idx] > 0, 0.0, value).astype(np.float32)  # y bootstraps nothing there either
+def target_values(b, target_network, target_mixer):
+    """V' = Q_tot(h', a_bar'; theta-) = f_theta-((max_{a available} Q_i(h'_i, a; theta-))_i, s') (Alg. 3 l.12, l.14)
+    of Batch b. Terminal next state (terminated transition): V' = 0, its value; --worst-value batch-min's m sees it."""
+    q_next = target_network.greedy_q(*b.next_history)
+    q_bar = q_next.masked_fill(~b.next_avail, -float("inf")).max(-1).values  # Q_i(h'_i, a_bar'_i; theta-)
+    value = target_mixer(q_bar, b.next_state)
+    return torch.where(b.terminated > 0, 0.0, value)  # y bootstraps nothing there either
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    resume = evaluation.resume_args(args, __file__)  # --resume runs/<name>: that run's args and checkpoint
-    check_args(args)
+    args = runs.parse_args(Args, __file__, check_args)  # --resume runs/<name>: that run's flags; one line per bad flag
     starcraft = envs.apply_env_defaults(args, Args)  # StarCraft: SMAC-literature values (envs.py)
     run_name = args.run_name or f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or os.path.join("runs", run_name)
-    writer = evaluation.open_run(run_dir, args, resume)  # the run folder: args.json, TensorBoard (continued on --resume)
+    run = runs.Run(run_dir, args, __file__)  # the run folder: args.json, TensorBoard (continued on --resume)
 
     # Seeding: python, numpy, torch and the environment (days, exploration) from one --seed
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN-fill of every torch.empty (~1 ms a step)
     rng = np.random.default_rng(args.seed)
-    device = torch.device(args.device)
-    if args.torch_threads > 0:
-        torch.set_num_threads(args.torch_threads)
+    device = runs.torch_setup(args)  # deterministic algorithms, --torch-threads, --device
 
     # Environment
     env = envs.make_env(args.env, args.train_config, seed=args.seed)
@@ -337,113 +299,73 @@ if __name__ == "__main__":
     params = list(q_network.parameters()) + list(mixer.parameters())
     # One optimiser over agents and mixer: RMSprop in the paper (F.2), Adam in the released QMIX code
     if args.optimizer == "rmsprop":
-        optimizer = fused.RMSprop(params, lr=args.learning_rate, eps=args.rmsprop_eps, use_kernel=args.fused)  # = torch.optim.RMSprop
+        optimizer = fused.RMSprop(params, lr=args.learning_rate, eps=args.rmsprop_eps, use_kernel=args.fused)
     else:
         optimizer = torch.optim.Adam(params, lr=args.learning_rate, fused=True)
     target_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.fused).to(device)
     target_network.load_state_dict(q_network.state_dict())
     target_mixer = QMixer(N, env.state_dim, args.mixing_embed_dim).to(device)
     target_mixer.load_state_dict(mixer.state_dict())
-    target_version = 0
+    max_norm = args.max_grad_norm or float("inf")  # inf: the norm is only measured (logged, NaN guard)
 
     # Alg. 3 l.2: replay buffer D
-    rb = ReplayBuffer(args.buffer_size, N, env.obs_dim, env.state_dim, A, args.window)
-    history = History(1, args.window, N, env.obs_dim)
+    rb = ReplayBuffer(args.buffer_size, N, env.obs_dim, env.state_dim, A, args.window, device)
+    history = envs.History(1, args.window, N, env.obs_dim)  # acting: each agent's last W (obs, prev. action)
 
+    run.track(q_network=q_network, target_network=target_network, optimizer=optimizer, rb=rb, rng=rng)  # --resume: restored
+    run.track(mixer=mixer, target_mixer=target_mixer)  # at `with run`
+    global_step = run.global_step
+    with run:  # Ctrl-C / SIGTERM: checkpoint at the episode's end; a non-finite gradient: one error line
+        for episode in range(run.episode, args.total_episodes):  # Alg. 3 l.5
+            day = episode if starcraft else int(rng.integers(day_lo, day_hi))  # StarCraft: episode id
+            obs, state, avail = env.reset(day)  # Alg. 3 l.6
+            history.reset(obs[None])
+            episode_return, episode_start = 0.0, global_step
+            for t in range(episode_steps):  # Alg. 3 l.7
+                # Alg. 3 l.8: each agent picks its action epsilon-greedily (masked to available actions)
+                epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, global_step)
+                q = q_network.greedy_q(*history.tensors(device))[0]  # no_grad inside
+                greedy = masked_argmax(q, torch.from_numpy(avail).to(device)).cpu().numpy()
+                random_actions = np.argmax(rng.random((N, A)) * avail, axis=1)  # uniform over available
+                coins = rng.random(1).repeat(N) if args.single_coin else rng.random(N)
+                actions = np.where(coins < epsilon, random_actions, greedy)
 
-    # Checkpoints of all of the above, every RNG and the counters (--checkpoint-every, Ctrl-C), --resume, NaN guard
-    run = evaluation.TrainingRun(run_dir, __file__, args, writer, resume, q_network=q_network,
-                                 target_network=target_network, mixer=mixer, target_mixer=target_mixer,
-                                 optimizer=optimizer, rb=rb, rng=rng)
-    global_step, n_updates, recent = 0, 0, []
-    next_eval = args.eval_every
-    first_episode, global_step, n_updates, target_version, next_eval, recent = run.counters(
-        episode=0, global_step=global_step, n_updates=n_updates, target_version=target_version, next_eval=next_eval,
-        recent=recent)  # --resume: the checkpoint's
-    for episode in range(first_episode, args.total_episodes):  # Alg. 3 l.5
-        day = episode if starcraft else int(rng.integers(day_lo, day_hi))  # StarCraft: episode id
-        obs, state, avail = env.reset(day)  # Alg. 3 l.6
-        history.reset(obs[None])
-        episode_return = 0.0
-        for t in range(episode_steps):  # Alg. 3 l.7
-            # Alg. 3 l.8: each agent picks its action epsilon-greedily (masked to available actions)
-            epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, global_step)
-            q = q_network.greedy_q(*history.tensors(device))[0]  # no_grad inside
-            greedy = masked_argmax(q, torch.from_numpy(avail).to(device)).cpu().numpy()
-            random_actions = np.argmax(rng.random((N, A)) * avail, axis=1)  # uniform over available
-            coins = rng.random(1).repeat(N) if args.single_coin else rng.random(N)
-            actions = np.where(coins < epsilon, random_actions, greedy)
+                # Alg. 3 l.9: step the joint action
+                next_obs, next_state, next_avail, reward, terminated, truncated, info = env.step(actions)
+                truncated = truncated or t == episode_steps - 1
+                episode_return += reward
+                # Alg. 3 l.10: store (h, a, r, h'); windows are rebuilt from single transitions
+                rb.add(obs, state, actions, reward, next_obs, next_state, next_avail, terminated, truncated, t)
+                history.push(next_obs[None], actions[None])
+                obs, state, avail = next_obs, next_state, next_avail
+                global_step += 1
 
-            # Alg. 3 l.9: step the joint action
-            next_obs, next_state, next_avail, reward, terminated, truncated, info = env.step(actions)
-            truncated = truncated or t == episode_steps - 1
-            episode_return += reward
-            # Alg. 3 l.10: store (h, a, r, h'); windows are rebuilt from single transitions
-            rb.add(obs, state, actions, reward, next_obs, next_state, next_avail, terminated, truncated, t)
-            history.push(next_obs[None], actions[None])
-            obs, state, avail = next_obs, next_state, next_avail
-            global_step += 1
+                if global_step > args.learning_starts and global_step % args.train_frequency == 0:
+                    # Alg. 3 l.11, l.14: a minibatch, V' = Q_tot(h', a_bar'; theta-) cached until the next hard copy
+                    b = rb.sample(args.batch_size, rng, lambda stale: target_values(stale, target_network, target_mixer))
+                    q_taken = q_network(*b.history).gather(-1, b.actions.unsqueeze(-1)).squeeze(-1)  # Q_i(h_i, a_i)
+                    q_tot = mixer(q_taken, b.state)  # Alg. 3 l.13: f_theta(Q_i, s)
+                    y = robust_target(b.reward, b.next_value, b.terminated, args.gamma, args.rho, args.worst_value)  # l.15
+                    td_loss = F.mse_loss(q_tot, y)  # Alg. 3 l.16
+                    optimizer.zero_grad()
+                    td_loss.backward()  # Alg. 3 l.17
+                    grad_norm = nn.utils.clip_grad_norm_(params, max_norm, foreach=True, error_if_nonfinite=True)
+                    optimizer.step()
 
-            if global_step > args.learning_starts and global_step % args.train_frequency == 0:
-                update_start = time.perf_counter()
-                idx = rb.sample(args.batch_size, rng)  # Alg. 3 l.11
-                todo = rb.stale(idx, target_version)  # no cached value for this theta- yet
-                if len(todo):
-                    rb.next_value[todo] = target_values(rb, todo, target_network, target_mixer, device)
-                    rb.value_version[todo] = target_version
-                obs_w, prev_w, _, _ = rb.windows(idx)
-                q = q_network(torch.from_numpy(obs_w).to(device), torch.from_numpy(prev_w).to(device))
-                actions_b = torch.from_numpy(rb.actions[idx]).to(device)
-                q_taken = q.gather(-1, actions_b.unsqueeze(-1)).squeeze(-1)
-                q_tot = mixer(q_taken, torch.from_numpy(rb.state[idx]).to(device))  # Alg. 3 l.13: f_theta(Q_i, s)
-                with torch.no_grad():
-                    next_v = torch.from_numpy(rb.next_value[idx]).to(device)  # l.14 (cached)
-                    r_b = torch.from_numpy(rb.reward[idx]).to(device)
-                    terminated_b = torch.from_numpy(rb.terminated[idx]).to(device)  # truncation bootstraps
-                    y = robust_target(r_b, next_v, terminated_b, args.gamma, args.rho, args.worst_value)  # l.15
-                td_loss = F.mse_loss(q_tot, y)  # Alg. 3 l.16
-                optimizer.zero_grad()
-                td_loss.backward()  # Alg. 3 l.17
-                max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")  # inf: only measure
-                grad_norm = nn.utils.clip_grad_norm_(params, max_norm, foreach=True)  # agents + mixer
-                run.check_finite(global_step, td_loss=td_loss, target=y, grad_norm=grad_norm)  # NaN guard: no step on them
-                optimizer.step()
-                n_updates += 1
-                run.update_seconds += time.perf_counter() - update_start  # ms per update in the progress line
-                if n_updates % 100 == 0:
-                    writer.add_scalar("losses/td_loss", td_loss.item(), global_step)
-                    writer.add_scalar("losses/q_taken_mean", q_tot.mean().item(), global_step)  # Q_tot(h, a; theta)
-                    writer.add_scalar("losses/target_mean", y.mean().item(), global_step)
-                    writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
-                    writer.add_scalar("charts/SPS", run.sps(global_step), global_step)
-                    writer.add_scalar("charts/epsilon", epsilon, global_step)
+                    if global_step % (100 * args.train_frequency) == 0:  # logging, every 100 gradient steps
+                        run.log(global_step, epsilon, td_loss, q_tot, y, grad_norm)  # losses/*, charts/*
 
-            if global_step % args.target_network_frequency == 0:  # Alg. 3 l.18: theta- <- theta
-                target_network.load_state_dict(q_network.state_dict())
-                target_mixer.load_state_dict(mixer.state_dict())
-                target_version += 1
-            if terminated or truncated:
-                break
+                if global_step % args.target_network_frequency == 0:  # Alg. 3 l.18: theta- <- theta
+                    target_network.load_state_dict(q_network.state_dict())
+                    target_mixer.load_state_dict(mixer.state_dict())
+                    rb.target_changed()  # cached V' are stale
+                if terminated or truncated:
+                    break
 
-        writer.add_scalar("charts/episodic_return", episode_return, global_step)
-        if args.env == "building":
-            writer.add_scalar("charts/normalised_return", envs.normalised_return(episode_return), global_step)
-        recent.append(episode_return)
-        if starcraft and args.eval_every and global_step >= next_eval:  # Sec. 5.2, between episodes
-            evaluation.starcraft_eval_round(sys.modules[__name__], q_network, env, args, global_step, writer, run_dir, device)
-            next_eval += args.eval_every
-        if starcraft:
-            writer.add_scalar("charts/battle_won", float(info.get("battle_won", False)), global_step)
-        done_training = episode + 1 == args.total_episodes or 0 < args.total_steps <= global_step
-        recent = run.progress(episode + 1, global_step, n_updates, epsilon, recent, done_training)  # every --log-every
-        run.episode_end(episode=episode + 1, global_step=global_step, n_updates=n_updates,
-                        target_version=target_version, next_eval=next_eval, recent=recent)  # checkpoint / Ctrl-C
-        if done_training:
-            break
+            if starcraft and args.eval_every and global_step // args.eval_every > episode_start // args.eval_every:
+                evaluation.starcraft_eval_round(sys.modules[__name__], q_network, env, global_step, run, device)
+            if run.episode_end(episode + 1, global_step, episode_return, epsilon, info):  # progress, checkpoint, Ctrl-C
+                break  # --total-steps reached
 
     if args.save_model:  # weights, args and env config, written atomically (eval.py reads them back)
-        env_info = {"env": args.env, "config": args.train_config, "n_agents": N, "n_actions": A,
-                    "obs_dim": env.obs_dim, "state_dim": env.state_dim}
-        path = evaluation.save_checkpoint(run_dir, __file__, args, env_info, q_network=q_network, mixer=mixer)
-        print(f"model saved to {path}")
-    run.close()  # TensorBoard file, signal handlers
+        runs.save_model(run_dir, __file__, args, env, q_network=q_network, mixer=mixer)

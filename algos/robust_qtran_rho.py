@@ -2,46 +2,49 @@
 
     python algos/robust_qtran_rho.py --rho 0.02 --env building
 
-A joint network Q_jt(h, a) is trained towards the robust target of Eq. (15),
-y = r + gamma * (1 - rho) * Q_jt(h', a_bar'; theta-), a_bar'_i = argmax Q_i(h'_i; theta-), and the agents'
-Q_i are tied to it by the QTRAN condition of Thm. 2 through L_opt, L_nopt (Eq. 12-13) with V_tot(h).
-rho = 0 is plain QTRAN (QTRAN-base). Docs: docs/qtran.md (usage, metrics, implementation details).
+A joint network Q_jt(h, a), tied to the agents' Q_i by L_opt, L_nopt and V_tot(h) (Eq. 12-13, the QTRAN condition
+of Thm. 2), is trained towards the robust target of Eq. (15): y = r + gamma * (1 - rho) * V',
+V' = Q_jt(h', a_bar'; theta-), a_bar'_i = argmax Q_i(h'_i; theta-). rho = 0 is plain QTRAN (QTRAN-base).
+Docs: docs/qtran.md (usage, metrics, implementation details).
 """
 
+import functools
 import os
 import random
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-import tyro
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import envs  # noqa: E402  (environment plumbing shared by all scripts)
-import fused  # noqa: E402  (C++ kernels: the agents' LSTMs in one call, RMSprop in one pass; same equations)
-import eval as evaluation  # noqa: E402  (StarCraft win-rate evaluation during training)
+import envs  # the tasks (building, StarCraft, matrix games) and the agents' acting window (History)
+import eval as evaluation  # StarCraft win-rate evaluation during training
+import fused  # per-agent layers and C++ kernels (the agents' LSTMs in one call, RMSprop in one pass)
+import runs  # run plumbing: flags, run folder, checkpoint / resume, Ctrl-C, NaN guard, progress, logging
 
 
 @dataclass
-class Args(envs.EnvArgs):  # + the run and environment flags of envs.EnvArgs (--seed, --env, --resume, ...)
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-
+class Args(runs.RunArgs, envs.EnvArgs):  # + the run flags (--seed, --resume, ...) and the task flags (--env, ...)
     # Algorithm (paper F.2 defaults)
     total_episodes: int = 600
     """number of training episodes E (Alg. 4 l.5)"""
     rho: float = 0.0
     """rho-contamination radius in [0, 1) (Eq. 7); 0 gives plain QTRAN"""
-    worst_value: str = "zero"
-    """min V in Eq. (28): zero (Assumption 1/2, exactly Alg. 4) or batch-min (general operator)"""
     gamma: float = 0.997
     """discount factor (F.1: 1/(1-gamma) = 288)"""
     learning_rate: float = 5e-4
     """RMSprop learning rate of the agent networks"""
+    qtran_learning_rate: float = 1e-3
+    """Adam learning rate of Q_jt and V_tot (paper F.2); the agents keep RMSprop --learning-rate"""
+    lambda_opt: float = 1.0
+    """weight of L_opt, Eq. (12) (Alg. 4 l.17: 1)"""
+    lambda_nopt: float = 1.0
+    """weight of L_nopt, Eq. (13) (Alg. 4 l.17: 1)"""
     buffer_size: int = 10_000
     """replay capacity in transitions"""
     batch_size: int = 64
@@ -58,39 +61,33 @@ class Args(envs.EnvArgs):  # + the run and environment flags of envs.EnvArgs (--
     """final epsilon"""
     exploration_steps: int = 120_000
     """env steps over which epsilon decays linearly"""
-    single_coin: bool = False
-    """one epsilon coin for all agents (released code) instead of one per agent (Alg. 4 l.8)"""
     hidden_dim: int = 64
-    """width of the agent MLP and LSTM"""
+    """width of the agent MLP and LSTM (and of Q_jt, V_tot)"""
     window: int = 8
     """history window: the last this many (obs, previous action) pairs"""
     max_grad_norm: float = 10.0
     """gradient-norm clip, 0 = none (paper silent; released code: 10)"""
     rmsprop_eps: float = 1e-5
     """RMSprop epsilon (paper silent; released code: 1e-5, torch's default is 1e-8)"""
+
+    # Released-code switches (docs/index.md, "Two configurations"; the paper's choice is the default)
+    optimizer: Literal["rmsprop", "adam"] = "rmsprop"
+    """rmsprop (paper F.2: RMSprop agents + Adam Q_jt/V) or adam (released: one Adam at --qtran-learning-rate over all)"""
+    single_coin: bool = False
+    """one epsilon coin for all agents (released code) instead of one per agent (Alg. 4 l.8)"""
+
+    # Beyond the paper
+    worst_value: Literal["zero", "batch-min"] = "zero"
+    """min V in Eq. (28): zero (Assumption 1/2, exactly Alg. 4) or batch-min (general operator)"""
     share_params: bool = False
     """one DRQN for all agents with an agent-id input (pymarl style) instead of one per agent"""
-    fused: bool = True
-    """agents' LSTMs and RMSprop in fused.py's C++ kernels (same equations; --no-fused: plain torch)"""
-    qtran_learning_rate: float = 1e-3
-    """Adam learning rate of Q_jt and V_tot (paper F.2); the agents keep RMSprop --learning-rate"""
-    optimizer: str = "rmsprop"
-    """rmsprop (paper F.2: RMSprop agents + Adam Q_jt/V) or adam (released: one Adam at --qtran-learning-rate over all)"""
-    lambda_opt: float = 1.0
-    """weight of L_opt, Eq. (12) (Alg. 4 l.17: 1)"""
-    lambda_nopt: float = 1.0
-    """weight of L_nopt, Eq. (13) (Alg. 4 l.17: 1)"""
 
 
 def check_args(args: Args) -> None:
-    """One clear line naming the flag for every bad input, then exit != 0."""
+    """One clear line naming the flag for every bad input, then exit != 0 (tyro checks the Literal choices)."""
     if not 0.0 <= args.rho < 1.0:
-        envs.fail(f"--rho must be in [0, 1) for rho-contamination (got {args.rho})")
-    if args.worst_value not in ("zero", "batch-min"):
-        envs.fail(f"--worst-value must be one of zero, batch-min (got '{args.worst_value}')")
-    if args.optimizer not in ("rmsprop", "adam"):
-        envs.fail(f"--optimizer must be one of rmsprop, adam (got '{args.optimizer}')")
-    envs.check_run_args(args)  # --env, --train-config, --train-days, sizes
+        runs.fail(f"--rho must be in [0, 1) for rho-contamination (got {args.rho})")
+    runs.check_run_args(args)  # --env, --train-config, --train-days, sizes
 
 
 def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
@@ -98,15 +95,13 @@ def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> floa
     return max(slope * t + start_e, end_e)
 
 
-# ---------------------------------------------------------------------------------------------
-# Robust TD target
-# ---------------------------------------------------------------------------------------------
+# --- Robust TD target ---
 def robust_target(reward, next_value, terminated, gamma, rho, worst_value="zero"):
-    """Alg. 4 l.13, Eq. (15): y = r + gamma * (1 - rho) * Q_tot(h', a_bar'; theta-).
+    """Alg. 4 l.13, Eq. (15): y = r + gamma * (1 - rho) * Q_jt(h', a_bar'; theta-).
 
     worst_value="zero" is the paper's operator, derived under Assumption 1/2 (min V = 0).
     worst_value="batch-min" is the general operator of Eq. (27)-(28) without that assumption,
-    y = r + gamma * [(1 - rho) * Q_tot(h', a_bar') + rho * min V] (Eq. 28 drops this gamma),
+    y = r + gamma * [(1 - rho) * Q_jt(h', a_bar') + rho * min V] (Eq. 28 drops this gamma),
     with min V estimated by the smallest next-state value in the batch. A terminated transition
     has no next state: y = r."""
     bootstrap = (1.0 - rho) * next_value
@@ -115,45 +110,23 @@ def robust_target(reward, next_value, terminated, gamma, rho, worst_value="zero"
     return reward + gamma * (1.0 - terminated) * bootstrap
 
 
-# ---------------------------------------------------------------------------------------------
-# Agent network: one DRQN per agent, exactly as released (paper F.2 "Robust individual Q-networks")
-# ---------------------------------------------------------------------------------------------
+# --- Agent network: one DRQN per agent, exactly as released (paper F.2 "Robust individual Q-networks") ---
 class DRQN(nn.Module):
-    """K DRQNs, each Linear(obs + onehot(prev action) [+ onehot(agent id)], 64) -> ReLU -> LSTM(64, 64)
-    -> last output -> ReLU -> Linear(64, n_actions), run over a history window from a zero LSTM state.
-    Every parameter is stacked over the K networks, so all K run as batched matrix products and one
-    fused.lstm_last call. fc1's weight is kept as its obs columns (K, H, obs) and its one-hot columns
-    as the rows of a lookup table (K, n_actions [+ n_ids], H); eval.agent_state_dict(drqn, k)
-    gives network k in the released format (agent_{k}_q_network.pt)."""
+    """K DRQNs (paper F.2): fc1 = Linear(obs + onehot(prev action) [+ onehot(agent id)], 64) -> ReLU -> LSTM(64, 64)
+    from a zero state over the window, last output -> ReLU -> fc_out = Linear(64, n_actions); fused.py stacks the K
+    networks' weights (eval.agent_state_dict(drqn, k): network k in the released format, agent_{k}_q_network.pt)."""
 
     def __init__(self, n_nets: int, obs_dim: int, n_actions: int, hidden_dim: int, n_ids: int = 0, use_kernel=True):
         super().__init__()
-        self.obs_dim, self.n_actions, self.use_kernel = obs_dim, n_actions, use_kernel
-        in_dim, H = obs_dim + n_actions + n_ids, hidden_dim
-
-        def param(*shape, fan_in):  # torch.nn's Linear and LSTM init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-            return nn.Parameter(torch.empty(n_nets, *shape).uniform_(-(fan_in**-0.5), fan_in**-0.5))
-
-        self.fc1_obs, self.fc1_table = param(H, obs_dim, fan_in=in_dim), param(n_actions + n_ids, H, fan_in=in_dim)
-        self.fc1_bias = param(H, fan_in=in_dim)
-        self.lstm_weight_ih, self.lstm_weight_hh = param(4 * H, H, fan_in=H), param(4 * H, H, fan_in=H)
-        self.lstm_bias_ih, self.lstm_bias_hh = param(4 * H, fan_in=H), param(4 * H, fan_in=H)
-        self.fc_out_weight, self.fc_out_bias = param(n_actions, H, fan_in=H), param(n_actions, fan_in=H)
-        self.register_buffer("rows", (n_actions + n_ids) * torch.arange(n_nets).unsqueeze(1), persistent=False)
+        self.fc1 = fused.AgentsInput(n_nets, obs_dim, n_actions, n_ids, hidden_dim)
+        self.lstm = fused.AgentsLSTM(n_nets, hidden_dim, use_kernel)
+        self.fc_out = fused.AgentsLinear(n_nets, hidden_dim, n_actions)
 
     def forward(self, obs_w, prev_a_w, agent_ids=None):
-        """obs_w (K, W, M, obs_dim), prev_a_w (K, W, M) long [, agent_ids (M,)] -> Q (K, M, n_actions)
-        and the last LSTM outputs (K, M, hidden)."""
-        K, W, M, O = obs_w.shape
-        table = self.fc1_table.reshape(-1, self.fc1_table.shape[-1])  # network k's row r is row self.rows[k] + r
-        # fc1 on [obs, onehot(a_prev) (, onehot(id))] = obs columns + the one-hot columns looked up: same numbers
-        x = torch.baddbmm(self.fc1_bias.unsqueeze(1), obs_w.reshape(K, W * M, O), self.fc1_obs.transpose(1, 2))
-        x = x + table.index_select(0, (prev_a_w.reshape(K, W * M) + self.rows).reshape(-1)).view(K, W * M, -1)
-        if agent_ids is not None:
-            x = x + table.index_select(0, self.n_actions + agent_ids.repeat(W)).view(K, W * M, -1)
-        h = fused.lstm_last(F.relu(x).view(K, W, M, -1), self.lstm_weight_ih, self.lstm_weight_hh,
-                            self.lstm_bias_ih, self.lstm_bias_hh, self.use_kernel)  # zero initial state
-        return torch.baddbmm(self.fc_out_bias.unsqueeze(1), F.relu(h), self.fc_out_weight.transpose(1, 2)), h
+        """obs_w (K, W, M, obs_dim), prev_a_w (K, W, M) long [, agent_ids (M,)] -> Q (K, M, n_actions), h_W (K, M, H)."""
+        x = F.relu(self.fc1(obs_w, prev_a_w, agent_ids))
+        h = self.lstm(x)
+        return self.fc_out(F.relu(h)), h
 
 
 class QNetworks(nn.Module):
@@ -167,21 +140,26 @@ class QNetworks(nn.Module):
         self.register_buffer("ids", torch.arange(n_agents), persistent=False)
 
     def forward(self, obs_w, prev_a_w, with_features=False):
-        """obs_w (W, B, N, obs_dim), prev_a_w (W, B, N) -> Q-values (B, N, n_actions) [and the last LSTM
-        outputs (B, N, hidden): the encoder that QTRAN's Q_jt and V_tot share with the agents]."""
+        """obs_w (W, B, N, obs_dim), prev_a_w (W, B, N) -> Q-values (B, N, n_actions) [and h_W (B, N, H), the
+        agents' last LSTM outputs: the encoder QTRAN's Q_jt and V_tot share with the agents]."""
         W, B, N = prev_a_w.shape
         if self.share_params:  # one DRQN; the N agents are N*B rows told apart by the id one-hot
-            q, f = self.drqn(obs_w.reshape(1, W, B * N, -1), prev_a_w.reshape(1, W, B * N), self.ids.repeat(B))
-            q, f = q.view(B, N, -1), f.view(B, N, -1)
+            q, h = self.drqn(obs_w.reshape(1, W, B * N, -1), prev_a_w.reshape(1, W, B * N), self.ids.repeat(B))
+            q, h = q.view(B, N, -1), h.view(B, N, -1)
         else:
-            q, f = self.drqn(obs_w.permute(2, 0, 1, 3), prev_a_w.permute(2, 0, 1))  # agent k sees its own windows
-            q, f = q.transpose(0, 1), f.transpose(0, 1)
-        return (q, f) if with_features else q
+            q, h = self.drqn(obs_w.permute(2, 0, 1, 3), prev_a_w.permute(2, 0, 1))  # agent k sees its own windows
+            q, h = q.transpose(0, 1), h.transpose(0, 1)
+        return (q, h) if with_features else q
 
     @torch.no_grad()
     def greedy_q(self, obs_w, prev_a_w, with_features=False):
         """forward() without gradients: acting and target values."""
         return self(obs_w, prev_a_w, with_features)
+
+
+def masked_argmax(q, avail):
+    """argmax over available actions only (unavailable actions never chosen)."""
+    return q.masked_fill(~avail, -float("inf")).argmax(-1)
 
 
 class QTranNetworks(nn.Module):
@@ -193,7 +171,8 @@ class QTranNetworks(nn.Module):
     def __init__(self, n_agents: int, n_actions: int, state_dim: int, hidden_dim: int):
         super().__init__()
         self.action_fc, self.q_fc = nn.Linear(n_agents * n_actions, hidden_dim), nn.Linear(2 * hidden_dim, hidden_dim)
-        self.q_out, self.v_fc, self.v_out = nn.Linear(hidden_dim, 1), nn.Linear(2 * hidden_dim, hidden_dim), nn.Linear(hidden_dim, 1)
+        self.q_out, self.v_fc = nn.Linear(hidden_dim, 1), nn.Linear(2 * hidden_dim, hidden_dim)
+        self.v_out = nn.Linear(hidden_dim, 1)
         self.v_state, self.v_feat = nn.Linear(state_dim, hidden_dim), nn.Linear(hidden_dim, hidden_dim)
         self.register_buffer("offsets", torch.arange(n_agents) * n_actions, persistent=False)
 
@@ -208,65 +187,44 @@ class QTranNetworks(nn.Module):
 
 
 def qtran_losses(q_sum_greedy, q_jt_greedy, q_sum_taken, q_jt_taken, v_tot):
-    """Eq. (12)-(13), batch means; q_sum = sum_i Q_i(h_i, a_i) at the greedy a_bar / taken a. Q_jt enters
-    detached (Q-hat), so L_opt and L_nopt train the agents and V_tot only."""
+    """Eq. (12)-(13), batch means; q_sum = sum_i Q_i at the greedy a_bar / taken a; Q-hat_jt = Q_jt detached."""
     opt = q_sum_greedy - q_jt_greedy.detach() + v_tot  # Eq. (12)
     nopt = torch.clamp(q_sum_taken - q_jt_taken.detach() + v_tot, max=0.0)  # Eq. (13)
     return (opt**2).mean(), (nopt**2).mean()
 
 
-def masked_argmax(q, avail):
-    """argmax over available actions only (unavailable actions never chosen)."""
-    return q.masked_fill(~avail, -float("inf")).argmax(-1)
+# --- Replay ---
+class Batch:
+    """Slots idx of a replay buffer as device tensors, one attribute per field named below; history and
+    next_history: the (obs, previous action) windows ending at t and t + 1, (W, B, N, obs_dim) and (W, B, N)."""
 
+    def __init__(self, rb, idx):
+        self.rb, self.idx = rb, idx
+        for name in ("state", "avail", "actions", "reward", "terminated", "next_state", "next_avail", "next_value"):
+            setattr(self, name, torch.from_numpy(getattr(rb, name)[idx]).to(rb.device))
 
-# ---------------------------------------------------------------------------------------------
-# Histories and replay
-# ---------------------------------------------------------------------------------------------
-class History:
-    """The acting window of E parallel episodes: the last W (obs, previous action) pairs, padded
-    at the front with zero observations and previous-action index 0 (also the t=0 previous action)."""
+    @functools.cached_property
+    def windows(self):
+        return [torch.from_numpy(w).to(self.rb.device) for w in self.rb.windows(self.idx)]
 
-    def __init__(self, n_envs, window, n_agents, obs_dim):
-        self.obs = np.zeros((window, n_envs, n_agents, obs_dim), dtype=np.float32)
-        self.prev_a = np.zeros((window, n_envs, n_agents), dtype=np.int64)
-
-    def reset(self, obs):
-        self.obs[:] = 0.0
-        self.prev_a[:] = 0
-        self.obs[-1] = obs
-
-    def push(self, obs, prev_actions):
-        self.obs = np.roll(self.obs, -1, axis=0)
-        self.prev_a = np.roll(self.prev_a, -1, axis=0)
-        self.obs[-1], self.prev_a[-1] = obs, prev_actions
-
-    def tensors(self, device):
-        return torch.from_numpy(self.obs).to(device), torch.from_numpy(self.prev_a).to(device)
+    history = property(lambda self: self.windows[:2])  # (obs, previous action) windows ending at t
+    next_history = property(lambda self: self.windows[2:])  # ... ending at t + 1
 
 
 class ReplayBuffer:
-    """Each transition (o, s, avail, a, r, o', s', avail', terminated, truncated) is stored once, with its
-    step index t in the episode; the window ending at t and the one ending at t+1 are gathered at
-    sample time. The last transition of every episode is stored with its truncation flag."""
+    """D: each transition (o, s, avail, a, r, o', s', avail', terminated, truncated) stored once with its step t in the
+    episode (windows are gathered at sample time), and V' per slot, cached: theta- only changes at the hard copy."""
 
-    def __init__(self, capacity, n_agents, obs_dim, state_dim, n_actions, window):
-        self.capacity, self.window, self.ptr, self.size = capacity, window, 0, 0
-        self.obs = np.zeros((capacity, n_agents, obs_dim), dtype=np.float32)
-        self.next_obs = np.zeros_like(self.obs)
-        self.state = np.zeros((capacity, state_dim), dtype=np.float32)
-        self.next_state = np.zeros_like(self.state)
-        self.actions = np.zeros((capacity, n_agents), dtype=np.int64)
-        self.next_avail = np.zeros((capacity, n_agents, n_actions), dtype=bool)
-        self.avail = np.zeros_like(self.next_avail)  # at h: masks L_opt's greedy a_bar
-        self.reward = np.zeros(capacity, dtype=np.float32)
-        self.terminated = np.zeros(capacity, dtype=np.float32)
-        self.truncated = np.zeros(capacity, dtype=np.float32)
-        self.t = np.zeros(capacity, dtype=np.int64)
-        # Cache of Q_tot(h', a_bar'; theta-): theta- only changes at the hard copy, so a value
-        # computed once per target period equals recomputing it at every update.
-        self.next_value = np.zeros(capacity, dtype=np.float32)
+    def __init__(self, capacity, n_agents, obs_dim, state_dim, n_actions, window, device="cpu"):
+        self.capacity, self.window, self.ptr, self.size, self.device = capacity, window, 0, 0, device
+        self.obs, self.next_obs = np.zeros((2, capacity, n_agents, obs_dim), dtype=np.float32)
+        self.state, self.next_state = np.zeros((2, capacity, state_dim), dtype=np.float32)
+        self.actions, self.t = np.zeros((capacity, n_agents), dtype=np.int64), np.zeros(capacity, dtype=np.int64)
+        self.avail, self.next_avail = np.zeros((2, capacity, n_agents, n_actions), dtype=bool)  # avail at h: L_opt's a_bar
+        self.reward, self.terminated, self.truncated = np.zeros((3, capacity), dtype=np.float32)
+        self.next_value = np.zeros(capacity, dtype=np.float32)  # V' of theta- version value_version[slot]
         self.value_version = np.full(capacity, -1, dtype=np.int64)
+        self.version = 0  # hard copies theta- <- theta so far
 
     def add(self, obs, state, actions, reward, next_obs, next_state, next_avail, terminated, truncated, t, avail):
         i = self.ptr
@@ -277,27 +235,38 @@ class ReplayBuffer:
         self.ptr = (i + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
-    def sample(self, batch_size, rng):
-        """Uniform over stored transitions whose window is intact: once the buffer wraps, the
-        W oldest slots may have lost the start of their window (W-1 earlier observations plus the
-        previous action before the first of them) and are skipped."""
-        if self.size < self.capacity:
-            return rng.integers(0, self.size, batch_size)
-        return (self.ptr + rng.integers(self.window, self.capacity, batch_size)) % self.capacity
+    def target_changed(self):
+        """theta- <- theta: every cached V' is stale."""
+        self.version += 1
 
-    def stale(self, idx, version, newest=32):
-        """Slots among idx without a cached target value for theta- version `version`; if there are
-        any, the stale ones among the `newest` latest slots join them: one larger target pass instead
-        of many tiny ones (each value is still computed once per target period)."""
-        todo = idx[self.value_version[idx] != version]
+    def sample(self, batch_size, rng, next_values, n=1):
+        """n minibatches of batch_size slots (drawn at once) -> a Batch (n = 1) or a list; next_values(Batch) gives V'
+        of the slots without a cached value for the current theta-."""
+        idx = self.sample_slots(n * batch_size, rng)
+        todo = self.stale(idx)
+        if len(todo):
+            self.next_value[todo] = next_values(Batch(self, todo)).cpu().numpy()
+            self.value_version[todo] = self.version
+        batches = [Batch(self, part) for part in np.split(idx, n)]
+        return batches[0] if n == 1 else batches
+
+    def sample_slots(self, k, rng):
+        """Uniform over stored slots whose window is intact (once the buffer wraps, the W oldest are skipped)."""
+        if self.size < self.capacity:
+            return rng.integers(0, self.size, k)
+        return (self.ptr + rng.integers(self.window, self.capacity, k)) % self.capacity
+
+    def stale(self, idx, newest=32):
+        """Slots among idx without a cached V' for the current theta-, and then also the stale ones among the `newest`
+        latest slots: one larger target pass instead of many tiny ones."""
+        todo = idx[self.value_version[idx] != self.version]
         if len(todo):
             recent = (self.ptr - 1 - np.arange(min(newest, self.size))) % self.capacity
-            todo = np.union1d(todo, recent[self.value_version[recent] != version])
+            todo = np.union1d(todo, recent[self.value_version[recent] != self.version])
         return todo
 
     def windows(self, idx):
-        """Current windows (ending at t) and next windows (ending at t+1) of slots idx:
-        obs (W, B, N, obs_dim) and previous actions (W, B, N), both pairs."""
+        """Windows ending at t and at t+1 of slots idx: obs (W, B, N, obs_dim), previous actions (W, B, N), twice."""
         d = np.arange(1 - self.window, 1)  # offsets -(W-1) .. 0
         src = (idx[None, :] + d[:, None]) % self.capacity  # (W, B)
         tau = self.t[idx][None, :] + d[:, None]  # time step of each window position
@@ -309,36 +278,28 @@ class ReplayBuffer:
 
 
 @torch.no_grad()
-def target_values(rb, idx, target_network, target_qtran, device="cpu"):
-    """Q_jt(h', a_bar'; theta-), a_bar'_i = argmax_{a available} Q_i(h'_i, a; theta-) (Alg. 4 l.12-13).
-    Exact to cache (target agents and Q_jt change only at the hard copy). Terminal next state: V' = 0."""
-    _, _, next_obs_w, next_prev_w = rb.windows(idx)
-    q_next, f_next = target_network.greedy_q(torch.from_numpy(next_obs_w).to(device),
-                                             torch.from_numpy(next_prev_w).to(device), with_features=True)
-    a_bar = masked_argmax(q_next, torch.from_numpy(rb.next_avail[idx]).to(device))  # Alg. 4 l.12
-    value = target_qtran.q_jt(f_next.sum(1), a_bar).cpu().numpy()
-    return np.where(rb.terminated[idx] > 0, 0.0, value).astype(np.float32)  # y bootstraps nothing there either
+def target_values(b, target_network, target_qtran):
+    """V' = Q_jt(h', a_bar'; theta-), a_bar'_i = argmax_{a available} Q_i(h'_i, a; theta-) (Alg. 4 l.12-13) of Batch b.
+    Terminal next state (terminated transition): V' = 0, its value; --worst-value batch-min's m sees it."""
+    q_next, f_next = target_network.greedy_q(*b.next_history, with_features=True)
+    a_bar = masked_argmax(q_next, b.next_avail)  # Alg. 4 l.12
+    value = target_qtran.q_jt(f_next.sum(1), a_bar)
+    return torch.where(b.terminated > 0, 0.0, value)  # y bootstraps nothing there either
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    resume = evaluation.resume_args(args, __file__)  # --resume runs/<name>: that run's args and checkpoint
-    check_args(args)
+    args = runs.parse_args(Args, __file__, check_args)  # --resume runs/<name>: that run's flags; one line per bad flag
     starcraft = envs.apply_env_defaults(args, Args)  # StarCraft: SMAC-literature values (envs.py)
     run_name = args.run_name or f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or os.path.join("runs", run_name)
-    writer = evaluation.open_run(run_dir, args, resume)  # the run folder: args.json, TensorBoard (continued on --resume)
+    run = runs.Run(run_dir, args, __file__)  # the run folder: args.json, TensorBoard (continued on --resume)
 
     # Seeding: python, numpy, torch and the environment (days, exploration) from one --seed
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN-fill of every torch.empty (~1 ms a step)
     rng = np.random.default_rng(args.seed)
-    device = torch.device(args.device)
-    if args.torch_threads > 0:
-        torch.set_num_threads(args.torch_threads)
+    device = runs.torch_setup(args)  # deterministic algorithms, --torch-threads, --device
 
     # Environment
     env = envs.make_env(args.env, args.train_config, seed=args.seed)
@@ -350,126 +311,83 @@ if __name__ == "__main__":
     q_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.fused).to(device)
     qtran = QTranNetworks(N, A, env.state_dim, args.hidden_dim).to(device)
     params = list(q_network.parameters()) + list(qtran.parameters())
-    if args.optimizer == "rmsprop":  # paper F.2: agents RMSprop 5e-4, QTRAN networks Adam 1e-3; one backward of L (l.17)
-        optimizers = [fused.RMSprop(q_network.parameters(), lr=args.learning_rate, eps=args.rmsprop_eps, use_kernel=args.fused),
-                      torch.optim.Adam(qtran.parameters(), lr=args.qtran_learning_rate, fused=True)]
-    else:  # released code: one Adam (lr --qtran-learning-rate) over agents, Q_jt and V
+    if args.optimizer == "rmsprop":  # paper F.2: agents RMSprop, Q_jt and V_tot Adam; one backward of L (l.17)
+        agents = fused.RMSprop(q_network.parameters(), lr=args.learning_rate, eps=args.rmsprop_eps, use_kernel=args.fused)
+        optimizers = [agents, torch.optim.Adam(qtran.parameters(), lr=args.qtran_learning_rate, fused=True)]
+    else:  # released code: one Adam (lr --qtran-learning-rate) over agents, Q_jt and V_tot
         optimizers = [torch.optim.Adam(params, lr=args.qtran_learning_rate, fused=True)]
     target_network = QNetworks(N, env.obs_dim, A, args.hidden_dim, args.share_params, args.fused).to(device)
     target_network.load_state_dict(q_network.state_dict())
     target_qtran = QTranNetworks(N, A, env.state_dim, args.hidden_dim).to(device)
     target_qtran.load_state_dict(qtran.state_dict())
-    target_version = 0
+    max_norm = args.max_grad_norm or float("inf")  # inf: the norm is only measured (logged, NaN guard)
+    next_values = functools.partial(target_values, target_network=target_network, target_qtran=target_qtran)  # V'
 
     # Alg. 4 l.2: replay buffer D
-    rb = ReplayBuffer(args.buffer_size, N, env.obs_dim, env.state_dim, A, args.window)
-    history = History(1, args.window, N, env.obs_dim)
+    rb = ReplayBuffer(args.buffer_size, N, env.obs_dim, env.state_dim, A, args.window, device)
+    history = envs.History(1, args.window, N, env.obs_dim)  # acting: each agent's last W (obs, prev. action)
 
+    run.track(q_network=q_network, target_network=target_network, optimizers=optimizers, rb=rb, rng=rng)  # --resume: restored
+    run.track(qtran=qtran, target_qtran=target_qtran)  # at `with run`
+    global_step = run.global_step
+    with run:  # Ctrl-C / SIGTERM: checkpoint at the episode's end; a non-finite gradient: one error line
+        for episode in range(run.episode, args.total_episodes):  # Alg. 4 l.5
+            day = episode if starcraft else int(rng.integers(day_lo, day_hi))  # StarCraft: episode id
+            obs, state, avail = env.reset(day)  # Alg. 4 l.6
+            history.reset(obs[None])
+            episode_return, episode_start = 0.0, global_step
+            for t in range(episode_steps):  # Alg. 4 l.7
+                # Alg. 4 l.8: each agent picks its action epsilon-greedily (masked to available actions)
+                epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, global_step)
+                q = q_network.greedy_q(*history.tensors(device))[0]  # no_grad inside
+                greedy = masked_argmax(q, torch.from_numpy(avail).to(device)).cpu().numpy()
+                random_actions = np.argmax(rng.random((N, A)) * avail, axis=1)  # uniform over available
+                coins = rng.random(1).repeat(N) if args.single_coin else rng.random(N)
+                actions = np.where(coins < epsilon, random_actions, greedy)
 
-    # Checkpoints of all of the above, every RNG and the counters (--checkpoint-every, Ctrl-C), --resume, NaN guard
-    run = evaluation.TrainingRun(run_dir, __file__, args, writer, resume, q_network=q_network,
-                                 target_network=target_network, qtran=qtran, target_qtran=target_qtran,
-                                 optimizers=optimizers, rb=rb, rng=rng)
-    global_step, n_updates, recent = 0, 0, []
-    next_eval = args.eval_every
-    first_episode, global_step, n_updates, target_version, next_eval, recent = run.counters(
-        episode=0, global_step=global_step, n_updates=n_updates, target_version=target_version, next_eval=next_eval,
-        recent=recent)  # --resume: the checkpoint's
-    for episode in range(first_episode, args.total_episodes):  # Alg. 4 l.5
-        day = episode if starcraft else int(rng.integers(day_lo, day_hi))  # StarCraft: episode id
-        obs, state, avail = env.reset(day)  # Alg. 4 l.6
-        history.reset(obs[None])
-        episode_return = 0.0
-        for t in range(episode_steps):  # Alg. 4 l.7
-            # Alg. 4 l.8: each agent picks its action epsilon-greedily (masked to available actions)
-            epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, global_step)
-            q = q_network.greedy_q(*history.tensors(device))[0]  # no_grad inside
-            greedy = masked_argmax(q, torch.from_numpy(avail).to(device)).cpu().numpy()
-            random_actions = np.argmax(rng.random((N, A)) * avail, axis=1)  # uniform over available
-            coins = rng.random(1).repeat(N) if args.single_coin else rng.random(N)
-            actions = np.where(coins < epsilon, random_actions, greedy)
+                # Alg. 4 l.9: step the joint action
+                next_obs, next_state, next_avail, reward, terminated, truncated, info = env.step(actions)
+                truncated = truncated or t == episode_steps - 1
+                episode_return += reward
+                # Alg. 4 l.10: store (h, a, r, h'); windows are rebuilt from single transitions
+                rb.add(obs, state, actions, reward, next_obs, next_state, next_avail, terminated, truncated, t, avail)
+                history.push(next_obs[None], actions[None])
+                obs, state, avail = next_obs, next_state, next_avail
+                global_step += 1
 
-            # Alg. 4 l.9: step the joint action
-            next_obs, next_state, next_avail, reward, terminated, truncated, info = env.step(actions)
-            truncated = truncated or t == episode_steps - 1
-            episode_return += reward
-            # Alg. 4 l.10: store (h, a, r, h'); windows are rebuilt from single transitions
-            rb.add(obs, state, actions, reward, next_obs, next_state, next_avail, terminated, truncated, t, avail)
-            history.push(next_obs[None], actions[None])
-            obs, state, avail = next_obs, next_state, next_avail
-            global_step += 1
+                if global_step > args.learning_starts and global_step % args.train_frequency == 0:
+                    b = rb.sample(args.batch_size, rng, next_values)  # Alg. 4 l.11-12: a minibatch, its V' (cached)
+                    q, h = q_network(*b.history, with_features=True)  # Q_i(h_i, .) and the agents' features f_i(h_i)
+                    q_taken = q.gather(-1, b.actions.unsqueeze(-1)).squeeze(-1)  # Q_i(h_i, a_i)
+                    f_sum = h.sum(1)  # f(h) = sum_i f_i(h_i), the encoder of Q_jt and V_tot
+                    q_tot = qtran.q_jt(f_sum, b.actions)  # Q_jt(h, a; theta) of Alg. 4 l.14
+                    v_tot = qtran.v_tot(b.state, f_sum)  # V_tot(h) of Eq. (12)-(13)
+                    q_greedy = q.masked_fill(~b.avail, -float("inf")).max(-1).values  # Q_i(h_i, a_bar_i), a_bar greedy
+                    q_jt_greedy = qtran.q_jt(f_sum, masked_argmax(q, b.avail))  # Q-hat_jt(h, a_bar) of Eq. (12)
+                    y = robust_target(b.reward, b.next_value, b.terminated, args.gamma, args.rho, args.worst_value)  # l.13
+                    td_loss = F.mse_loss(q_tot, y)  # Alg. 4 l.14
+                    opt_loss, nopt_loss = qtran_losses(q_greedy.sum(-1), q_jt_greedy, q_taken.sum(-1), q_tot, v_tot)  # l.15-16
+                    for opt in optimizers:
+                        opt.zero_grad()
+                    (td_loss + args.lambda_opt * opt_loss + args.lambda_nopt * nopt_loss).backward()  # Alg. 4 l.17
+                    grad_norm = nn.utils.clip_grad_norm_(params, max_norm, foreach=True, error_if_nonfinite=True)
+                    for opt in optimizers:
+                        opt.step()
 
-            if global_step > args.learning_starts and global_step % args.train_frequency == 0:
-                update_start = time.perf_counter()
-                idx = rb.sample(args.batch_size, rng)  # Alg. 4 l.11
-                todo = rb.stale(idx, target_version)  # no cached value for this theta- yet
-                if len(todo):
-                    rb.next_value[todo] = target_values(rb, todo, target_network, target_qtran, device)
-                    rb.value_version[todo] = target_version
-                obs_w, prev_w, _, _ = rb.windows(idx)
-                q, feats = q_network(torch.from_numpy(obs_w).to(device), torch.from_numpy(prev_w).to(device),
-                                     with_features=True)
-                actions_b = torch.from_numpy(rb.actions[idx]).to(device)
-                q_taken = q.gather(-1, actions_b.unsqueeze(-1)).squeeze(-1)
-                f_sum = feats.sum(1)  # sum over agents of their last LSTM outputs
-                q_tot = qtran.q_jt(f_sum, actions_b)  # Q_jt(h, a; theta) of Alg. 4 l.14
-                v_tot = qtran.v_tot(torch.from_numpy(rb.state[idx]).to(device), f_sum)
-                avail_b = torch.from_numpy(rb.avail[idx]).to(device)
-                q_greedy = q.masked_fill(~avail_b, -float("inf")).max(-1).values  # Q_i(h_i, a_bar_i), a_bar greedy
-                with torch.no_grad():
-                    q_jt_greedy = qtran.q_jt(f_sum, masked_argmax(q, avail_b))  # Q-hat_jt(h, a_bar) of Eq. (12)
-                    next_v = torch.from_numpy(rb.next_value[idx]).to(device)  # l.12-13 (cached)
-                    r_b = torch.from_numpy(rb.reward[idx]).to(device)
-                    terminated_b = torch.from_numpy(rb.terminated[idx]).to(device)  # truncation bootstraps
-                    y = robust_target(r_b, next_v, terminated_b, args.gamma, args.rho, args.worst_value)  # l.13
-                td_loss = F.mse_loss(q_tot, y)  # Alg. 4 l.14
-                opt_loss, nopt_loss = qtran_losses(q_greedy.sum(-1), q_jt_greedy, q_taken.sum(-1), q_tot, v_tot)  # l.15-16
-                for opt in optimizers:
-                    opt.zero_grad()
-                (td_loss + args.lambda_opt * opt_loss + args.lambda_nopt * nopt_loss).backward()  # Alg. 4 l.17
-                max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")  # inf: only measure
-                grad_norm = nn.utils.clip_grad_norm_(params, max_norm, foreach=True)  # one clip over agents + QTRAN networks
-                run.check_finite(global_step, td_loss=td_loss, opt_loss=opt_loss, nopt_loss=nopt_loss, target=y, grad_norm=grad_norm)
-                for opt in optimizers:
-                    opt.step()
-                n_updates += 1
-                run.update_seconds += time.perf_counter() - update_start  # ms per update in the progress line
-                if n_updates % 100 == 0:
-                    writer.add_scalar("losses/td_loss", td_loss.item(), global_step)
-                    writer.add_scalar("losses/opt_loss", opt_loss.item(), global_step)
-                    writer.add_scalar("losses/nopt_loss", nopt_loss.item(), global_step)
-                    writer.add_scalar("losses/q_taken_mean", q_tot.mean().item(), global_step)  # Q_tot(h, a; theta)
-                    writer.add_scalar("losses/target_mean", y.mean().item(), global_step)
-                    writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
-                    writer.add_scalar("charts/SPS", run.sps(global_step), global_step)
-                    writer.add_scalar("charts/epsilon", epsilon, global_step)
+                    if global_step % (100 * args.train_frequency) == 0:  # logging, every 100 gradient steps
+                        run.log(global_step, epsilon, td_loss, q_tot, y, grad_norm, opt_loss=opt_loss, nopt_loss=nopt_loss)
 
-            if global_step % args.target_network_frequency == 0:  # Alg. 4 l.18: theta- <- theta
-                target_network.load_state_dict(q_network.state_dict())
-                target_qtran.load_state_dict(qtran.state_dict())
-                target_version += 1
-            if terminated or truncated:
-                break
+                if global_step % args.target_network_frequency == 0:  # Alg. 4 l.18: theta- <- theta
+                    target_network.load_state_dict(q_network.state_dict())
+                    target_qtran.load_state_dict(qtran.state_dict())
+                    rb.target_changed()  # cached V' are stale
+                if terminated or truncated:
+                    break
 
-        writer.add_scalar("charts/episodic_return", episode_return, global_step)
-        if args.env == "building":
-            writer.add_scalar("charts/normalised_return", envs.normalised_return(episode_return), global_step)
-        recent.append(episode_return)
-        if starcraft and args.eval_every and global_step >= next_eval:  # Sec. 5.2, between episodes
-            evaluation.starcraft_eval_round(sys.modules[__name__], q_network, env, args, global_step, writer, run_dir, device)
-            next_eval += args.eval_every
-        if starcraft:
-            writer.add_scalar("charts/battle_won", float(info.get("battle_won", False)), global_step)
-        done_training = episode + 1 == args.total_episodes or 0 < args.total_steps <= global_step
-        recent = run.progress(episode + 1, global_step, n_updates, epsilon, recent, done_training)  # every --log-every
-        run.episode_end(episode=episode + 1, global_step=global_step, n_updates=n_updates,
-                        target_version=target_version, next_eval=next_eval, recent=recent)  # checkpoint / Ctrl-C
-        if done_training:
-            break
+            if starcraft and args.eval_every and global_step // args.eval_every > episode_start // args.eval_every:
+                evaluation.starcraft_eval_round(sys.modules[__name__], q_network, env, global_step, run, device)
+            if run.episode_end(episode + 1, global_step, episode_return, epsilon, info):  # progress, checkpoint, Ctrl-C
+                break  # --total-steps reached
 
     if args.save_model:  # weights, args and env config, written atomically (eval.py reads them back)
-        env_info = {"env": args.env, "config": args.train_config, "n_agents": N, "n_actions": A,
-                    "obs_dim": env.obs_dim, "state_dim": env.state_dim}
-        path = evaluation.save_checkpoint(run_dir, __file__, args, env_info, q_network=q_network, joint=qtran)
-        print(f"model saved to {path}")
-    run.close()  # TensorBoard file, signal handlers
+        runs.save_model(run_dir, __file__, args, env, q_network=q_network, joint=qtran)

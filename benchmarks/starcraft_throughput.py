@@ -6,14 +6,17 @@
 `git worktree add /tmp/before <commit>` gives the code to compare with. For each root and script, one short
 training run in a subprocess (`--env smax --torch-threads 1 --total-steps --steps`, StarCraft defaults
 otherwise, evaluation rounds every --eval-every steps) with timers around the code the run calls from
-envs.py / eval.py, which need no change to the script:
+envs.py / eval.py / runs.py, which need no change to the script:
 
   env         envs.SMAXTask.reset / step of training episodes
-  update      the script's own gradient-step clock (TrainingRun.update_seconds: sample, targets, forward,
-              backward, optimiser), read before each progress line resets it
+  update      a gradient step (sample, targets, forward, backward, optimiser): from the replay buffer's sample()
+              to the last optimiser step after it (runs.Run.track hands over the buffer; torch's global
+              optimiser-step hook); code before runs.py: the script's own clock (TrainingRun.update_seconds),
+              read before each progress line resets it
   eval        eval.starcraft_eval_round (2 x --eval-episodes greedy episodes); the first round of a process
               also compiles the batched SMAX step (after) and is reported apart
-  checkpoint  eval.TrainingRun.save (checkpoint.pt: networks, optimiser, the 50,000-transition buffer, RNG)
+  checkpoint  runs.Run.save (before runs.py: eval.TrainingRun.save; checkpoint.pt: networks, optimiser, the
+              50,000-transition buffer, RNG)
   acting      one acting step of the training loop (greedy_q on the 1-episode window, masked argmax, epsilon
               coins) timed on its own in the same process after the run (the loop's calls cannot be timed from
               outside), times the env steps
@@ -70,7 +73,7 @@ def child(spec: dict) -> dict:
     import envs
     import eval as evaluation
 
-    t = {"env": 0.0, "update": 0.0, "eval_rounds": [], "checkpoints": [], "episodes": 0, "in_eval": False}
+    t = {"env": 0.0, "update": 0.0, "n_updates": 0, "eval_rounds": [], "checkpoints": [], "episodes": 0, "in_eval": False}
 
     def timed(fn, key):
         def wrapper(*a, **k):
@@ -81,6 +84,7 @@ def child(spec: dict) -> dict:
                 return fn(*a, **k)
             finally:
                 t[key] += time.perf_counter() - start
+
         return wrapper
 
     envs.SMAXTask.step = timed(envs.SMAXTask.step, "env")
@@ -91,7 +95,7 @@ def child(spec: dict) -> dict:
         return reset(self, day)
 
     envs.SMAXTask.reset = counted_reset
-    eval_round, save, progress = evaluation.starcraft_eval_round, evaluation.TrainingRun.save, evaluation.TrainingRun.progress
+    eval_round = evaluation.starcraft_eval_round
 
     def timed_eval(*a, **k):
         t["in_eval"], start = True, time.perf_counter()
@@ -101,33 +105,106 @@ def child(spec: dict) -> dict:
             t["in_eval"] = False
             t["eval_rounds"].append(time.perf_counter() - start)
 
-    def timed_save(self, counters):
+    evaluation.starcraft_eval_round = timed_eval
+    run_class = getattr(evaluation, "TrainingRun", None)  # the code before runs.py
+    if run_class is None:
+        import runs
+
+        run_class = runs.Run
+        clock_updates(run_class, t)
+    else:
+        progress = run_class.progress
+
+        def counted_progress(self, *a, **k):
+            before = self.update_seconds
+            out = progress(self, *a, **k)
+            if self.update_seconds != before:  # a progress line was printed and the clock reset
+                t["update"] += before
+            return out
+
+        run_class.progress = counted_progress
+    save = run_class.save
+
+    def timed_save(self, *a):
         start = time.perf_counter()
-        save(self, counters)
+        save(self, *a)
         t["checkpoints"].append(time.perf_counter() - start)
 
-    def counted_progress(self, *a, **k):
-        before = self.update_seconds
-        out = progress(self, *a, **k)
-        if self.update_seconds != before:  # a progress line was printed and the clock reset
-            t["update"] += before
-        return out
-
-    evaluation.starcraft_eval_round, evaluation.TrainingRun.save, evaluation.TrainingRun.progress = (
-        timed_eval, timed_save, counted_progress)
+    run_class.save = timed_save
     script = os.path.join(root, "algos", spec["script"] + ".py")
-    sys.argv = [script, "--env", "smax", "--torch-threads", "1", "--total-steps", str(spec["steps"]), "--eval-every",
-                str(spec["eval_every"]), "--eval-episodes", str(spec["eval_episodes"]), "--log-every", "10",
-                "--run-name", "bench", "--seed", "1"]
+    sys.argv = [
+        script,
+        "--env",
+        "smax",
+        "--torch-threads",
+        "1",
+        "--total-steps",
+        str(spec["steps"]),
+        "--eval-every",
+        str(spec["eval_every"]),
+        "--eval-episodes",
+        str(spec["eval_episodes"]),
+        "--log-every",
+        "10",
+        "--run-name",
+        "bench",
+        "--seed",
+        "1",
+    ]
     start = time.perf_counter()
     namespace = runpy.run_path(script, run_name="__main__")
     wall = time.perf_counter() - start
     setup = namespace["run"].start[0] - (time.time() - wall)  # import, env build and compile before the first episode
     steps = namespace["global_step"]
-    return {"root": root, "script": spec["script"], "steps": steps, "episodes": t["episodes"], "wall_s": wall,
-            "setup_s": setup, "env_s": t["env"], "update_s": t["update"], "n_updates": namespace["n_updates"],
-            "eval_rounds_s": t["eval_rounds"], "checkpoints_s": t["checkpoints"],
-            "checkpoint_every": namespace["args"].checkpoint_every, "acting_ms": acting_ms(namespace)}
+    if "close_update" in t:
+        t.pop("close_update")()
+    n_updates = namespace["n_updates"] if "n_updates" in namespace else t["n_updates"]
+    return {
+        "root": root,
+        "script": spec["script"],
+        "steps": steps,
+        "episodes": t["episodes"],
+        "wall_s": wall,
+        "setup_s": setup,
+        "env_s": t["env"],
+        "update_s": t["update"],
+        "n_updates": n_updates,
+        "eval_rounds_s": t["eval_rounds"],
+        "checkpoints_s": t["checkpoints"],
+        "checkpoint_every": namespace["args"].checkpoint_every,
+        "acting_ms": acting_ms(namespace),
+    }
+
+
+def clock_updates(run_class, t: dict) -> None:
+    """runs.Run's scripts keep no update clock: each gradient step runs from rb.sample (the buffer handed to
+    run.track) to the last optimiser step after it; t["update"] and t["n_updates"] add them up."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    clock = {"start": None, "end": None}
+
+    def close():
+        if clock["start"] is not None and clock["end"] is not None and clock["end"] > clock["start"]:
+            t["update"] += clock["end"] - clock["start"]
+            t["n_updates"] += 1
+        clock["start"] = clock["end"] = None
+
+    register_optimizer_step_post_hook(lambda *a: clock.update(end=time.perf_counter()))
+    track = run_class.track
+
+    def tracking(self, **state):
+        if "rb" in state:
+            sample = state["rb"].sample
+
+            def timed_sample(*a, **k):
+                close()
+                clock["start"] = time.perf_counter()
+                return sample(*a, **k)
+
+            state["rb"].sample = timed_sample
+        return track(self, **state)
+
+    run_class.track, t["close_update"] = tracking, close
 
 
 def acting_ms(ns: dict, reps: int = 300) -> float:
@@ -154,8 +231,13 @@ def acting_ms(ns: dict, reps: int = 300) -> float:
 
 # ------------------------------------------------ parent -----------------------------------------------
 def measure(root: str, script: str, args: Args) -> dict:
-    spec = {"root": os.path.abspath(root), "script": script, "steps": args.steps, "eval_every": args.eval_every,
-            "eval_episodes": args.eval_episodes}
+    spec = {
+        "root": os.path.abspath(root),
+        "script": script,
+        "steps": args.steps,
+        "eval_every": args.eval_every,
+        "eval_episodes": args.eval_episodes,
+    }
     with tempfile.TemporaryDirectory() as cwd:
         cmd = ["nice", "-n", str(args.nice)] if args.nice else []
         cmd += [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
@@ -183,10 +265,18 @@ def summarise(r: dict) -> dict:
         n_ckpt = 1_000_000 / (episode_len * r["checkpoint_every"])
     else:
         n_ckpt = hours_train * 6 + 1
-    return {"sps_train": sps_train, "sps_with_eval": sps_eval, "ms_per_step": per_step, "eval_round_s": steady_round,
-            "first_eval_round_s": rounds[0], "checkpoint_s": ckpt, "mean_episode_steps": episode_len,
-            "grad_step_ms": 1000 * r["update_s"] / max(r["n_updates"], 1),
-            "checkpoints_per_1M": n_ckpt, "hours_1M": hours_train + n_ckpt * ckpt / 3600}
+    return {
+        "sps_train": sps_train,
+        "sps_with_eval": sps_eval,
+        "ms_per_step": per_step,
+        "eval_round_s": steady_round,
+        "first_eval_round_s": rounds[0],
+        "checkpoint_s": ckpt,
+        "mean_episode_steps": episode_len,
+        "grad_step_ms": 1000 * r["update_s"] / max(r["n_updates"], 1),
+        "checkpoints_per_1M": n_ckpt,
+        "hours_1M": hours_train + n_ckpt * ckpt / 3600,
+    }
 
 
 def main(args: Args) -> list[dict]:
@@ -194,10 +284,14 @@ def main(args: Args) -> list[dict]:
         print(json.dumps(child(json.loads(args.child))))
         return []
     labels = args.labels or [os.path.basename(os.path.abspath(r)) for r in args.roots]
-    print(f"SMAX 3s_vs_5z, --torch-threads 1, {args.steps} env steps per run, eval rounds of 2 x {args.eval_episodes} "
-          f"episodes every {args.eval_every} steps (projections: every 10,000)")
-    head = (f"{'code':<8} {'script':<16} {'SPS train':>9} {'SPS +eval':>9} {'acting':>7} {'env':>6} {'update':>7} "
-            f"{'other':>6} {'grad ms':>7} {'eval s':>7} {'ckpt s':>7} {'ckpts/1M':>8} {'1M h':>5}")
+    print(
+        f"SMAX 3s_vs_5z, --torch-threads 1, {args.steps} env steps per run, eval rounds of 2 x {args.eval_episodes} "
+        f"episodes every {args.eval_every} steps (projections: every 10,000)"
+    )
+    head = (
+        f"{'code':<8} {'script':<16} {'SPS train':>9} {'SPS +eval':>9} {'acting':>7} {'env':>6} {'update':>7} "
+        f"{'other':>6} {'grad ms':>7} {'eval s':>7} {'ckpt s':>7} {'ckpts/1M':>8} {'1M h':>5}"
+    )
     print(head)
     results = []
     for label, root in zip(labels, args.roots):
@@ -206,10 +300,12 @@ def main(args: Args) -> list[dict]:
             r.update(label=label, **summarise(r))
             results.append(r)
             ms = r["ms_per_step"]
-            print(f"{label:<8} {script:<16} {r['sps_train']:>9.0f} {r['sps_with_eval']:>9.0f} {ms['acting']:>7.2f} "
-                  f"{ms['env']:>6.2f} {ms['update']:>7.2f} {ms['other']:>6.2f} {r['grad_step_ms']:>7.2f} "
-                  f"{r['eval_round_s']:>7.2f} {r['checkpoint_s']:>7.2f} {r['checkpoints_per_1M']:>8.0f} {r['hours_1M']:>5.2f}",
-                  flush=True)
+            print(
+                f"{label:<8} {script:<16} {r['sps_train']:>9.0f} {r['sps_with_eval']:>9.0f} {ms['acting']:>7.2f} "
+                f"{ms['env']:>6.2f} {ms['update']:>7.2f} {ms['other']:>6.2f} {r['grad_step_ms']:>7.2f} "
+                f"{r['eval_round_s']:>7.2f} {r['checkpoint_s']:>7.2f} {r['checkpoints_per_1M']:>8.0f} {r['hours_1M']:>5.2f}",
+                flush=True,
+            )
     if args.out:
         with open(args.out + ".tmp", "w") as f:
             json.dump(results, f, indent=1)

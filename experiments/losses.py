@@ -11,6 +11,7 @@ from the first to the last logged point.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from dataclasses import dataclass, field
@@ -18,8 +19,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import tyro
 
-DEFAULT_TAGS = ["charts/normalised_return", "losses/td_loss", "losses/opt_loss", "losses/nopt_loss",
-                "losses/q_taken_mean", "losses/target_mean", "losses/grad_norm"]
+DEFAULT_TAGS = [
+    "charts/normalised_return",
+    "losses/td_loss",
+    "losses/opt_loss",
+    "losses/nopt_loss",
+    "losses/q_taken_mean",
+    "losses/target_mean",
+    "losses/grad_norm",
+]
 
 
 @dataclass
@@ -41,8 +49,11 @@ def scalars(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]
     out = {}
     for tag in acc.Tags()["scalars"]:
         events = acc.Scalars(tag)
-        out[tag] = (np.array([e.step for e in events]), np.array([e.value for e in events]),
-                    np.array([e.wall_time for e in events]))
+        out[tag] = (
+            np.array([e.step for e in events]),
+            np.array([e.value for e in events]),
+            np.array([e.wall_time for e in events]),
+        )
     return out
 
 
@@ -55,9 +66,13 @@ def table(run_dir: str, tags: list[str], bins: int) -> str:
     last = max(int(data[t][0].max()) for t in shown)
     edges = np.linspace(0, last, bins + 1)
     wall = max(data[t][2].max() for t in shown) - min(data[t][2].min() for t in shown)
-    lines = [f"{os.path.basename(os.path.normpath(run_dir))}: {last} env steps, {wall / 60:.1f} min first to last point", "",
-             "| env steps | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    lines = [
+        f"{os.path.basename(os.path.normpath(run_dir))}: {last} env steps, {wall / 60:.1f} min first to last point",
+        "",
+        "| env steps | " + " | ".join(shown) + " |",
+        "|---" * (len(shown) + 1) + "|",
+    ]
+    for lo, hi in itertools.pairwise(edges):
         cells = []
         for t in shown:
             steps, values, _ = data[t]

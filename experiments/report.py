@@ -25,28 +25,40 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import envs  # noqa: E402
-import stats  # noqa: E402  (experiments/stats.py)
+import stats
+
+import envs
 
 # Published Tables 1 (env_1) and 2 (env_6): mean, SE over 5 seeds (paper Sec. 5.1; ../shared notes)
 PAPER = {
-    "VDN non-robust": ((0.877, 0.012), (0.440, 0.040)), "QMIX non-robust": ((0.895, 0.008), (0.478, 0.052)),
-    "QTRAN non-robust": ((0.816, 0.036), (0.654, 0.066)), "VDN GroupDR": ((0.624, 0.040), (0.624, 0.056)),
-    "QMIX GroupDR": ((0.499, 0.022), (0.383, 0.053)), "QTRAN GroupDR": ((0.508, 0.048), (0.520, 0.049)),
-    "VDN TV": ((0.898, 0.008), (0.627, 0.049)), "QMIX TV": ((0.916, 0.006), (0.520, 0.048)),
-    "QTRAN TV": ((0.861, 0.006), (0.733, 0.026)), "VDN rho-contamination": ((0.869, 0.013), (0.551, 0.039)),
-    "QMIX rho-contamination": ((0.911, 0.005), (0.500, 0.075)), "QTRAN rho-contamination": ((0.825, 0.028), (0.682, 0.026)),
+    "VDN non-robust": ((0.877, 0.012), (0.440, 0.040)),
+    "QMIX non-robust": ((0.895, 0.008), (0.478, 0.052)),
+    "QTRAN non-robust": ((0.816, 0.036), (0.654, 0.066)),
+    "VDN GroupDR": ((0.624, 0.040), (0.624, 0.056)),
+    "QMIX GroupDR": ((0.499, 0.022), (0.383, 0.053)),
+    "QTRAN GroupDR": ((0.508, 0.048), (0.520, 0.049)),
+    "VDN TV": ((0.898, 0.008), (0.627, 0.049)),
+    "QMIX TV": ((0.916, 0.006), (0.520, 0.048)),
+    "QTRAN TV": ((0.861, 0.006), (0.733, 0.026)),
+    "VDN rho-contamination": ((0.869, 0.013), (0.551, 0.039)),
+    "QMIX rho-contamination": ((0.911, 0.005), (0.500, 0.075)),
+    "QTRAN rho-contamination": ((0.825, 0.028), (0.682, 0.026)),
 }
 CONFIGS = [f"env_{i}" for i in range(1, 7)]
 FACTORISATIONS = ("VDN", "QMIX", "QTRAN")
 ROBUST_SETS = ("rho-contamination", "TV", "GroupDR")
 # The rho behind each published row (paper Sec. 5.1); GroupDR has none. "Non-robust" = rho-contamination at rho 0.
-PAPER_RHO = {"non-robust": {"VDN": 0.0, "QMIX": 0.0, "QTRAN": 0.0},
-             "rho-contamination": {"VDN": 0.008, "QMIX": 0.012, "QTRAN": 0.02}, "TV": {"VDN": 0.5, "QMIX": 0.2, "QTRAN": 0.2}}
+PAPER_RHO = {
+    "non-robust": {"VDN": 0.0, "QMIX": 0.0, "QTRAN": 0.0},
+    "rho-contamination": {"VDN": 0.008, "QMIX": 0.012, "QTRAN": 0.02},
+    "TV": {"VDN": 0.5, "QMIX": 0.2, "QTRAN": 0.2},
+}
 # (label, protocol, config, index of the published table in PAPER: 0 = Table 1, 1 = Table 2)
-CLAIM_EVALS = (("env_6 (Table 2)", "paper-tables", "env_6", 1),
-               ("env_1, days 0-199 (Table 1 as published)", "paper-tables", "env_1", 0),
-               ("season: env_1, days 200-364 (Table 1 as described)", "season", "env_1", 0))
+CLAIM_EVALS = (
+    ("env_6 (Table 2)", "paper-tables", "env_6", 1),
+    ("env_1, days 0-199 (Table 1 as published)", "paper-tables", "env_1", 0),
+    ("season: env_1, days 200-364 (Table 1 as described)", "season", "env_1", 0),
+)
 MARL_EVAL = "marl_eval.json"  # written next to the figures; never read as a run
 REPRODUCIBILITY = (
     "**What agreement to expect when you rerun a command.** On one machine the same command gives the same numbers "
@@ -58,7 +70,8 @@ REPRODUCIBILITY = (
     "the committed run bit for bit for its first 120 episodes and ended at env_6 -0.390 where the committed JSON has "
     "-0.238. So a rerun on another machine agrees with these tables within the spread over seeds (the SE columns), "
     "not in the digits. The Runs table gives the machine of each run where the sweep recorded it (runs started "
-    "before it did show -).")
+    "before it did show -)."
+)
 
 
 @dataclass
@@ -106,32 +119,59 @@ def cell(runs: list[dict], protocol: str, config: str):
 
 
 def tables(groups: dict) -> list[str]:
-    fmt = lambda v, n=2: "-" if not v else f"{v[0]:.3f} +- {v[1]:.3f}" if n > 1 else f"{v[0]:.3f}"  # noqa: E731
-    lines = ["## Tables 1-2: our runs next to the published numbers", "",
-             "Normalised return (Eq. 33), mean +- SE over seeds of each seed's mean over the 50 paper-tables days "
-             "(`default_rng(11).integers(0, 200, 50)`). z = (ours - paper) / sqrt(SE_ours^2 + SE_paper^2); "
-             "|z| <= 2 is within 2 combined SE. One seed has no SE: its value alone, no z.", "",
-             "| method | rho | seeds | env_1 (Table 1) | paper | z | env_6 (Table 2) | paper | z | season env_1 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, n=2: "-" if not v else f"{v[0]:.3f} +- {v[1]:.3f}" if n > 1 else f"{v[0]:.3f}"
+    lines = [
+        "## Tables 1-2: our runs next to the published numbers",
+        "",
+        (
+            "Normalised return (Eq. 33), mean +- SE over seeds of each seed's mean over the 50 paper-tables days "
+            "(`default_rng(11).integers(0, 200, 50)`). z = (ours - paper) / sqrt(SE_ours^2 + SE_paper^2); "
+            "|z| <= 2 is within 2 combined SE. One seed has no SE: its value alone, no z."
+        ),
+        "",
+        "| method | rho | seeds | env_1 (Table 1) | paper | z | env_6 (Table 2) | paper | z | season env_1 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for (grid, method, rho), runs in groups.items():
-        t1, t2, season = cell(runs, "paper-tables", "env_1"), cell(runs, "paper-tables", "env_6"), cell(runs, "season", "env_1")
+        t1, t2, season = (
+            cell(runs, "paper-tables", "env_1"),
+            cell(runs, "paper-tables", "env_6"),
+            cell(runs, "season", "env_1"),
+        )
         paper = PAPER.get(runs[0].get("paper", ""))
-        p1, p2 = (paper if paper else (None, None))
+        p1, p2 = paper if paper else (None, None)
         n = len(runs)
-        z = lambda ours, p: f"{z_score(ours, p):+.1f}" if ours and p and n > 1 else "-"  # noqa: E731
-        lines.append(f"| {method} | {rho:g} | {n} | {fmt(t1, n)} | {fmt(p1)} | {z(t1, p1)} | {fmt(t2, n)} | {fmt(p2)} "
-                     f"| {z(t2, p2)} | {fmt(season, n)} |")
-    lines += ["", "Paper column: " + ", ".join(sorted({f'{m} = {runs[0]["paper"]}' for (_, m, _), runs in groups.items()
-                                                        if runs[0].get("paper")})) + "."]
+        z = lambda ours, p, n=n: f"{z_score(ours, p):+.1f}" if ours and p and n > 1 else "-"
+        lines.append(
+            f"| {method} | {rho:g} | {n} | {fmt(t1, n)} | {fmt(p1)} | {z(t1, p1)} | {fmt(t2, n)} | {fmt(p2)} "
+            f"| {z(t2, p2)} | {fmt(season, n)} |"
+        )
+    lines += [
+        "",
+        "Paper column: "
+        + ", ".join(sorted({f"{m} = {runs[0]['paper']}" for (_, m, _), runs in groups.items() if runs[0].get("paper")}))
+        + ".",
+    ]
     lines += [""] + claims_table(claims(groups))
-    lines += ["", "## Figure 2: climatic shift (trained on env_1)", "",
-              ("Each method's greedy policy on the paper-tables days of every climate (env_1 = training), and `season`: "
-               "env_1 on 50 days of the part of the year never trained on (`default_rng(11).integers(200, 365, 50)`; "
-               "eval.py's `season` protocol, our realisation of the paper's seasonal shift). Mean +- SE over seeds."), "",
-              "| method | rho | " + " | ".join(CONFIGS) + " | season env_1 |", "|---|---|" + "---|" * (len(CONFIGS) + 1)]
+    lines += [
+        "",
+        "## Figure 2: climatic shift (trained on env_1)",
+        "",
+        (
+            "Each method's greedy policy on the paper-tables days of every climate (env_1 = training), and `season`: "
+            "env_1 on 50 days of the part of the year never trained on (`default_rng(11).integers(200, 365, 50)`; "
+            "eval.py's `season` protocol, our realisation of the paper's seasonal shift). Mean +- SE over seeds."
+        ),
+        "",
+        "| method | rho | " + " | ".join(CONFIGS) + " | season env_1 |",
+        "|---|---|" + "---|" * (len(CONFIGS) + 1),
+    ]
     for (grid, method, rho), runs in groups.items():
-        lines.append(f"| {method} | {rho:g} | " + " | ".join(fmt(cell(runs, "climate", c), len(runs)) for c in CONFIGS)
-                     + f" | {fmt(cell(runs, 'season', 'env_1'), len(runs))} |")
+        lines.append(
+            f"| {method} | {rho:g} | "
+            + " | ".join(fmt(cell(runs, "climate", c), len(runs)) for c in CONFIGS)
+            + f" | {fmt(cell(runs, 'season', 'env_1'), len(runs))} |"
+        )
     return lines
 
 
@@ -147,8 +187,11 @@ def released_cell(groups: dict, row: str):
     if several. None if there is none."""
     fact, kind = row.split(" ", 1)
     rho = PAPER_RHO.get(kind, {}).get(fact)
-    found = [(key, runs) for key, runs in groups.items() if key[1].endswith("_released") and runs[0].get("paper") == row
-             and (rho is None or abs(key[2] - rho) < 1e-12)]
+    found = [
+        (key, runs)
+        for key, runs in groups.items()
+        if key[1].endswith("_released") and runs[0].get("paper") == row and (rho is None or abs(key[2] - rho) < 1e-12)
+    ]
     return max(found, key=lambda kr: len(kr[1]), default=None)
 
 
@@ -169,8 +212,14 @@ def claims(groups: dict) -> list[dict]:
                 (pr, pr_se), (pb, pb_se) = PAPER[row][table], PAPER[base_row][table]
                 x = values(robust[1], protocol, config) if robust else []
                 y = values(base[1], protocol, config) if base else []
-                c = {"claim": f"{row} > {base_row}", "eval": label, "paper": (pr - pb, float(np.hypot(pr_se, pb_se))),
-                     "robust": robust[0] if robust else None, "base": base[0] if base else None, "n": (len(x), len(y))}
+                c = {
+                    "claim": f"{row} > {base_row}",
+                    "eval": label,
+                    "paper": (pr - pb, float(np.hypot(pr_se, pb_se))),
+                    "robust": robust[0] if robust else None,
+                    "base": base[0] if base else None,
+                    "n": (len(x), len(y)),
+                }
                 if len(x) >= 2 and len(y) >= 2:
                     c["ours"] = stats.bootstrap_diff_ci(x, y)
                     c["poi"] = stats.probability_of_improvement(x, y)
@@ -180,25 +229,30 @@ def claims(groups: dict) -> list[dict]:
 
 
 def claims_table(rows: list[dict]) -> list[str]:
-    lines = ["## The claims: robust - non-robust, tested", "",
-             ("For each factorisation and robust set, the difference in normalised return robust - non-robust between the "
-              "released-configuration runs of the two published rows (method names ending in `_released` whose `paper` "
-              "field names the row, at the published rho: rho-contamination VDN 0.008, QMIX 0.012, QTRAN 0.02; TV VDN 0.5, "
-              "QMIX 0.2, QTRAN 0.2; non-robust = rho-contamination at rho 0). "
-              "**Paper**: the difference of the two published cells +- its SE, sqrt(SE_robust^2 + SE_non-robust^2). "
-              "**Ours**: the difference of the two means over seeds with a 95% stratified bootstrap interval (as rliable / "
-              "marl-eval: 50,000 replicates, each resampling the robust seeds and, independently, the non-robust seeds "
-              "with replacement; percentile interval; fixed RNG seed, experiments/stats.py). "
-              "**P(robust > non-robust)**: the probability of improvement over all (robust run, non-robust run) pairs, ties "
-              "1/2 (Mann-Whitney U / (n_r n_nr)). **Verdict**: *reproduced* = our interval excludes 0 on the side of the "
-              "paper's difference; *not reproduced* = it excludes 0 on the other side; *not significant either way* = 0 is "
-              "inside it. Fewer than 2 seeds on either side: n/a (robust vs non-robust seeds). "
-              "The paper reports its seasonal shift (Experiment 2) in Table 1, but the published Table 1 numbers were "
-              "evaluated on the training days 0-199 (`../shared/notes/paper-facts.md`): the env_1 rows compare with those "
-              "numbers, the season rows test the claim on days never trained on, against the same paper difference."), "",
-             "| claim | evaluated on | paper | ours [95% CI] | seeds | P(robust > non-robust) | paper's inside ours "
-             "| verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## The claims: robust - non-robust, tested",
+        "",
+        (
+            "For each factorisation and robust set, the difference in normalised return robust - non-robust between the "
+            "released-configuration runs of the two published rows (method names ending in `_released` whose `paper` "
+            "field names the row, at the published rho: rho-contamination VDN 0.008, QMIX 0.012, QTRAN 0.02; TV VDN 0.5, "
+            "QMIX 0.2, QTRAN 0.2; non-robust = rho-contamination at rho 0). "
+            "**Paper**: the difference of the two published cells +- its SE, sqrt(SE_robust^2 + SE_non-robust^2). "
+            "**Ours**: the difference of the two means over seeds with a 95% stratified bootstrap interval (as rliable / "
+            "marl-eval: 50,000 replicates, each resampling the robust seeds and, independently, the non-robust seeds "
+            "with replacement; percentile interval; fixed RNG seed, experiments/stats.py). "
+            "**P(robust > non-robust)**: the probability of improvement over all (robust run, non-robust run) pairs, ties "
+            "1/2 (Mann-Whitney U / (n_r n_nr)). **Verdict**: *reproduced* = our interval excludes 0 on the side of the "
+            "paper's difference; *not reproduced* = it excludes 0 on the other side; *not significant either way* = 0 is "
+            "inside it. Fewer than 2 seeds on either side: n/a (robust vs non-robust seeds). "
+            "The paper reports its seasonal shift (Experiment 2) in Table 1, but the published Table 1 numbers were "
+            "evaluated on the training days 0-199 (`../shared/notes/paper-facts.md`): the env_1 rows compare with those "
+            "numbers, the season rows test the claim on days never trained on, against the same paper difference."
+        ),
+        "",
+        ("| claim | evaluated on | paper | ours [95% CI] | seeds | P(robust > non-robust) | paper's inside ours | verdict |"),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for c in rows:
         (p_diff, pse), (nr, nb) = c["paper"], c["n"]
         if "ours" in c:
@@ -207,12 +261,17 @@ def claims_table(rows: list[dict]) -> list[str]:
             inside = "yes" if lo <= p_diff <= hi else "no"
         else:
             ours, poi, inside, verdict = f"n/a ({nr} vs {nb} seeds)", "-", "-", "-"
-        lines.append(f"| {c['claim']} | {c['eval']} | {p_diff:+.3f} +- {pse:.3f} | {ours} | {nr} vs {nb} | {poi} | {inside} "
-                     f"| {verdict} |")
+        lines.append(
+            f"| {c['claim']} | {c['eval']} | {p_diff:+.3f} +- {pse:.3f} | {ours} | {nr} vs {nb} | {poi} | {inside} "
+            f"| {verdict} |"
+        )
     used = sorted({f"{k[1]} (rho {k[2]:g})" for c in rows for k in (c["robust"], c["base"]) if k})
-    lines += ["", "Runs compared: " + (", ".join(used) if used else "none yet") + ". Reproduce: "
-              "`python experiments/sweep.py experiments/paper_tables.toml`, then "
-              "`python experiments/report.py docs/results/paper_tables`."]
+    lines += [
+        "",
+        "Runs compared: " + (", ".join(used) if used else "none yet") + ". Reproduce: "
+        "`python experiments/sweep.py experiments/paper_tables.toml`, then "
+        "`python experiments/report.py docs/results/paper_tables`.",
+    ]
     return lines
 
 
@@ -241,7 +300,9 @@ def marl_eval(groups: dict) -> dict:
                 tasks["season"] = results["season"]["env_1"]
             for task, v in tasks.items():
                 data["building"].setdefault(task, {}).setdefault(algo, {})[f"seed_{r['seed']}"] = {
-                    "step_0": {"step_count": last, metric: [float(v)]}, "absolute_metrics": {metric: [float(v)]}}
+                    "step_0": {"step_count": last, metric: [float(v)]},
+                    "absolute_metrics": {metric: [float(v)]},
+                }
             if steps and "env_1" in results.get("paper-tables", {}):
                 curve = zip(steps, r["curve"]["mean"], strict=True)
                 run = {f"step_{i}": {"step_count": int(s), metric: [float(m)]} for i, (s, m) in enumerate(curve)}
@@ -253,8 +314,10 @@ def marl_eval(groups: dict) -> dict:
 def machine(run: dict) -> str:
     """The machine(s) a run was trained on (sweep.py's `machine` field), '-' where it was not recorded."""
     found = run.get("machine") or []
-    return " + ".join(f"{m.get('cpu', '?')}, torch {m.get('torch', '?')}, {m.get('torch_threads', '?')} thread(s)"
-                      for m in found) or "-"
+    return (
+        " + ".join(f"{m.get('cpu', '?')}, torch {m.get('torch', '?')}, {m.get('torch_threads', '?')} thread(s)" for m in found)
+        or "-"
+    )
 
 
 def plot(groups: dict, fig_dir: str) -> list[str]:
@@ -278,8 +341,9 @@ def plot(groups: dict, fig_dir: str) -> list[str]:
             cells.append(cell(runs, "season", "env_1") or (np.nan, 0.0))
             m, se = np.array([c[0] for c in cells]), np.array([c[1] for c in cells])
             dx = 0.06 * (k - (len(panels[name]) - 1) / 2)  # side by side, so the error bars do not hide each other
-            line = ax.errorbar(x[:-1] + dx, m[:-1], yerr=se[:-1], marker="o", ms=3, capsize=2,
-                               label=f"{method} rho={rho:g} (n={len(runs)})")
+            line = ax.errorbar(
+                x[:-1] + dx, m[:-1], yerr=se[:-1], marker="o", ms=3, capsize=2, label=f"{method} rho={rho:g} (n={len(runs)})"
+            )
             ax.errorbar(x[-1:] + dx, m[-1:], yerr=se[-1:], marker="s", ms=4, capsize=2, color=line[0].get_color())
         ax.axvline(len(CONFIGS) - 0.5, color="grey", lw=0.8, ls="--")
         ax.set_xticks(x, [*CONFIGS, "season\n(env_1)"])
@@ -326,25 +390,42 @@ def main(args: Args) -> str:
     groups = group(runs)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     figs = plot(groups, os.path.join(out_dir, "results"))
-    lines = ["# Results", "", "Generated by `python experiments/report.py " + " ".join(os.path.relpath(f, ROOT) for f in args.results)
-             + "` from the per-run JSON files the sweep wrote (`python experiments/sweep.py <grid>`); do not edit by hand.", "",
-             REPRODUCIBILITY, ""]
+    lines = [
+        "# Results",
+        "",
+        "Generated by `python experiments/report.py "
+        + " ".join(os.path.relpath(f, ROOT) for f in args.results)
+        + "` from the per-run JSON files the sweep wrote (`python experiments/sweep.py <grid>`); do not edit by hand.",
+        "",
+        REPRODUCIBILITY,
+        "",
+    ]
     lines += tables(groups)
     lines += [""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})" for p in figs]
     marl = os.path.join(out_dir, "results", MARL_EVAL)
     with open(marl + ".tmp", "w") as f:
         json.dump(marl_eval(groups), f)
     os.replace(marl + ".tmp", marl)
-    lines += ["", (f"Every run in [marl-eval](https://github.com/instadeepai/marl-eval)'s JSON format: [{MARL_EVAL}]"
-                   f"({os.path.relpath(marl, out_dir)}) (environment `building`: tasks env_1..env_6 and season, the final "
-                   "greedy evaluation; `building_training`: the training curves on env_1). marl-eval's aggregation needs the "
-                   "same number of runs for every algorithm of an environment: select algorithms with equal seeds first (e.g. "
-                   "the `*_released` ones once all have 5)."),
-              "", "## Runs", "", "| run | commit | train min | machine | command |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        (
+            f"Every run in [marl-eval](https://github.com/instadeepai/marl-eval)'s JSON format: [{MARL_EVAL}]"
+            f"({os.path.relpath(marl, out_dir)}) (environment `building`: tasks env_1..env_6 and season, the final "
+            "greedy evaluation; `building_training`: the training curves on env_1). marl-eval's aggregation needs the "
+            "same number of runs for every algorithm of an environment: select algorithms with equal seeds first (e.g. "
+            "the `*_released` ones once all have 5)."
+        ),
+        "",
+        "## Runs",
+        "",
+        "| run | commit | train min | machine | command |",
+        "|---|---|---|---|---|",
+    ]
     for runs_ in groups.values():
         for r in runs_:
-            lines.append(f"| {r['run_name']} | {r['commit']} | {r['train_seconds'] / 60:.0f} | {machine(r)} "
-                         f"| `{r['command']}` |")
+            lines.append(
+                f"| {r['run_name']} | {r['commit']} | {r['train_seconds'] / 60:.0f} | {machine(r)} | `{r['command']}` |"
+            )
     text = "\n".join(lines) + "\n"
     with open(args.out + ".tmp", "w") as f:
         f.write(text)

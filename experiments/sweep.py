@@ -49,9 +49,9 @@ from dataclasses import dataclass, field
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]  # envs, eval; report
-import envs  # noqa: E402  (envs.fail: one error line, exit 2)
-import eval as evaluation  # noqa: E402  (write_json_atomic)
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]  # envs, runs; report
+import envs
+from runs import write_json_atomic
 
 PROTOCOLS = ("paper-tables", "climate", "season", "climate-season")
 CURVE_BIN = 10  # training curve: mean normalised return per this many episodes
@@ -111,8 +111,16 @@ class Job:
 
     def train_command(self, resume: bool) -> list[str]:
         rho = ["--rho", repr(float(self.rho))] if self.rho_flag and not self.stage else []
-        cmd = [sys.executable, os.path.join(ROOT, self.script), *self.flags, *rho,
-               "--seed", str(self.seed), "--run-name", self.run_name]
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, self.script),
+            *self.flags,
+            *rho,
+            "--seed",
+            str(self.seed),
+            "--run-name",
+            self.run_name,
+        ]
         return cmd + (["--resume", os.path.join("runs", self.run_name)] if resume else [])
 
 
@@ -149,8 +157,21 @@ def load_grid(path: str) -> tuple[str, list[Job]]:
         flags = [str(x) for x in defaults.get("flags", []) + m.get("flags", [])] + need_flags
         for rho in m["rho"]:
             for seed in m["seeds"]:
-                jobs.append(Job(name, method, m["script"], flags, float(rho), int(seed), protocols,
-                                int(ev.get("episode_steps", 0)), m.get("paper", ""), bool(m.get("rho_flag", True)), needs))
+                jobs.append(
+                    Job(
+                        name,
+                        method,
+                        m["script"],
+                        flags,
+                        float(rho),
+                        int(seed),
+                        protocols,
+                        int(ev.get("episode_steps", 0)),
+                        m.get("paper", ""),
+                        bool(m.get("rho_flag", True)),
+                        needs,
+                    )
+                )
     jobs.sort(key=lambda j: j.seed)  # stable: seed 1 of every method first (a learning check), then seed 2, ...
     return name, stages + jobs
 
@@ -163,13 +184,15 @@ STAGE_KEYS_ORDER = ("script", "flags", "seed", "output", "needs")
 def _check_needs(owner: str, needs, stage_names) -> dict:
     """needs must be a table { "--flag" = "<stage>" } naming stages of the grid."""
     if not isinstance(needs, dict):
-        envs.fail(f"grid: {owner}: needs must be a table {{ \"--flag\" = \"<stage>\" }} (got {needs!r})")
+        envs.fail(f'grid: {owner}: needs must be a table {{ "--flag" = "<stage>" }} (got {needs!r})')
     for flag, stage in needs.items():
         if not flag.startswith("--"):
             envs.fail(f"grid: {owner}: needs key '{flag}' is not a flag (e.g. \"--estimator-checkpoint\")")
         if stage not in stage_names:
-            envs.fail(f"grid: {owner}: needs stage '{stage}', which has no [stages.{stage}] table"
-                      + (f"; stages: {', '.join(stage_names)}" if stage_names else ""))
+            envs.fail(
+                f"grid: {owner}: needs stage '{stage}', which has no [stages.{stage}] table"
+                + (f"; stages: {', '.join(stage_names)}" if stage_names else "")
+            )
     return needs
 
 
@@ -206,8 +229,18 @@ def load_stages(grid: str, specs: dict, method_names: set) -> list[Job]:
     for stage in order:
         st = specs[stage]
         needs, need_flags = _needs(f"stage '{stage}'", st.get("needs", {}), jobs)
-        jobs[stage] = Job(grid, stage, st["script"], [str(x) for x in st.get("flags", [])] + need_flags, 0.0,
-                          int(st.get("seed", 1)), [], needs=needs, stage=True, output=str(st.get("output", "model.pt")))
+        jobs[stage] = Job(
+            grid,
+            stage,
+            st["script"],
+            [str(x) for x in st.get("flags", [])] + need_flags,
+            0.0,
+            int(st.get("seed", 1)),
+            [],
+            needs=needs,
+            stage=True,
+            output=str(st.get("output", "model.pt")),
+        )
     return list(jobs.values())
 
 
@@ -222,10 +255,13 @@ def training_curve(run_dir: str) -> dict:
     events = acc.Scalars(tag) if tag in tags else []
     values = [e.value for e in events]
     bins = [values[i : i + CURVE_BIN] for i in range(0, len(values), CURVE_BIN)]
-    return {"tag": tag, "episodes": [min(len(values), (i + 1) * CURVE_BIN) for i in range(len(bins))],
-            "env_steps": [events[min(len(values), (i + 1) * CURVE_BIN) - 1].step for i in range(len(bins))],
-            "mean": [sum(b) / len(b) for b in bins],
-            "wall_seconds": round(events[-1].wall_time - events[0].wall_time, 1) if events else 0.0}
+    return {
+        "tag": tag,
+        "episodes": [min(len(values), (i + 1) * CURVE_BIN) for i in range(len(bins))],
+        "env_steps": [events[min(len(values), (i + 1) * CURVE_BIN) - 1].step for i in range(len(bins))],
+        "mean": [sum(b) / len(b) for b in bins],
+        "wall_seconds": round(events[-1].wall_time - events[0].wall_time, 1) if events else 0.0,
+    }
 
 
 def run_job(job: Job, workdir: str) -> dict:
@@ -242,33 +278,60 @@ def run_job(job: Job, workdir: str) -> dict:
         with open(os.path.join(run_dir, "machine.txt"), "a") as f:  # and the machine (one JSON line per start)
             f.write(json.dumps(machine()) + "\n")
         with open(os.path.join(workdir, "runs", job.grid, f"{job.name}.log"), "a") as log:
-            proc = subprocess.run(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.run(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
         if proc.returncode != 0 or not os.path.isfile(model):
-            raise RuntimeError(f"training exited {proc.returncode} (log: runs/{job.grid}/{job.name}.log): "
-                               + _tail(os.path.join(workdir, "runs", job.grid, f"{job.name}.log")))
+            raise RuntimeError(
+                f"training exited {proc.returncode} (log: runs/{job.grid}/{job.name}.log): "
+                + _tail(os.path.join(workdir, "runs", job.grid, f"{job.name}.log"))
+            )
     if job.stage:
         return {"stage": job.name, "output": os.path.relpath(model, workdir)}
     results = {}
     for protocol in job.protocols:
         out = os.path.join(run_dir, f"eval_{protocol}.json")
-        cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--checkpoints", model, "--protocol", protocol,
-               "--out", out, "--torch-threads", "1"] + (["--episode-steps", str(job.eval_steps)] if job.eval_steps else [])
-        proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env)
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, "eval.py"),
+            "--checkpoints",
+            model,
+            "--protocol",
+            protocol,
+            "--out",
+            out,
+            "--torch-threads",
+            "1",
+        ] + (["--episode-steps", str(job.eval_steps)] if job.eval_steps else [])
+        proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, check=False)
         if proc.returncode != 0:
-            raise RuntimeError(f"eval.py --protocol {protocol} exited {proc.returncode}: {(proc.stderr or proc.stdout)[-400:]}")
+            raise RuntimeError(
+                f"eval.py --protocol {protocol} exited {proc.returncode}: {(proc.stderr or proc.stdout)[-400:]}"
+            )
         with open(out) as f:
             payload = json.load(f)
         results[protocol] = {e["config"]: sum(e["normalised"]) / len(e["normalised"]) for e in payload["episodes"]}
     with open(os.path.join(run_dir, "args.json")) as f:
         run_args = json.load(f)
     curve = training_curve(run_dir)
-    return {"grid": job.grid, "method": job.method, "paper": job.paper, "script": job.script, "flags": job.flags,
-            "rho": job.rho, "seed": job.seed, "run_name": job.run_name,
-            "command": " ".join(["python", job.script, *job.flags, *(["--rho", repr(job.rho)] if job.rho_flag else []),
-                                 "--seed", str(job.seed)]),
-            "args": run_args, "commit": _trained_with(run_dir), "machine": _trained_on(run_dir),
-            "eval_days": payload["days"], "normalised_return": results, "curve": curve,
-            "train_seconds": curve["wall_seconds"]}  # first to last episode, from TensorBoard's wall times
+    return {
+        "grid": job.grid,
+        "method": job.method,
+        "paper": job.paper,
+        "script": job.script,
+        "flags": job.flags,
+        "rho": job.rho,
+        "seed": job.seed,
+        "run_name": job.run_name,
+        "command": " ".join(
+            ["python", job.script, *job.flags, *(["--rho", repr(job.rho)] if job.rho_flag else []), "--seed", str(job.seed)]
+        ),
+        "args": run_args,
+        "commit": _trained_with(run_dir),
+        "machine": _trained_on(run_dir),
+        "eval_days": payload["days"],
+        "normalised_return": results,
+        "curve": curve,
+        "train_seconds": curve["wall_seconds"],
+    }  # first to last episode, from TensorBoard's wall times
 
 
 def _tail(path: str, n: int = 300) -> str:
@@ -308,7 +371,7 @@ def _trained_on(run_dir: str) -> list[dict]:
 
 
 def _git_commit() -> str:
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
     return proc.stdout.strip() if proc.returncode == 0 else "unknown"
 
 
@@ -323,7 +386,9 @@ def main(args: Args) -> int:
         wanted = set(args.only.split(","))
         missing = wanted - {j.method for j in jobs}
         if missing:
-            envs.fail(f"--only: no method {sorted(missing)} in {args.grid}; accepted: {', '.join(sorted({j.method for j in jobs}))}")
+            envs.fail(
+                f"--only: no method {sorted(missing)} in {args.grid}; accepted: {', '.join(sorted({j.method for j in jobs}))}"
+            )
         needed, stack = set(), [n for j in jobs if j.method in wanted for n in j.needs]
         while stack:  # the stages the chosen methods need, and theirs
             name = stack.pop()
@@ -347,10 +412,13 @@ def main(args: Args) -> int:
         todo_runs, todo_stages, n_untrained = ready, [], len(todo_runs) - len(ready)
     todo = todo_stages + todo_runs
     workers = args.workers or os.cpu_count() or 1
-    print(f"grid {grid}: {len(runs)} runs, {n_done} already done, {len(todo_runs)} to run"
-          + (f", {n_untrained} not trained yet (--no-train)" if n_untrained else "")
-          + (f"; {len(stages)} stages, {len(todo_stages)} to run" if stages else "")
-          + f" ({args.backend}, {workers if not args.address else 'cluster'} at a time)", flush=True)
+    print(
+        f"grid {grid}: {len(runs)} runs, {n_done} already done, {len(todo_runs)} to run"
+        + (f", {n_untrained} not trained yet (--no-train)" if n_untrained else "")
+        + (f"; {len(stages)} stages, {len(todo_stages)} to run" if stages else "")
+        + f" ({args.backend}, {workers if not args.address else 'cluster'} at a time)",
+        flush=True,
+    )
 
     def inputs_missing(job: Job) -> list[str]:
         """The stages whose output job still waits for (none once its model.pt exists: only evaluation is left)."""
@@ -360,11 +428,19 @@ def main(args: Args) -> int:
 
     for j in todo:
         run_dir = os.path.join(args.workdir, "runs", j.run_name)
-        state = ("trained: evaluate" if trained(j) else "resume" if os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))
-                 else "new")
+        state = (
+            "trained: evaluate"
+            if trained(j)
+            else "resume"
+            if os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))
+            else "new"
+        )
         waits = inputs_missing(j)
-        print(f"  {j.name}: {'stage, ' if j.stage else ''}{state}" + (f" (waits for {', '.join(waits)})" if waits else "")
-              + ("  " + " ".join(j.train_command(state == "resume")[1:]) if args.dry_run else ""))
+        print(
+            f"  {j.name}: {'stage, ' if j.stage else ''}{state}"
+            + (f" (waits for {', '.join(waits)})" if waits else "")
+            + ("  " + " ".join(j.train_command(state == "resume")[1:]) if args.dry_run else "")
+        )
     if args.dry_run:
         return 0
 
@@ -376,22 +452,30 @@ def main(args: Args) -> int:
         done += 1
         if error is None:
             if not job.stage:
-                evaluation.write_json_atomic(result[job.name], payload)
+                write_json_atomic(result[job.name], payload)
             if os.path.isfile(os.path.join(failed_dir, f"{job.name}.json")):
                 os.remove(os.path.join(failed_dir, f"{job.name}.json"))
             durations.append(seconds)
-            summary = (f"stage done: {payload['output']}" if job.stage else
-                       ", ".join(f"{c} {v:.3f}" for c, v in payload["normalised_return"].get("paper-tables", {}).items()))
+            summary = (
+                f"stage done: {payload['output']}"
+                if job.stage
+                else ", ".join(f"{c} {v:.3f}" for c, v in payload["normalised_return"].get("paper-tables", {}).items())
+            )
         else:
             n_failed += 1
             failed_stages.update([job.name] if job.stage else [])
-            evaluation.write_json_atomic(os.path.join(failed_dir, f"{job.name}.json"),
-                                         {"run": job.run_name, "command": " ".join(job.train_command(False)), "error": error})
+            write_json_atomic(
+                os.path.join(failed_dir, f"{job.name}.json"),
+                {"run": job.run_name, "command": " ".join(job.train_command(False)), "error": error},
+            )
             summary = f"FAILED: {error}"
         eta = (sum(durations) / len(durations)) * (len(todo) - done) / workers / 60 if durations else float("nan")
-        print(f"[{done}/{len(todo)} done, {in_flight['n']} running, {n_failed} failed, "
-              f"{(time.time() - started) / 60:.0f} min, "
-              f"ETA {eta:.0f} min] {job.name} ({seconds / 60:.1f} min): {summary}", flush=True)
+        print(
+            f"[{done}/{len(todo)} done, {in_flight['n']} running, {n_failed} failed, "
+            f"{(time.time() - started) / 60:.0f} min, "
+            f"ETA {eta:.0f} min] {job.name} ({seconds / 60:.1f} min): {summary}",
+            flush=True,
+        )
 
     def schedule(limit: int, submit, wait_one) -> None:
         """Start jobs in grid order as soon as their inputs exist, at most `limit` at a time, until none is left.
@@ -420,6 +504,7 @@ def main(args: Args) -> int:
             finished(job, payload, error, seconds)
 
     if args.backend == "local":
+
         def timed(job):
             t0 = time.time()
             try:
@@ -468,8 +553,10 @@ def main(args: Args) -> int:
 
         report.main(report.Args(results=[out_dir], out=os.path.join(os.path.dirname(args.results_dir), "results.md")))
     have = sum(os.path.isfile(result[j.name]) for j in runs)
-    print(f"grid {grid}: {have} of {len(runs)} runs have results"
-          + (f"; {n_failed} failed, see {failed_dir}" if n_failed else ""))
+    print(
+        f"grid {grid}: {have} of {len(runs)} runs have results"
+        + (f"; {n_failed} failed, see {failed_dir}" if n_failed else "")
+    )
     return 1 if n_failed else 0
 
 

@@ -131,13 +131,18 @@ def pytest_collection_modifyitems(session, config, items):
 def run_script_in_process(script: str, args, cwd: str) -> dict:
     """ROOT/script run as __main__ in this process (argv = args, working directory cwd) -> the
     script's global namespace when it ends: its replay buffer ``rb``, networks, optimiser, last
-    minibatch ``idx`` ... so a test can check what the real training loop did. No interpreter
+    minibatch ``b`` (a Batch) ... so a test can check what the real training loop did. No interpreter
     start-up (torch is already imported). sys.argv, the cwd and torch's global settings (deterministic
     algorithms, threads, NaN-fill of torch.empty) are restored afterwards."""
     import runpy
 
-    saved = (sys.argv, os.getcwd(), torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(),
-             torch.utils.deterministic.fill_uninitialized_memory)
+    saved = (
+        sys.argv,
+        os.getcwd(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.get_num_threads(),
+        torch.utils.deterministic.fill_uninitialized_memory,
+    )
     sys.argv = [os.path.join(ROOT, script), *map(str, args)]
     os.chdir(cwd)
     try:

@@ -26,15 +26,40 @@ for path in (ROOT, HERE):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-import envs  # noqa: E402
-from conftest import describe, import_file, run_py  # noqa: E402
+from conftest import describe, import_file, run_py
+
+import envs
 
 # A run that converges in seconds: uniform exploration (epsilon 1 throughout), a window of one step
 # (the state says where the episode is), a small network, a replay that keeps every transition, a
 # target copy every 100 steps. Seed fixed; the scripts are deterministic on CPU.
-FAST = ["--start-e", "1", "--end-e", "1", "--hidden-dim", "16", "--window", "1", "--buffer-size", "10000",
-        "--batch-size", "128", "--learning-rate", "2e-3", "--target-network-frequency", "100",
-        "--gamma", "0.99", "--torch-threads", "1", "--log-every", "100000", "--save-model", "--seed", "1"]
+FAST = [
+    "--start-e",
+    "1",
+    "--end-e",
+    "1",
+    "--hidden-dim",
+    "16",
+    "--window",
+    "1",
+    "--buffer-size",
+    "10000",
+    "--batch-size",
+    "128",
+    "--learning-rate",
+    "2e-3",
+    "--target-network-frequency",
+    "100",
+    "--gamma",
+    "0.99",
+    "--torch-threads",
+    "1",
+    "--log-every",
+    "100000",
+    "--save-model",
+    "--seed",
+    "1",
+]
 EPISODES = {"one-step": 8000, "two-step": 4000}  # 8,000 env steps either way
 RHO, GAMMA = 0.2, 0.99  # the robust runs' radius; gamma as in the QMIX paper's two-step game
 ACTIONS = "ABC"
@@ -42,8 +67,18 @@ ACTIONS = "ABC"
 
 def run_args(game: str, run_name: str, *flags: str) -> list[str]:
     """CLI arguments of one fast matrix run (``flags`` last, so they override FAST)."""
-    return ["--env", "matrix", "--train-config", game, "--total-episodes", str(EPISODES[game]), *FAST,
-            "--run-name", run_name, *flags]
+    return [
+        "--env",
+        "matrix",
+        "--train-config",
+        game,
+        "--total-episodes",
+        str(EPISODES[game]),
+        *FAST,
+        "--run-name",
+        run_name,
+        *flags,
+    ]
 
 
 def run_jobs(jobs: list[tuple[str, list[str], str]], workers: int = 2, timeout: float = 900):
@@ -143,7 +178,7 @@ class Learned:
 
     def rollout(self) -> tuple[float, list[tuple[int, ...]]]:
         """One greedy episode on the real env: (return, joint actions)."""
-        obs, state, _ = self.game.reset(0)
+        _obs, state, _ = self.game.reset(0)
         positions, actions, total = [int(state.argmax())], [], 0.0
         for _ in range(self.game.episode_limit):
             a = self.greedy(positions, actions)
@@ -188,8 +223,12 @@ REPORT_RUNS = [  # (label, script, game, extra flags)
     (f"VDN rho={RHO}", "robust_vdn_rho", "two-step", ["--rho", str(RHO)]),
     (f"QMIX rho={RHO}", "robust_qmix_rho", "two-step", ["--rho", str(RHO)]),
     (f"QMIX-TV rho={RHO}", "robust_qmix_tv", "two-step", ["--rho", str(RHO)]),
-    (f"VDN-TV rho={RHO} squared, no clamp", "robust_vdn_tv", "two-step",
-     ["--rho", str(RHO), "--dual-loss", "squared", "--no-eta-clamp"]),
+    (
+        f"VDN-TV rho={RHO} squared, no clamp",
+        "robust_vdn_tv",
+        "two-step",
+        ["--rho", str(RHO), "--dual-loss", "squared", "--no-eta-clamp"],
+    ),
     ("QTRAN-TV rho=0.5 batch-min", "robust_qtran_tv", "two-step", ["--rho", "0.5", "--worst-value", "batch-min"]),
 ]
 
@@ -197,22 +236,31 @@ REPORT_RUNS = [  # (label, script, game, extra flags)
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2, help="training runs at a time")
-    parser.add_argument("--out", default="", help="keep the runs under this folder (default: a temporary one); "
-                        "a run whose model.pt is already there is not trained again")
+    parser.add_argument(
+        "--out",
+        default="",
+        help="keep the runs under this folder (default: a temporary one); "
+        "a run whose model.pt is already there is not trained again",
+    )
     opts = parser.parse_args(argv)
     cwd = opts.out or tempfile.mkdtemp(prefix="matrix_report_")
     os.makedirs(cwd, exist_ok=True)
     names = [f"{script}_{game}_" + "_".join(f.strip("-") for f in flags) for _, script, game, flags in REPORT_RUNS]
     models = [os.path.join(cwd, "runs", name, "model.pt") for name in names]
-    jobs = [(f"algos/{script}.py", run_args(game, name, *flags), cwd)
-            for name, model, (_, script, game, flags) in zip(names, models, REPORT_RUNS) if not os.path.isfile(model)]
+    jobs = [
+        (f"algos/{script}.py", run_args(game, name, *flags), cwd)
+        for name, model, (_, script, game, flags) in zip(names, models, REPORT_RUNS)
+        if not os.path.isfile(model)
+    ]
     for proc in run_jobs(jobs, workers=opts.workers):
         if proc.returncode != 0:
             raise SystemExit(describe(proc))
     learned = [Learned(model) for model in models]
 
-    print(f"Settings of every run: `{' '.join(FAST)}`, one-step {EPISODES['one-step']} episodes, "
-          f"two-step {EPISODES['two-step']} episodes (`tests/matrix_report.py`).\n")
+    print(
+        f"Settings of every run: `{' '.join(FAST)}`, one-step {EPISODES['one-step']} episodes, "
+        f"two-step {EPISODES['two-step']} episodes (`tests/matrix_report.py`).\n"
+    )
     print("### One-step game (payoff 8 / -12 / 0; optimum (A, A) = 8)\n")
     print("| method | learned Q_tot (rows: agent 1 A, B, C) | individual greedy | greedy return |")
     print("|---|---|---|---|")
@@ -226,8 +274,10 @@ def main(argv=None) -> None:
     for (label, _, game, _), lrn in zip(REPORT_RUNS, learned):
         if game == "two-step":
             ret, acts = lrn.rollout()
-            print(f"| {label} | {fmt(lrn.table([0], []))} | {fmt(lrn.second_step('2A'))} | "
-                  f"{fmt(lrn.second_step('2B'))} | {' then '.join(map(joint_name, acts))} | {ret:g} |")
+            print(
+                f"| {label} | {fmt(lrn.table([0], []))} | {fmt(lrn.second_step('2A'))} | "
+                f"{fmt(lrn.second_step('2B'))} | {' then '.join(map(joint_name, acts))} | {ret:g} |"
+            )
 
 
 if __name__ == "__main__":

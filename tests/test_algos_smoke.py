@@ -19,27 +19,56 @@ import re
 
 import pytest
 import torch
+from conftest import ROOT, describe, import_file, run_parallel, run_py, run_script_in_process
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import fused
-from conftest import ROOT, describe, import_file, run_parallel, run_py, run_script_in_process
 
 SCRIPTS = ["robust_qmix_rho", "robust_qtran_rho", "robust_vdn_tv", "robust_qmix_tv", "robust_qtran_tv"]
-EXTRA_KEYS = {"robust_qmix_rho": {"mixer"}, "robust_qtran_rho": {"joint"}, "robust_vdn_tv": {"dual"},
-              "robust_qmix_tv": {"mixer", "dual"}, "robust_qtran_tv": {"joint", "dual"}}
-TINY = ["--total-episodes", "2", "--episode-steps", "20", "--learning-starts", "8", "--batch-size", "8",
-        "--buffer-size", "200", "--torch-threads", "1", "--log-every", "1"]
+EXTRA_KEYS = {
+    "robust_qmix_rho": {"mixer"},
+    "robust_qtran_rho": {"joint"},
+    "robust_vdn_tv": {"dual"},
+    "robust_qmix_tv": {"mixer", "dual"},
+    "robust_qtran_tv": {"joint", "dual"},
+}
+TINY = [
+    "--total-episodes",
+    "2",
+    "--episode-steps",
+    "20",
+    "--learning-starts",
+    "8",
+    "--batch-size",
+    "8",
+    "--buffer-size",
+    "200",
+    "--torch-threads",
+    "1",
+    "--log-every",
+    "1",
+]
 DETERMINISM = ["robust_qmix_tv", "robust_qtran_tv"]
 BAD_INPUT = {  # script -> [(args, flag the error line must name)]
-    "robust_qmix_rho": [(["--rho", "1.0"], "--rho"), (["--worst-value", "max"], "--worst-value"),
-                        (["--optimizer", "sgd"], "--optimizer")],
+    "robust_qmix_rho": [
+        (["--rho", "1.0"], "--rho"),
+        (["--worst-value", "max"], "--worst-value"),
+        (["--optimizer", "sgd"], "--optimizer"),
+    ],
     "robust_qtran_rho": [(["--rho", "-0.1"], "--rho"), (["--worst-value", "max"], "--worst-value")],
     "robust_vdn_tv": [(["--rho", "-0.1"], "--rho"), (["--dual-loss", "cubic"], "--dual-loss")],
     "robust_qmix_tv": [(["--rho", "1.5"], "--rho"), (["--optimizer", "sgd"], "--optimizer")],
-    "robust_qtran_tv": [(["--rho", "1.01"], "--rho"), (["--worst-value", "max"], "--worst-value"),
-                        (["--dual-loss", "cubic"], "--dual-loss")],
+    "robust_qtran_tv": [
+        (["--rho", "1.01"], "--rho"),
+        (["--worst-value", "max"], "--worst-value"),
+        (["--dual-loss", "cubic"], "--dual-loss"),
+    ],
 }
-PROGRESS = re.compile(r"episode (\d+)/(\d+) \| return (-?[\d.]+) \| epsilon [\d.]+ \| SPS \d+ \| updates/s [\d.]+ "
-                      r"\| update [\d.]+ ms \| left [\d.]+ min")
+PROGRESS = re.compile(
+    r"episode (\d+)/(\d+) \| return (-?[\d.]+) \| epsilon [\d.]+ \| SPS \d+ \| updates/s [\d.]+ "
+    r"\| left [\d.]+ min$",
+    re.MULTILINE,
+)
 
 
 @pytest.fixture(scope="session")
@@ -62,11 +91,13 @@ def load(run):
     assert proc.returncode == 0, describe(proc)
     path = os.path.join(run_dir, "model.pt")
     assert os.path.isfile(path), describe(proc)
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain types only
 
 
 def tensors(ckpt):
-    return {f"{part}.{k}": v for part in ("q_network", "mixer", "joint", "dual") if part in ckpt for k, v in ckpt[part].items()}
+    return {
+        f"{part}.{k}": v for part in ("q_network", "mixer", "joint", "dual") if part in ckpt for k, v in ckpt[part].items()
+    }
 
 
 def returns(run):
@@ -80,7 +111,7 @@ def test_smoke_run_and_checkpoint(runs, script):
     lines = PROGRESS.findall(run[0].stdout)
     assert [(e, t) for e, t, _ in lines] == [("1", "2"), ("2", "2")], describe(run[0])
     assert set(ckpt) == {"format", "algo", "args", "env", "q_network"} | EXTRA_KEYS[script]
-    assert ckpt["format"] == "drigm-checkpoint-v2" and ckpt["algo"] == script
+    assert ckpt["format"] == "drigm-checkpoint-v3" and ckpt["algo"] == script
     # the weights load into the script's own classes
     mod = import_file(f"{script}_under_test", f"algos/{script}.py")
     a, e = ckpt["args"], ckpt["env"]
@@ -130,31 +161,42 @@ Q_SIDE, DUAL = ("q_network", "mixer", "qtran"), "dual_network"
 
 @pytest.fixture(scope="module")
 def in_process(tmp_path_factory):
-    """(script, flags) -> what the run left: its weights, optimiser, Q-side parameters and the
-    use_kernel argument of every fused.lstm_last call (cached: base runs serve several cases)."""
+    """(script, flags) -> what the run left: its weights, optimiser, Q-side parameters, the number of steps of
+    its (first) optimiser and the use_kernel argument of every fused.lstm_last call (cached: base runs serve
+    several cases)."""
     cwd, cache = str(tmp_path_factory.mktemp("flags")), {}
 
     def run(script, flags):
         key = (script, tuple(flags))
         if key not in cache:
-            calls, original = [], fused.lstm_last
+            calls, original, steps = [], fused.lstm_last, []
 
             def recording(*args, **kwargs):
                 calls.append(args[5] if len(args) > 5 else kwargs.get("use_kernel", True))
                 return original(*args, **kwargs)
 
             fused.lstm_last = recording
+            hook = register_optimizer_step_post_hook(lambda opt, *_: steps.append(id(opt)))  # every optimiser step
             try:
-                g = run_script_in_process(f"algos/{script}.py", [*TINY, "--seed", "1", *flags, "--run-name",
-                                                                 f"{script}_{len(cache)}"], cwd)
+                g = run_script_in_process(
+                    f"algos/{script}.py", [*TINY, "--seed", "1", *flags, "--run-name", f"{script}_{len(cache)}"], cwd
+                )
             finally:
                 fused.lstm_last = original
+                hook.remove()
+            optimizers = g["optimizers"] if "optimizers" in g else [g["optimizer"]]
             modules = {name: g[name] for name in (*Q_SIDE, DUAL) if name in g}
-            cache[key] = dict(
-                weights={f"{m}.{k}": v.detach().clone() for m, mod in modules.items() for k, v in mod.state_dict().items()},
-                optimizers=g["optimizers"] if "optimizers" in g else [g["optimizer"]], kernel_calls=calls, n_updates=g["n_updates"], args=g["args"],
-                q_params={id(p) for name in Q_SIDE if name in g for p in g[name].parameters()},
-                q_network=g["q_network"], n_agents=g["N"], n_actions=g["A"])
+            cache[key] = {
+                "weights": {f"{m}.{k}": v.detach().clone() for m, mod in modules.items() for k, v in mod.state_dict().items()},
+                "optimizers": optimizers,
+                "kernel_calls": calls,
+                "n_updates": steps.count(id(optimizers[0])),
+                "args": g["args"],
+                "q_params": {id(p) for name in Q_SIDE if name in g for p in g[name].parameters()},
+                "q_network": g["q_network"],
+                "n_agents": g["N"],
+                "n_actions": g["A"],
+            }
         return cache[key]
 
     return run
@@ -183,13 +225,15 @@ def test_each_non_default_flag_takes_effect(in_process, script, base_flags, flag
         return
     assert differs(base["weights"], run["weights"]), f"{flag} changed nothing"
     if name == "--optimizer":
-        assert [type(o) for o in base["optimizers"]] == [fused.RMSprop] and [type(o) for o in run["optimizers"]] == [torch.optim.Adam]
+        assert [type(o) for o in base["optimizers"]] == [fused.RMSprop] and [type(o) for o in run["optimizers"]] == [
+            torch.optim.Adam
+        ]
         covered = {id(p) for group in run["optimizers"][0].param_groups for p in group["params"]}
         assert covered == run["q_params"]  # agents and mixer / QTRAN nets, nothing missing
     if name == "--share-params":
         drqn, n, a = run["q_network"].drqn, run["n_agents"], run["n_actions"]
-        assert drqn.fc1_bias.shape[0] == 1 and drqn.fc1_table.shape[1] == a + n  # one net; one-hot id rows
-        assert base["q_network"].drqn.fc1_bias.shape[0] == n
+        assert drqn.fc1.bias.shape[0] == 1 and drqn.fc1.weight_onehot.shape[1] == a + n  # one net; one-hot id rows
+        assert base["q_network"].drqn.fc1.bias.shape[0] == n
     if name in ("--dual-loss", "--no-eta-clamp"):
         dual = [k for k in base["weights"] if k.startswith(DUAL + ".")]
         assert dual and any(not torch.equal(base["weights"][k], run["weights"][k]) for k in dual)
@@ -203,12 +247,27 @@ def test_eval_reads_every_checkpoint(runs, tmp_path):
         load(runs[(script, "a")])
         checkpoints.append(os.path.join(runs[(script, "a")][1], "model.pt"))
     out = str(tmp_path / "eval.json")
-    proc = run_py("eval.py", "--checkpoints", *checkpoints, "--protocol", "custom", "--configs", "env_1",
-                  "--days", "0:2", "--episode-steps", "20", "--out", out, cwd=str(tmp_path))
+    proc = run_py(
+        "eval.py",
+        "--checkpoints",
+        *checkpoints,
+        "--protocol",
+        "custom",
+        "--configs",
+        "env_1",
+        "--days",
+        "0:2",
+        "--episode-steps",
+        "20",
+        "--out",
+        out,
+        cwd=str(tmp_path),
+    )
     assert proc.returncode == 0, describe(proc)
     assert os.path.isfile(out), describe(proc)
     for script in SCRIPTS:  # every checkpoint is in the report
-        assert script in open(out).read(), describe(proc)
+        with open(out) as f:
+            assert script in f.read(), describe(proc)
 
 
 def test_bad_input_gives_one_error_line(tmp_path):

@@ -1,13 +1,13 @@
 """Checkpoints by time (issue 18, item 1): --checkpoint-minutes, with the episode rule and the StarCraft default.
 
-* the rule (eval.TrainingRun.checkpoint_due): every --checkpoint-every episodes; with --checkpoint-minutes M > 0
-  also at the first episode end M minutes after the last checkpoint (or this process's start) and at the end of
-  training; M = 0 and --checkpoint-every 0: none but Ctrl-C / SIGTERM (as before);
-* a time-triggered checkpoint resumes bit for bit: robust_qmix_rho on the two-step matrix game with
-  --checkpoint-every 0 and a fake clock (eval.checkpoint_clock advanced 25 s per episode, M = 1) checkpoints at
+* the rule (runs.Run.checkpoint_due, as Run.episode_end applies it): every --checkpoint-every episodes; with
+  --checkpoint-minutes M > 0 also at the first episode end M minutes after the last checkpoint (or this process's
+  start) and at the end of training; M = 0 and --checkpoint-every 0: none but Ctrl-C / SIGTERM (as before);
+* a time-triggered checkpoint resumes bit for bit: robust_vdn_rho and robust_qmix_rho on the two-step matrix game
+  with --checkpoint-every 0 and a fake clock (runs.checkpoint_clock advanced 25 s per episode, M = 1) checkpoints at
   episodes 3, 6, 9, ... and at the end (31); a run killed by SIGKILL in the middle of episode 11, after its time
   checkpoint of episode 9, and resumed, ends with a checkpoint.pt (networks, targets, optimiser, replay buffer,
-  every RNG, counters) and a model.pt equal to an uninterrupted run's;
+  every RNG, episode and env step) and a model.pt equal to an uninterrupted run's;
 * the flag: StarCraft runs default to time only (--checkpoint-every 0), building runs keep 50; a checkpoint
   written before the flag existed resumes with its default; it is a budget flag (a resumed run may change it);
   a negative value is refused with one line.
@@ -25,27 +25,54 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, import_file
 
-SCRIPT = os.path.join(ROOT, "algos", "robust_qmix_rho.py")
+import runs
+
+SCRIPTS = ["robust_vdn_rho", "robust_qmix_rho"]  # without and with a mixer network
+SCRIPT = os.path.join(ROOT, "algos", "robust_vdn_rho.py")  # the in-process tests of Run
 EPISODES, SECONDS_PER_EPISODE, MINUTES = 31, 25.0, 1.0
 KILL_AFTER_CHECKPOINT, KILL_STEPS = 9, 3  # SIGKILL 3 env steps after the checkpoint of episode 9: mid episode 11
-ARGS = ["--env", "matrix", "--train-config", "two-step", "--total-episodes", str(EPISODES), "--learning-starts", "4",
-        "--batch-size", "8", "--buffer-size", "32", "--target-network-frequency", "7", "--checkpoint-every", "0",
-        "--checkpoint-minutes", str(MINUTES), "--torch-threads", "1", "--log-every", "10", "--save-model", "--seed", "3"]
+ARGS = [
+    "--env",
+    "matrix",
+    "--train-config",
+    "two-step",
+    "--total-episodes",
+    str(EPISODES),
+    "--learning-starts",
+    "4",
+    "--batch-size",
+    "8",
+    "--buffer-size",
+    "32",
+    "--target-network-frequency",
+    "7",
+    "--checkpoint-every",
+    "0",
+    "--checkpoint-minutes",
+    str(MINUTES),
+    "--torch-threads",
+    "1",
+    "--log-every",
+    "10",
+    "--save-model",
+    "--seed",
+    "3",
+]
 
 # One process that imports torch once and runs each job in a forked child (own process, own exit status):
-# eval.checkpoint_clock is a fake clock that MatrixGame.reset advances by SECONDS_PER_EPISODE; every checkpoint
+# runs.checkpoint_clock is a fake clock that MatrixGame.reset advances by SECONDS_PER_EPISODE; every checkpoint
 # is announced on stdout; mode "kill": SIGKILL KILL_STEPS env steps after the checkpoint of episode KILL_AFTER.
 RUNNER = r"""
 import json, os, runpy, signal, sys
 import envs
-import eval as evaluation
+import runs
 
 plan = json.load(open(sys.argv[1]))
 clock = {"t": 0.0}
-evaluation.checkpoint_clock = lambda: clock["t"]
-reset, step, save = envs.MatrixGame.reset, envs.MatrixGame.step, evaluation.TrainingRun.save
+runs.checkpoint_clock = lambda: clock["t"]
+reset, step, save = envs.MatrixGame.reset, envs.MatrixGame.step, runs.Run.save
 left = {}
 
 
@@ -62,14 +89,14 @@ def step_or_die(self, actions):
     return step(self, actions)
 
 
-def save_logged(self, counters):
-    save(self, counters)
-    print(f"checkpoint at episode {counters['episode']}", flush=True)
-    if plan["mode"] == "kill" and counters["episode"] == plan["kill_after"]:
+def save_logged(self):
+    save(self)
+    print(f"checkpoint at episode {self.episode}", flush=True)
+    if plan["mode"] == "kill" and self.episode == plan["kill_after"]:
         left["steps"] = plan["kill_steps"]
 
 
-envs.MatrixGame.reset, envs.MatrixGame.step, evaluation.TrainingRun.save = reset_tick, step_or_die, save_logged
+envs.MatrixGame.reset, envs.MatrixGame.step, runs.Run.save = reset_tick, step_or_die, save_logged
 for job in plan["jobs"]:
     pid = os.fork()
     if pid == 0:
@@ -108,17 +135,25 @@ def expected_schedule(first_episode: int) -> list[int]:
     return out
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Uninterrupted run a; run b killed after its checkpoint of episode 9, then resumed (job c)."""
-    cwd = str(tmp_path_factory.mktemp("ckpt_time"))
-    jobs = [{"name": "a", "mode": "plain", "args": [*ARGS, "--run-name", "a"]},
-            {"name": "b", "mode": "kill", "args": [*ARGS, "--run-name", "b"]},
-            {"name": "c", "mode": "plain", "args": ["--resume", "runs/b"]}]
+@pytest.fixture(scope="module", params=SCRIPTS)
+def timed_runs(request, tmp_path_factory):
+    """Uninterrupted run a; run b killed after its checkpoint of episode 9, then resumed (job c). -> (cwd, jobs, script)"""
+    script = request.param
+    cwd = str(tmp_path_factory.mktemp(f"ckpt_time_{script}"))
+    jobs = [
+        {"name": "a", "mode": "plain", "args": [*ARGS, "--run-name", "a"]},
+        {"name": "b", "mode": "kill", "args": [*ARGS, "--run-name", "b"]},
+        {"name": "c", "mode": "plain", "args": ["--resume", "runs/b"]},
+    ]
     for job in jobs:
         job.update(cwd=cwd, out=os.path.join(cwd, job["name"] + ".out"), err=os.path.join(cwd, job["name"] + ".err"))
-    plan = {"script": SCRIPT, "seconds_per_episode": SECONDS_PER_EPISODE, "kill_after": KILL_AFTER_CHECKPOINT,
-            "kill_steps": KILL_STEPS, "jobs": jobs}
+    plan = {
+        "script": os.path.join(ROOT, "algos", f"{script}.py"),
+        "seconds_per_episode": SECONDS_PER_EPISODE,
+        "kill_after": KILL_AFTER_CHECKPOINT,
+        "kill_steps": KILL_STEPS,
+        "jobs": jobs,
+    }
     path = os.path.join(cwd, "plan.json")
     with open(path, "w") as f:
         json.dump(plan, f)
@@ -126,15 +161,16 @@ def runs(tmp_path_factory):
     with open(runner, "w") as f:
         f.write(RUNNER)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, runner, path], cwd=cwd, capture_output=True, text=True, timeout=600, env=env,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, runner, path], cwd=cwd, capture_output=True, text=True, timeout=600, env=env, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(path + ".done") as f:
         done = {j["name"]: j for j in json.load(f)}
     for j in done.values():
         with open(j["out"]) as out, open(j["err"]) as err:
             j["stdout"], j["stderr"] = out.read(), err.read()
-    return cwd, done
+    return cwd, done, script
 
 
 def schedule(out: str) -> list[int]:
@@ -159,11 +195,11 @@ def assert_same(a, b, where="checkpoint"):
         assert type(a) is type(b) and a == b, f"{where}: {a!r} != {b!r}"
 
 
-def test_time_checkpoints_follow_the_clock(runs):
+def test_time_checkpoints_follow_the_clock(timed_runs):
     """--checkpoint-every 0, one minute, 25 s per episode: checkpoints at episodes 3, 6, ..., 30 and at the end
     (31) in the uninterrupted run; the killed run wrote 3, 6, 9 and died by SIGKILL; the resumed one starts at
     episode 9 and, its clock restarting, checkpoints at 12, ..., 30, 31, the same episodes as the uninterrupted run."""
-    _, done = runs
+    _, done, _ = timed_runs
     a, b, c = done["a"], done["b"], done["c"]
     assert a["status"] == 0 and c["status"] == 0, a["stderr"][-2000:] + c["stderr"][-2000:]
     assert os.WIFSIGNALED(b["status"]) and os.WTERMSIG(b["status"]) == 9
@@ -173,47 +209,66 @@ def test_time_checkpoints_follow_the_clock(runs):
     assert schedule(c["stdout"]) == expected_schedule(9) == [12, 15, 18, 21, 24, 27, 30, 31]
 
 
-def test_time_checkpoint_resumes_bit_for_bit(runs):
+def test_time_checkpoint_resumes_bit_for_bit(timed_runs):
     """The resumed run's final checkpoint.pt equals the uninterrupted run's in every network, target, optimiser
     state, replay buffer array (with cached target values), RNG state (python, numpy, torch, the script's
-    generator) and counter; model.pt too. Only run_name and resume, which name the run, differ in the args."""
-    cwd, _ = runs
+    generator), episode and env step; model.pt too. Only run_name and resume, which name the run, differ in the args."""
+    cwd, _, script = timed_runs
 
     def load(name, f):
-        return torch.load(os.path.join(cwd, "runs", name, f), map_location="cpu", weights_only=False)
+        return torch.load(os.path.join(cwd, "runs", name, f), map_location="cpu", weights_only=True)
 
     a, c = load("a", "checkpoint.pt"), load("b", "checkpoint.pt")
-    assert a["counters"]["episode"] == EPISODES and a["counters"]["n_updates"] > 10
-    assert a["counters"]["target_version"] >= 3  # target copies (every 7 steps) happened before and after the kill
+    assert a["counters"] == {"episode": EPISODES, "global_step": 2 * EPISODES}  # two steps per episode
+    assert int(a["state"]["optimizer"]["state"][0]["step"]) > 10  # gradient steps happened
+    assert a["state"]["rb"]["version"] >= 3  # target copies (every 7 steps) happened before and after the kill
     for ckpt in (a, c):
         ckpt["args"] = {k: v for k, v in ckpt["args"].items() if k not in ("run_name", "resume")}
     assert_same(a, c)
     ma, mc = load("a", "model.pt"), load("b", "model.pt")
-    assert_same(ma["q_network"], mc["q_network"], "model.q_network")
-    assert_same(ma["mixer"], mc["mixer"], "model.mixer")
+    parts = [p for p in ("q_network", "mixer") if p in ma]
+    assert parts == (["q_network", "mixer"] if "qmix" in script else ["q_network"])
+    for part in parts:
+        assert_same(ma[part], mc[part], f"model.{part}")
 
 
-def fake_run(eval_mod, tmp_path, monkeypatch, **args):
-    """A TrainingRun with a fake clock (now[0] seconds) and the given args, nothing to save."""
+def fake_run(tmp_path, monkeypatch, **args):
+    """A runs.Run with a fake clock (now[0] seconds, 0 when its loop starts) and the given args, nothing to save
+    (no object tracked). -> (run, now, due): due(episode, step) is whether Run.episode_end at that episode
+    end writes a checkpoint (save replaced by a recorder)."""
     now = [0.0]
-    monkeypatch.setattr(eval_mod, "checkpoint_clock", lambda: now[0])
-    base = {"checkpoint_every": 50, "checkpoint_minutes": 10.0, "total_episodes": 1000, "total_steps": 0}
-    writer = types.SimpleNamespace(flush=lambda: None, close=lambda: None)
-    run = eval_mod.TrainingRun(str(tmp_path), SCRIPT, types.SimpleNamespace(**{**base, **args}), writer)
+    monkeypatch.setattr(runs, "checkpoint_clock", lambda: now[0])
+    base = {
+        "checkpoint_every": 50,
+        "checkpoint_minutes": 10.0,
+        "total_episodes": 1000,
+        "total_steps": 0,
+        "log_every": 10**9,
+        "resume": "",
+    }
+    run = runs.Run(str(tmp_path), types.SimpleNamespace(**{**base, **args}), SCRIPT)
+    run.__enter__()  # the loop starts: the clock of --checkpoint-minutes too
     run.close()  # signal handlers back; checkpoint_due needs none
-    return run, now
+    saved = []
+
+    def due(episode, step=0):
+        before = len(saved)
+        run.save = lambda: saved.append(episode)
+        try:
+            run.episode_end(episode, step, 0.0, 0.0)
+        finally:
+            del run.save
+        return len(saved) > before
+
+    return run, now, due
 
 
-def test_checkpoint_due_rule(eval_mod, tmp_path, monkeypatch):
+def test_checkpoint_due_rule(tmp_path, monkeypatch):
     """The rule on its own: episodes (every 50: episode 50 yes, 49 no); time (due at 600 s = 10 minutes since the
     start, not at 599 s; then counted from the last checkpoint); the end of training (the last episode, or
     --total-steps reached) when minutes > 0; with --checkpoint-minutes 0 only the episode rule;
     --checkpoint-every 0 (StarCraft): time and the end only."""
-    run, now = fake_run(eval_mod, tmp_path, monkeypatch)
-
-    def due(episode, step=0):
-        return run.checkpoint_due({"episode": episode, "global_step": step})
-
+    run, now, due = fake_run(tmp_path, monkeypatch)
     assert due(50) and not due(49)
     now[0] = 599.0
     assert not due(49)
@@ -222,28 +277,28 @@ def test_checkpoint_due_rule(eval_mod, tmp_path, monkeypatch):
     run.last_save_time = 600.0  # what save() records
     now[0] = 1199.0
     assert not due(51) and due(1000)
-    run, now = fake_run(eval_mod, tmp_path, monkeypatch, checkpoint_every=0, total_steps=5000)
+    run, now, due = fake_run(tmp_path, monkeypatch, checkpoint_every=0, total_steps=5000)
     now[0] = 599.0
     assert not due(50) and not due(49) and due(49, 5000)
     now[0] = 1e9
     assert due(1)
-    run, now = fake_run(eval_mod, tmp_path, monkeypatch, checkpoint_minutes=0.0, total_episodes=999)
+    run, now, due = fake_run(tmp_path, monkeypatch, checkpoint_minutes=0.0, total_episodes=999)
     now[0] = 1e9
     assert due(50) and not due(49) and not due(999)
 
 
-def test_save_restarts_the_clock(eval_mod, tmp_path, monkeypatch):
-    """TrainingRun.save records the time of the checkpoint: the next one by time is due 10 minutes later."""
-    run, now = fake_run(eval_mod, tmp_path, monkeypatch, checkpoint_every=0)
-    run.state = {}
+def test_save_restarts_the_clock(tmp_path, monkeypatch):
+    """Run.save records the time of the checkpoint: the next one by time is due 10 minutes later."""
+    run, now, due = fake_run(tmp_path, monkeypatch, checkpoint_every=0)
     run.args.__dict__.update(exp_name="x")
     now[0] = 700.0
-    run.save({"episode": 3, "global_step": 30})
+    run.episode, run.global_step = 3, 30
+    run.save()
     assert run.last_save_time == 700.0 and os.path.isfile(os.path.join(tmp_path, "checkpoint.pt"))
     now[0] = 1299.0
-    assert not run.checkpoint_due({"episode": 4, "global_step": 40})
+    assert not due(4, 40)
     now[0] = 1300.0
-    assert run.checkpoint_due({"episode": 4, "global_step": 40})
+    assert due(4, 40)
 
 
 def test_starcraft_defaults_to_time_only_building_keeps_50(vdn):
@@ -260,47 +315,40 @@ def test_starcraft_defaults_to_time_only_building_keeps_50(vdn):
     assert (args.checkpoint_every, args.checkpoint_minutes) == (7, 2.5)
 
 
-def test_old_checkpoint_resumes_and_minutes_is_a_budget_flag(runs, eval_mod, tmp_path):
+def test_old_checkpoint_resumes_and_minutes_is_a_budget_flag(timed_runs, tmp_path):
     """A checkpoint written before --checkpoint-minutes existed (the key removed from its args) resumes with the
     flag's default (10) or the command line's value; with a checkpoint that holds the flag (1 minute), a resumed
     run may set another (budget flag: how often a run checkpoints), and a flag that is not a budget flag given
     with another value is still refused."""
-    cwd, _ = runs
-    ckpt = torch.load(os.path.join(cwd, "runs", "a", "checkpoint.pt"), map_location="cpu", weights_only=False)
-    qmix = _script_module()
+    cwd, _, script = timed_runs
+    ckpt = torch.load(os.path.join(cwd, "runs", "a", "checkpoint.pt"), map_location="cpu", weights_only=True)
+    mod, path = _script_module(script), os.path.join(ROOT, "algos", f"{script}.py")
     old = dict(ckpt, args={k: v for k, v in ckpt["args"].items() if k != "checkpoint_minutes"})
     (tmp_path / "old").mkdir()
     torch.save(old, tmp_path / "old" / "checkpoint.pt")
     for argv, minutes in (([], 10.0), (["--checkpoint-minutes", "4"], 4.0)):
-        args = qmix.Args(resume=str(tmp_path / "old"), checkpoint_minutes=minutes)
-        assert eval_mod.resume_args(args, SCRIPT, ["--resume", str(tmp_path / "old"), *argv]) is not None
+        args = runs.parse_args(mod.Args, path, mod.check_args, ["--resume", str(tmp_path / "old"), *argv])
         assert args.checkpoint_minutes == minutes and args.env == "matrix" and args.seed == 3
     (tmp_path / "new").mkdir()
     torch.save(ckpt, tmp_path / "new" / "checkpoint.pt")
-    args = qmix.Args(resume=str(tmp_path / "new"), checkpoint_minutes=30.0)
-    eval_mod.resume_args(args, SCRIPT, ["--resume", str(tmp_path / "new"), "--checkpoint-minutes", "30"])
+    args = runs.parse_args(mod.Args, path, mod.check_args, ["--resume", str(tmp_path / "new"), "--checkpoint-minutes", "30"])
     assert args.checkpoint_minutes == 30.0
-    args = qmix.Args(resume=str(tmp_path / "new"))  # left out: the checkpoint's value
-    eval_mod.resume_args(args, SCRIPT, ["--resume", str(tmp_path / "new")])
+    args = runs.parse_args(mod.Args, path, mod.check_args, ["--resume", str(tmp_path / "new")])  # left out: the checkpoint's
     assert args.checkpoint_minutes == MINUTES
-    args = qmix.Args(resume=str(tmp_path / "new"), gamma=0.5)
     with pytest.raises(SystemExit):
-        eval_mod.resume_args(args, SCRIPT, ["--resume", str(tmp_path / "new"), "--gamma", "0.5"])
+        runs.parse_args(mod.Args, path, mod.check_args, ["--resume", str(tmp_path / "new"), "--gamma", "0.5"])
 
 
 def test_negative_minutes_refused(capsys):
-    """--checkpoint-minutes -1: one line naming the flag, exit 2 (envs.check_counts, before anything is built)."""
-    import envs
+    """--checkpoint-minutes -1: one line naming the flag, exit 2 (runs.check_counts, before anything is built)."""
+    for script in SCRIPTS:
+        mod = _script_module(script)
+        with pytest.raises(SystemExit) as e:
+            runs.check_counts(mod.Args(checkpoint_minutes=-1.0))
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: --checkpoint-minutes must be >= 0"), (script, err)
 
-    qmix = _script_module()
-    with pytest.raises(SystemExit) as e:
-        envs.check_counts(qmix.Args(checkpoint_minutes=-1.0))
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --checkpoint-minutes must be >= 0")
 
-
-def _script_module():
-    from conftest import import_file
-
-    return import_file("robust_qmix_rho_under_test", "algos/robust_qmix_rho.py")
+def _script_module(script):
+    return import_file(f"{script}_under_test", f"algos/{script}.py")

@@ -1,8 +1,9 @@
 """Copy drift: the code the nine training scripts share is the same code in every script that has it.
 
-The scripts are CleanRL-style single files, so DRQN, QNetworks, History, ReplayBuffer, masked_argmax,
+The scripts are CleanRL-style single files, so DRQN, QNetworks, Batch, ReplayBuffer, masked_argmax,
 linear_schedule, the QMIX mixer, QTRAN's networks and losses, the TV dual (eta_bounds, DualNetwork,
-dual_loss, the loop's dual_eta), the robust targets and target values are copied from script to script.
+dual_loss, the loop's dual_eta), the robust targets and target values are copied from script to script
+(the per-agent layers are fused.py's and the acting window envs.History: one copy each, imported).
 A fix made in one copy and not in the others changes one method's numbers silently; these tests make it
 fail instead.
 
@@ -20,12 +21,8 @@ Not compared: ``Args`` as a whole and ``check_args`` (each script's own flags; t
 ``Args`` are compared one by one) and the training loops themselves (the loop tests check those by
 their numbers).
 
-GroupDR's ``target_values`` is a closure in its ``__main__`` block (it reads the loop's rb and target
-networks) while the robust scripts define it at the top level with (rb, idx, networks) arguments: its
-statements are compared with those of the robust script of the same factorisation, the one designed
-difference being that the robust version writes V' = 0 for terminated transitions, which the GroupDR
-scripts need not do (checked below: ``groupdr_target`` ignores V' when terminated, and GroupDR has no
-batch-min m or dual loss that would read it).
+GroupDR's ``target_values`` (a Batch and the target networks -> V', 0 where terminated) is the very copy of
+the robust script of the same factorisation (its target ignores V' there anyway: checked below).
 """
 
 from __future__ import annotations
@@ -50,28 +47,58 @@ PER_SCRIPT = {"Args", "check_args"}  # each script's own flags and checks
 # unit -> (the groups of scripts whose copies are equal, why the groups differ). Scripts that do not
 # define the unit are left out of the groups.
 DESIGNED = {
-    "QNetworks.forward": ((NOT_QTRAN, QTRAN), ("QTRAN's agents also return their last LSTM outputs (with_features): "
-                                               "Q_jt and V take the summed agent features (paper F.2, released networks)")),
+    "QNetworks.forward": (
+        (NOT_QTRAN, QTRAN),
+        (
+            "QTRAN's agents also return their last LSTM outputs (with_features): "
+            "Q_jt and V take the summed agent features (paper F.2, released networks)"
+        ),
+    ),
     "QNetworks.greedy_q": ((NOT_QTRAN, QTRAN), "QTRAN's passes with_features through"),
-    "ReplayBuffer.__init__": ((NOT_QTRAN, QTRAN), ("QTRAN's buffer also stores avail at h: L_opt's greedy a_bar at h "
-                                                   "is masked to available actions")),
+    "ReplayBuffer.__init__": (
+        (NOT_QTRAN, QTRAN),
+        ("QTRAN's buffer also stores avail at h: L_opt's greedy a_bar at h is masked to available actions"),
+    ),
     "ReplayBuffer.add": ((NOT_QTRAN, QTRAN), "QTRAN's add takes and stores avail at h"),
+    "Batch.__init__": (
+        (
+            tuple(s for s in RHO + TV if s not in QTRAN),
+            tuple(s for s in RHO + TV if s in QTRAN),
+            ("groupdr_vdn", "groupdr_qmix"),
+            ("groupdr_qtran",),
+        ),
+        (
+            "QTRAN's minibatch also carries avail at h (L_opt's masked greedy a_bar); GroupDR's carries t, "
+            "the step in the episode the reward estimator r-tilde(s, a, t) reads"
+        ),
+    ),
     "robust_target": ((RHO, TV), "rho-contamination target (Eq. 15 / 27-28) vs the TV dual target (Eq. 16 / 29)"),
-    "target_values": ((("robust_vdn_rho", "robust_vdn_tv"), ("robust_qmix_rho", "robust_qmix_tv"),
-                       ("robust_qtran_rho", "robust_qtran_tv")),
-                      ("V' of each factorisation: sum of the agents' masked maxima (VDN), the target mixer on s' "
-                       "(QMIX), the target Q_jt at the masked greedy joint action (QTRAN)")),
-    "__main__.target_values": ((("groupdr_vdn",), ("groupdr_qmix",), ("groupdr_qtran",)),
-                               ("GroupDR's V' closure, one per factorisation: each is compared with the robust "
-                                "target_values of its factorisation (test_groupdr_target_values_closure_is_the_robust_copy)")),
-    "Args.max_grad_norm": (((*VDN,), ("robust_qmix_rho", "robust_qmix_tv", "robust_qtran_rho", "groupdr_qmix",
-                                      "groupdr_qtran"), ("robust_qtran_tv",)),
-                           ("the released configuration per variant (shared/notes/paper-facts.md): no clip for VDN, "
-                            "10 for QMIX / QTRAN / the GroupDR QMIX and QTRAN, 1.0 for QTRAN-TV")),
-    "Args.dual_max_grad_norm": ((("robust_vdn_tv", "robust_qmix_tv"), ("robust_qtran_tv",)),
-                                "released: the dual network is clipped at 1.0 in QTRAN-TV only"),
-    "Args.rho": ((RHO, ("robust_qmix_tv", "robust_qtran_tv"), ("robust_vdn_tv",)),
-                 "default rho: 0 (non-robust) for contamination, the published TV rho (QMIX / QTRAN 0.2, VDN 0.5)"),
+    "target_values": (
+        (VDN, QMIX, QTRAN),
+        (
+            "V' of each factorisation: sum of the agents' masked maxima (VDN), the target mixer on s' "
+            "(QMIX), the target Q_jt at the masked greedy joint action (QTRAN)"
+        ),
+    ),
+    "Args.max_grad_norm": (
+        (
+            (*VDN,),
+            ("robust_qmix_rho", "robust_qmix_tv", "robust_qtran_rho", "groupdr_qmix", "groupdr_qtran"),
+            ("robust_qtran_tv",),
+        ),
+        (
+            "the released configuration per variant (shared/notes/paper-facts.md): no clip for VDN, "
+            "10 for QMIX / QTRAN / the GroupDR QMIX and QTRAN, 1.0 for QTRAN-TV"
+        ),
+    ),
+    "Args.dual_max_grad_norm": (
+        (("robust_vdn_tv", "robust_qmix_tv"), ("robust_qtran_tv",)),
+        "released: the dual network is clipped at 1.0 in QTRAN-TV only",
+    ),
+    "Args.rho": (
+        (RHO, ("robust_qmix_tv", "robust_qtran_tv"), ("robust_vdn_tv",)),
+        "default rho: 0 (non-robust) for contamination, the published TV rho (QMIX / QTRAN 0.2, VDN 0.5)",
+    ),
     "Args.hidden_dim": (((ESTIMATOR,), SCRIPTS), "the reward estimator's MLP width (128) is not the agents' hidden 64"),
 }
 
@@ -112,8 +139,13 @@ def units(script: str) -> dict[str, ast.AST]:
                     out[f"Args.{item.target.id}"] = item
                 else:
                     rest.append(item)
-            shell = ast.ClassDef(name=node.name, bases=node.bases, keywords=node.keywords, body=rest or [ast.Pass()],
-                                 decorator_list=node.decorator_list)
+            shell = ast.ClassDef(
+                name=node.name,
+                bases=node.bases,
+                keywords=node.keywords,
+                body=rest or [ast.Pass()],
+                decorator_list=node.decorator_list,
+            )
             out[node.name] = shell
     main = _main_block(tree)
     for node in ast.walk(main) if main is not None else ():
@@ -148,9 +180,26 @@ def shared_units(all_units) -> list[str]:
 def test_every_script_has_the_shared_core(all_units):
     """The units every training loop relies on exist in all nine scripts (a rename would otherwise drop a copy
     out of the comparison below without a failure)."""
-    core = ["DRQN.__init__", "DRQN.forward", "QNetworks.__init__", "QNetworks.forward", "QNetworks.greedy_q",
-            "History.reset", "History.push", "History.tensors", "ReplayBuffer.__init__", "ReplayBuffer.add",
-            "ReplayBuffer.sample", "ReplayBuffer.stale", "ReplayBuffer.windows", "masked_argmax", "linear_schedule"]
+    core = [
+        "DRQN.__init__",
+        "DRQN.forward",
+        "QNetworks.__init__",
+        "QNetworks.forward",
+        "QNetworks.greedy_q",
+        "Batch",
+        "Batch.__init__",
+        "Batch.windows",
+        "ReplayBuffer.__init__",
+        "ReplayBuffer.add",
+        "ReplayBuffer.target_changed",
+        "ReplayBuffer.sample",
+        "ReplayBuffer.sample_slots",
+        "ReplayBuffer.stale",
+        "ReplayBuffer.windows",
+        "masked_argmax",
+        "linear_schedule",
+        "target_values",
+    ]
     for script in SCRIPTS:
         missing = [u for u in core if u not in all_units[script]]
         assert not missing, (script, missing)
@@ -161,9 +210,9 @@ def test_every_script_has_the_shared_core(all_units):
     for script in TV:
         assert {"eta_bounds", "dual_loss", "DualNetwork.forward", "__main__.dual_eta"} <= set(all_units[script]), script
     for script in SCRIPTS[2::3]:  # the GroupDR scripts
-        assert {"groupdr_target", "__main__.target_values"} <= set(all_units[script]), script
+        assert "groupdr_target" in all_units[script], script
     for script in RHO + TV:
-        assert {"robust_target", "target_values"} <= set(all_units[script]), script
+        assert "robust_target" in all_units[script], script
 
 
 def test_shared_units_are_identical_except_the_designed_differences(all_units):
@@ -176,8 +225,10 @@ def test_shared_units_are_identical_except_the_designed_differences(all_units):
         else:
             want = {frozenset(s for s in all_units if unit in all_units[s])}
         if got != want:
-            drift.append(f"{unit}: copies grouped as {sorted(sorted(g) for g in got)}, expected "
-                         f"{sorted(sorted(g) for g in want)}" + (f" ({DESIGNED[unit][1]})" if unit in DESIGNED else ""))
+            drift.append(
+                f"{unit}: copies grouped as {sorted(sorted(g) for g in got)}, expected "
+                f"{sorted(sorted(g) for g in want)}" + (f" ({DESIGNED[unit][1]})" if unit in DESIGNED else "")
+            )
     assert not drift, "copy drift:\n" + "\n".join(drift)
 
 
@@ -187,32 +238,26 @@ def test_designed_differences_name_units_that_exist(all_units):
     assert set(DESIGNED) <= shared, sorted(set(DESIGNED) - shared)
 
 
-@pytest.mark.parametrize("groupdr,robust", [("groupdr_vdn", "robust_vdn_rho"), ("groupdr_qmix", "robust_qmix_rho"),
-                                            ("groupdr_qtran", "robust_qtran_rho")])
-def test_groupdr_target_values_closure_is_the_robust_copy(all_units, groupdr, robust):
-    """GroupDR's __main__.target_values (a closure over rb, the target networks and device) computes V' with
-    the same statements as the robust script's target_values of its factorisation: the same decorator
-    (no_grad), the same statements up to the value, the returned expression = the robust script's
-    ``value = ...``. The robust copy then zeroes V' of terminated transitions (its batch-min m and dual read
-    V'); GroupDR's does not need to, as its target ignores V' when terminated (checked here)."""
-    ours, theirs = all_units[groupdr]["__main__.target_values"], all_units[robust]["target_values"]
-    ours_body = _strip_docstrings(ast.parse(ast.unparse(ours))).body[0]
-    theirs_body = _strip_docstrings(ast.parse(ast.unparse(theirs))).body[0]
-    assert [ast.dump(d) for d in ours_body.decorator_list] == [ast.dump(d) for d in theirs_body.decorator_list]
-    *ours_stmts, ours_return = ours_body.body
-    *theirs_stmts, theirs_value, theirs_return = theirs_body.body
-    assert [ast.dump(s) for s in ours_stmts] == [ast.dump(s) for s in theirs_stmts]
-    assert isinstance(ours_return, ast.Return) and isinstance(theirs_value, ast.Assign)
-    assert ast.dump(ours_return.value) == ast.dump(theirs_value.value)
-    # the designed difference: the robust copy's return masks terminated transitions
-    assert "rb.terminated[idx]" in ast.unparse(theirs_return)
+@pytest.mark.parametrize(
+    "groupdr,robust",
+    [("groupdr_vdn", "robust_vdn_rho"), ("groupdr_qmix", "robust_qmix_rho"), ("groupdr_qtran", "robust_qtran_rho")],
+)
+def test_groupdr_target_values_is_the_robust_copy(all_units, groupdr, robust):
+    """GroupDR's target_values is the robust script's of its factorisation, statement for statement (with the
+    same no_grad decorator): V' of the Batch, 0 for terminated transitions; GroupDR's target ignores V' there
+    anyway (checked here), so the zero is for the robust scripts' batch-min m and dual, which read it."""
+    ours, theirs = all_units[groupdr]["target_values"], all_units[robust]["target_values"]
+    assert _code(ours) == _code(theirs)
+    assert "torch.no_grad" in ast.unparse(ours.decorator_list[0]) and "b.terminated" in ast.unparse(ours.body[-1])
     mod = import_file(f"{groupdr}_under_test", f"algos/{groupdr}.py")
     r, v = torch.tensor([-2.0, -3.0]), torch.tensor([-50.0, 1e6])
     torch.testing.assert_close(mod.groupdr_target(r, v, torch.tensor([0.0, 1.0]), 0.9), torch.tensor([-2.0 - 45.0, -3.0]))
 
 
-@pytest.mark.parametrize("groupdr,robust", [("groupdr_vdn", "robust_vdn_rho"), ("groupdr_qmix", "robust_qmix_rho"),
-                                            ("groupdr_qtran", "robust_qtran_rho")])
+@pytest.mark.parametrize(
+    "groupdr,robust",
+    [("groupdr_vdn", "robust_vdn_rho"), ("groupdr_qmix", "robust_qmix_rho"), ("groupdr_qtran", "robust_qtran_rho")],
+)
 def test_groupdr_target_is_the_nominal_robust_target(groupdr, robust):
     """GroupDR's target differs from the robust scripts' by design only in its reward (r-tilde from the
     estimator, fed by the loop): as a function it is Eq. (15) at rho = 0, the robust script's target with
@@ -223,5 +268,9 @@ def test_groupdr_target_is_the_nominal_robust_target(groupdr, robust):
     reward = torch.randn(64, generator=gen, dtype=torch.float64)
     value = torch.randn(64, generator=gen, dtype=torch.float64) * 50
     terminated = (torch.rand(64, generator=gen) < 0.3).double()
-    torch.testing.assert_close(g.groupdr_target(reward, value, terminated, 0.997),
-                               r.robust_target(reward, value, terminated, 0.997, 0.0), rtol=0, atol=0)
+    torch.testing.assert_close(
+        g.groupdr_target(reward, value, terminated, 0.997),
+        r.robust_target(reward, value, terminated, 0.997, 0.0),
+        rtol=0,
+        atol=0,
+    )

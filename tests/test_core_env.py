@@ -37,11 +37,11 @@ def rollout_both(day_ours, seed_raw, actions_seq, config="env_1"):
     """Step our adapter from reset(day_ours) and the raw env from reset(seed=seed_raw) with the
     same actions; return both trajectories as lists of (obs, state, reward)."""
     ours, raw = envs.make_env("building", config), raw_env(config)
-    o, s, av = ours.reset(day_ours)
+    o, s, _av = ours.reset(day_ours)
     v = raw_vector(raw.reset(seed=seed_raw)[0])
     traj_ours, traj_raw = [(o, s, None)], [(eq31(v), v, None)]
     for a in actions_seq:
-        o, s, av, r, term, trunc, _ = ours.step(a)
+        o, s, _av, r, _term, _trunc, _ = ours.step(a)
         obss, rews, _, _, _ = raw.step([int(x) for x in a])
         v = raw_vector(obss)
         traj_ours.append((o, s, r))
@@ -173,8 +173,13 @@ def test_configs_are_paper_table_3(monkeypatch):
     uncached = envs._building_parameters.__wrapped__  # leaves the real cache untouched
     for name, (weather, location) in PAPER_TABLE_3.items():
         assert uncached(name) == {"fake": location}
-        assert calls[-1] == {"building": "OfficeSmall", "weather": weather, "location": location,
-                             "ac_map": 1, "is_continuous_action": False}
+        assert calls[-1] == {
+            "building": "OfficeSmall",
+            "weather": weather,
+            "location": location,
+            "ac_map": 1,
+            "is_continuous_action": False,
+        }
     assert len(calls) == 6
 
 
@@ -197,12 +202,15 @@ def test_parameter_generator_built_once_and_build_log():
     assert t_out_1 != t_out_6  # Tucson vs New York outdoor temperature on the same day
 
 
-@pytest.mark.parametrize("env_id,config,flag", [
-    ("building", "env_9", "--train-config"),
-    ("building", "env_0", "--train-config"),
-    ("building", "Hot_Dry", "--train-config"),
-    ("foo", "env_1", "--env"),
-])
+@pytest.mark.parametrize(
+    "env_id,config,flag",
+    [
+        ("building", "env_9", "--train-config"),
+        ("building", "env_0", "--train-config"),
+        ("building", "Hot_Dry", "--train-config"),
+        ("foo", "env_1", "--env"),
+    ],
+)
 def test_bad_names_raise_env_arg_error(env_id, config, flag):
     n_log = len(envs.BUILD_LOG)
     with pytest.raises(envs.EnvArgError) as info:

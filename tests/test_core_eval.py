@@ -18,15 +18,34 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from conftest import run_py, run_script_in_process
 
 import envs
-from conftest import run_py, run_script_in_process
+import fused
 
 SCRIPT = "algos/robust_vdn_rho.py"
 EVAL = "eval.py"
-TRAIN_ARGS = ["--total-episodes", "4", "--episode-steps", "30", "--learning-starts", "8", "--batch-size", "8",
-              "--buffer-size", "100", "--target-network-frequency", "50", "--torch-threads", "1", "--log-every", "1",
-              "--save-model", "--run-name", "X"]
+TRAIN_ARGS = [
+    "--total-episodes",
+    "4",
+    "--episode-steps",
+    "30",
+    "--learning-starts",
+    "8",
+    "--batch-size",
+    "8",
+    "--buffer-size",
+    "100",
+    "--target-network-frequency",
+    "50",
+    "--torch-threads",
+    "1",
+    "--log-every",
+    "1",
+    "--save-model",
+    "--run-name",
+    "X",
+]
 N_EPISODES, EPISODE_STEPS = 4, 30
 TRAIN_SEEDS = {"seed1a": 1, "seed2": 2, "seed1b": 1}  # the two eval needs first
 EVAL_ARGS = ["--protocol", "custom", "--configs", "env_1", "--days", "0:3", "--episode-steps", "20"]
@@ -66,8 +85,12 @@ def start_background_jobs():
             d = os.path.join(base, "eval")
             os.makedirs(d)
             out = os.path.join(d, "two.json")
-            _BG["after"]["eval"] = (d, out, (m1, m2), pool.submit(run_py, EVAL, "--checkpoints", m1, m2, *EVAL_ARGS,
-                                                                  "--out", out, cwd=d))
+            _BG["after"]["eval"] = (
+                d,
+                out,
+                (m1, m2),
+                pool.submit(run_py, EVAL, "--checkpoints", m1, m2, *EVAL_ARGS, "--out", out, cwd=d),
+            )
             bad_dir = os.path.join(base, "bad_eval")
             os.makedirs(bad_dir)
             for name in EVAL_CASES:
@@ -103,8 +126,10 @@ def bg():
 @pytest.fixture(scope="module")
 def trained(bg):
     """Three training runs: seed 1 twice (separate cwds) and seed 2."""
-    return {n: dict(proc=fut.result(), cwd=cwd, model=os.path.join(cwd, "runs", "X", "model.pt"))
-            for n, (cwd, fut) in bg["train"].items()}
+    return {
+        n: {"proc": fut.result(), "cwd": cwd, "model": os.path.join(cwd, "runs", "X", "model.pt")}
+        for n, (cwd, fut) in bg["train"].items()
+    }
 
 
 def progress_returns(stdout):
@@ -113,11 +138,11 @@ def progress_returns(stdout):
 
 
 def load_ckpt(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)  # model.pt holds tensors and plain types only
 
 
 def test_training_smoke_and_atomic_save(trained, sp):
-    for name, run in trained.items():
+    for run in trained.values():
         p = run["proc"]
         assert p.returncode == 0, sp.describe(p)
         assert "Traceback" not in p.stderr, sp.describe(p)
@@ -129,12 +154,18 @@ def test_training_smoke_and_atomic_save(trained, sp):
         assert len(progress_returns(p.stdout)) == N_EPISODES, sp.describe(p)
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir))
     ckpt = load_ckpt(trained["seed1a"]["model"])
-    assert ckpt["format"] == "drigm-checkpoint-v2" and ckpt["algo"] == "robust_vdn_rho"
-    assert ckpt["env"] == {"env": "building", "config": "env_1", "n_agents": 6, "n_actions": 200,
-                           "obs_dim": 5, "state_dim": 10}
+    assert ckpt["format"] == "drigm-checkpoint-v3" and ckpt["algo"] == "robust_vdn_rho"
+    assert ckpt["env"] == {
+        "env": "building",
+        "config": "env_1",
+        "n_agents": 6,
+        "n_actions": 200,
+        "obs_dim": 5,
+        "state_dim": 10,
+    }
     assert ckpt["args"]["seed"] == 1 and ckpt["args"]["rho"] == 0.0 and ckpt["args"]["episode_steps"] == 30
-    assert tuple(ckpt["q_network"]["drqn.fc1_obs"].shape) == (6, 64, 5)
-    assert tuple(ckpt["q_network"]["drqn.fc1_table"].shape) == (6, 200, 64)
+    assert tuple(ckpt["q_network"]["drqn.fc1.weight_obs"].shape) == (6, 64, 5)
+    assert tuple(ckpt["q_network"]["drqn.fc1.weight_onehot"].shape) == (6, 200, 64)
     assert len(ckpt["q_network"]) == 9
 
 
@@ -166,10 +197,13 @@ def test_v1_checkpoint_still_loads(eval_mod, tmp_path):
     holder.agents = torch.nn.ModuleList(ReleasedAgent() for _ in range(6))
     state = holder.state_dict()
     assert len(state) == 48 and tuple(state["agents.0.fc1.weight"].shape) == (64, 205)
-    ckpt = {"format": "drigm-checkpoint-v1", "algo": "robust_vdn_rho",
-            "args": {"hidden_dim": 64, "share_params": False, "rho": 0.0, "window": 8, "seed": 1},
-            "env": {"env": "building", "config": "env_1", "n_agents": 6, "n_actions": 200, "obs_dim": 5, "state_dim": 10},
-            "q_network": state}
+    ckpt = {
+        "format": "drigm-checkpoint-v1",
+        "algo": "robust_vdn_rho",
+        "args": {"hidden_dim": 64, "share_params": False, "rho": 0.0, "window": 8, "seed": 1},
+        "env": {"env": "building", "config": "env_1", "n_agents": 6, "n_actions": 200, "obs_dim": 5, "state_dim": 10},
+        "q_network": state,
+    }
     torch.save(ckpt, tmp_path / "v1.pt")
     label, _, net, _, _ = eval_mod.load_checkpoint(str(tmp_path / "v1.pt"), torch.device("cpu"))
     assert label == "robust_vdn_rho rho=0.0"
@@ -188,20 +222,49 @@ def rmsprop_first_step(net, loss, lr, eps, alpha=0.99):
     return {name: -lr * p.grad / ((1 - alpha) ** 0.5 * p.grad.abs() + eps) for name, p in net.named_parameters()}
 
 
-def test_one_update_moves_the_weights_as_rmsprop_on_the_td_loss_predicts(vdn, tmp_path):
+def test_one_update_moves_the_weights_as_rmsprop_on_the_td_loss_predicts(vdn, tmp_path, monkeypatch):
     """robust_vdn_rho.py as __main__, 12 steps, exactly one gradient step (step 12): theta_1 - theta_0 must
     be what one RMSprop step (lr 5e-4, eps 1e-5) on the mean squared TD error of Eq. (15) gives, computed
-    here on the same minibatch (the loop's last idx) with a plain-torch copy of theta_0 (the target network:
+    here on the same minibatch (the loop's last Batch b) with a plain-torch copy of theta_0 (the target network:
     no hard copy yet): y = r + gamma (1 - rho) (1 - terminated) sum_i max_a Q_i(h'_i, a). The same
     computation without rho, or with the loss sign flipped, must not match: the check sees both."""
     rho, gamma, lr, eps = 0.5, 0.9, 5e-4, 1e-5
-    g = run_script_in_process(SCRIPT, ["--total-episodes", 1, "--episode-steps", 12, "--learning-starts", 10,
-                                       "--batch-size", 8, "--buffer-size", 50, "--rho", rho, "--gamma", gamma,
-                                       "--target-network-frequency", 1000, "--torch-threads", 1, "--run-name", "one"],
-                              str(tmp_path))
-    assert g["n_updates"] == 1 and g["global_step"] == 12
+    steps, step_fn = [], fused.RMSprop.step
+
+    def counted_step(self, *a, **k):  # the optimiser steps the loop takes
+        steps.append(1)
+        return step_fn(self, *a, **k)
+
+    monkeypatch.setattr(fused.RMSprop, "step", counted_step)
+    g = run_script_in_process(
+        SCRIPT,
+        [
+            "--total-episodes",
+            1,
+            "--episode-steps",
+            12,
+            "--learning-starts",
+            10,
+            "--batch-size",
+            8,
+            "--buffer-size",
+            50,
+            "--rho",
+            rho,
+            "--gamma",
+            gamma,
+            "--target-network-frequency",
+            1000,
+            "--torch-threads",
+            1,
+            "--run-name",
+            "one",
+        ],
+        str(tmp_path),
+    )
+    assert len(steps) == 1 and g["global_step"] == 12
     theta0, theta1 = g["target_network"].state_dict(), g["q_network"].state_dict()
-    rb, idx = g["rb"], g["idx"]
+    rb, idx = g["rb"], g["b"].idx
     net = vdn.QNetworks(6, 5, 200, 64, use_kernel=False)
     net.load_state_dict(theta0)
     obs_w, prev_w, next_obs_w, next_prev_w = (torch.from_numpy(x) for x in rb.windows(idx))
@@ -218,20 +281,43 @@ def test_one_update_moves_the_weights_as_rmsprop_on_the_td_loss_predicts(vdn, tm
     step = predicted(rho)
     assert theta1.keys() == step.keys()
     for key in step:
-        torch.testing.assert_close(theta1[key] - theta0[key], step[key], rtol=1e-2, atol=2e-7,
-                                   msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(
+            theta1[key] - theta0[key], step[key], rtol=1e-2, atol=2e-7, msg=lambda m, key=key: f"{key}: {m}"
+        )
 
     def off(other):
         return max((theta1[k] - theta0[k] - other[k]).abs().max().item() for k in other)
+
     assert off(predicted(0.0)) > 1e-5 and off(predicted(rho, sign=-1.0)) > 1e-3
 
 
 def test_progress_line_reports_the_return_of_the_episode_played(tmp_path, capsys):
     """The return on each progress line (--log-every 1) is the team return of the episode the loop played:
     replayed here in a fresh env from the stored actions (3 episodes of 30 steps, all on day 5)."""
-    g = run_script_in_process(SCRIPT, ["--total-episodes", 3, "--episode-steps", 30, "--train-days", "5:6",
-                                       "--learning-starts", 8, "--batch-size", 8, "--buffer-size", 200, "--log-every", 1,
-                                       "--torch-threads", 1, "--run-name", "ret"], str(tmp_path))
+    g = run_script_in_process(
+        SCRIPT,
+        [
+            "--total-episodes",
+            3,
+            "--episode-steps",
+            30,
+            "--train-days",
+            "5:6",
+            "--learning-starts",
+            8,
+            "--batch-size",
+            8,
+            "--buffer-size",
+            200,
+            "--log-every",
+            1,
+            "--torch-threads",
+            1,
+            "--run-name",
+            "ret",
+        ],
+        str(tmp_path),
+    )
     printed = progress_returns(capsys.readouterr().out)
     rb, env = g["rb"], envs.make_env("building", "env_1")
     assert rb.size == 90 and len(printed) == 3
@@ -264,7 +350,7 @@ def evaluated(trained, bg):
     smoke test (3 episodes per config for each checkpoint) and the grouping test."""
     bg["chain"].join()
     d, out, models, fut = bg["after"]["eval"]
-    return dict(dir=d, proc=fut.result(), out=out, models=models)
+    return {"dir": d, "proc": fut.result(), "out": out, "models": models}
 
 
 def read_json(proc, path, sp):
@@ -337,9 +423,15 @@ def test_eval_summarise_population_std(eval_mod):
     assert se == pytest.approx(math.sqrt(0.02 / 3) / math.sqrt(3), rel=1e-9)
 
 
-@pytest.mark.parametrize("protocol,configs,lo,hi", [
-    ("paper-tables", ["env_1", "env_6"], 0, 200), ("climate", [f"env_{i}" for i in range(1, 7)], 0, 200),
-    ("season", ["env_1"], 200, 365), ("climate-season", ["env_6"], 200, 365)])
+@pytest.mark.parametrize(
+    "protocol,configs,lo,hi",
+    [
+        ("paper-tables", ["env_1", "env_6"], 0, 200),
+        ("climate", [f"env_{i}" for i in range(1, 7)], 0, 200),
+        ("season", ["env_1"], 200, 365),
+        ("climate-season", ["env_6"], 200, 365),
+    ],
+)
 def test_protocol_day_lists_are_pinned(eval_mod, protocol, configs, lo, hi):
     """The published Tables 1-2 were evaluated on default_rng(11).integers(0, 200, 50) (paper-facts.md);
     the season protocols use default_rng(11).integers(200, 365, 50): both recomputed here."""
@@ -348,7 +440,9 @@ def test_protocol_day_lists_are_pinned(eval_mod, protocol, configs, lo, hi):
     assert days == np.random.default_rng(11).integers(lo, hi, 50).tolist()
     assert all(type(d) is int for d in days)  # plain ints: they go to env.reset and into the JSON
     assert eval_mod.protocol_plan(eval_mod.Args(protocol="custom", configs="env_2,env_5", days="7:10")) == (
-        ["env_2", "env_5"], [7, 8, 9])
+        ["env_2", "env_5"],
+        [7, 8, 9],
+    )
 
 
 def test_eval_table_several_labels_configs_and_one_seed(eval_mod, monkeypatch, tmp_path):
@@ -367,18 +461,21 @@ def test_eval_table_several_labels_configs_and_one_seed(eval_mod, monkeypatch, t
         calls.append((net, env_id, config, list(days_)))
         return returns[(net, config)].copy()
 
-    monkeypatch.setattr(eval_mod, "load_checkpoint", lambda path, device: (labels[path], None, path, {"env": "building"},
-                                                                            {"window": 8}))
+    monkeypatch.setattr(
+        eval_mod, "load_checkpoint", lambda path, device: (labels[path], None, path, {"env": "building"}, {"window": 8})
+    )
     monkeypatch.setattr(eval_mod, "run_episodes", fake_run)
     out = tmp_path / "table.json"
-    payload = eval_mod.main(eval_mod.Args(checkpoints=list(labels), protocol="custom", configs=",".join(configs),
-                                          days="10:13", out=str(out)))
+    payload = eval_mod.main(
+        eval_mod.Args(checkpoints=list(labels), protocol="custom", configs=",".join(configs), days="10:13", out=str(out))
+    )
     torch.set_num_threads(1)
     assert sorted(calls) == sorted((p, "building", c, days) for p in labels for c in configs)
     with open(out) as f:
         assert json.load(f) == json.loads(json.dumps(payload))
     assert [(e["checkpoint"], e["config"], e["label"]) for e in payload["episodes"]] == [
-        (p, c, labels[p]) for p in labels for c in configs]
+        (p, c, labels[p]) for p in labels for c in configs
+    ]
     table = payload["table"]
     assert list(table) == ["A", "B", "C"]
     for label in table:
@@ -400,8 +497,11 @@ def test_starcraft_curves_final_win_rates_and_gain_over_rho0(eval_mod, tmp_path)
     them): final noisy win rate per (algo, rho) and seed, and the gain of rho > 0 over rho = 0 of the same
     algo (difference of means, SE = population std / sqrt(n) of the rho > 0 finals); an algo without a
     rho = 0 run has no gain."""
-    finals = {("robust_vdn_rho", 0.0): [0.25, 0.5], ("robust_vdn_rho", 0.1): [0.75, 0.5, 1.0],
-              ("robust_qmix_rho", 0.05): [0.375]}
+    finals = {
+        ("robust_vdn_rho", 0.0): [0.25, 0.5],
+        ("robust_vdn_rho", 0.1): [0.75, 0.5, 1.0],
+        ("robust_qmix_rho", 0.05): [0.375],
+    }
     runs = []
     for (algo, rho), seeds in finals.items():
         for s, final in enumerate(seeds):
@@ -409,12 +509,13 @@ def test_starcraft_curves_final_win_rates_and_gain_over_rho0(eval_mod, tmp_path)
             run.mkdir()
             (run / "args.json").write_text(json.dumps({"exp_name": algo, "rho": rho, "seed": s}))
             points = [(100, 0.1, 0.05 * s), (200, 0.2, 0.1), (300, 0.9, final)]
-            (run / "eval.jsonl").write_text("".join(json.dumps({"step": st, "win_rate_clean": c, "win_rate_noisy": n}) + "\n"
-                                                    for st, c, n in points))
+            (run / "eval.jsonl").write_text(
+                "".join(json.dumps({"step": st, "win_rate_clean": c, "win_rate_noisy": n}) + "\n" for st, c, n in points)
+            )
             runs.append(str(run))
     payload = eval_mod.main(eval_mod.Args(protocol="starcraft-curves", runs=runs, out=str(tmp_path / "curves.json")))
     assert payload["final_noisy"] == {f"{a} rho={r}": v for (a, r), v in finals.items()}
-    (rho, gain, se), = payload["gain_over_rho0"]["robust_vdn_rho"]
+    ((rho, gain, se),) = payload["gain_over_rho0"]["robust_vdn_rho"]
     base, robust = np.array(finals[("robust_vdn_rho", 0.0)]), np.array(finals[("robust_vdn_rho", 0.1)])
     assert rho == 0.1 and gain == pytest.approx(robust.mean() - base.mean(), rel=1e-12)
     assert se == pytest.approx(math.sqrt(((robust - robust.mean()) ** 2).mean() / 3), rel=1e-12)
@@ -429,8 +530,7 @@ def test_building_checkpoint_refused_by_starcraft_protocol(trained, eval_mod, tm
     out = tmp_path / "sc.json"
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        eval_mod.main(eval_mod.Args(checkpoints=[trained["seed1a"]["model"]], protocol="starcraft", episodes=1,
-                                    out=str(out)))
+        eval_mod.main(eval_mod.Args(checkpoints=[trained["seed1a"]["model"]], protocol="starcraft", episodes=1, out=str(out)))
     torch.set_num_threads(1)
     assert exit_info.value.code not in (0, None)
     lines = capsys.readouterr().err.strip().splitlines()
@@ -450,8 +550,14 @@ SCRIPT_CASES = {
     "worst-value-foo": (["--worst-value", "foo"], "--worst-value"),
     "buffer-not-larger-than-window": (["--buffer-size", "8", "--window", "8"], "--buffer-size"),
 }
-EVAL_CASES = ["missing-checkpoint", "garbage-file", "wrong-shape-checkpoint", "wrong-shape-authors-file",
-              "protocol-foo", "custom-without-configs"]
+EVAL_CASES = [
+    "missing-checkpoint",
+    "garbage-file",
+    "wrong-shape-checkpoint",
+    "wrong-shape-authors-file",
+    "protocol-foo",
+    "custom-without-configs",
+]
 
 
 def eval_case(name, d, model):
@@ -467,7 +573,8 @@ def eval_case(name, d, model):
         return ["--checkpoints", path, *custom, *small], "--checkpoints"
     if name == "wrong-shape-checkpoint":
         ckpt = load_ckpt(model)
-        ckpt["q_network"]["drqn.fc_out_weight"] = torch.zeros(6, 199, 64)
+        assert ckpt["q_network"]["drqn.fc_out.weight"].shape == (6, 200, 64)  # a real key, one row short below
+        ckpt["q_network"]["drqn.fc_out.weight"] = torch.zeros(6, 199, 64)
         path = os.path.join(d, "wrong_shape.pt")
         torch.save(ckpt, path)
         return ["--checkpoints", path, *custom, *small], "--checkpoints"
@@ -476,10 +583,21 @@ def eval_case(name, d, model):
         adir = os.path.join(d, "authors")
         os.makedirs(adir, exist_ok=True)
         for i in range(6):
-            sd = {"fc1.weight": torch.cat([q["drqn.fc1_obs"][i], q["drqn.fc1_table"][i].t()], 1),
-                  **{key: q["drqn." + key.replace(".", "_").replace("_l0", "")][i] for key in
-                     ("fc1.bias", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_ih_l0", "lstm.bias_hh_l0",
-                      "fc_out.weight", "fc_out.bias")}}
+            sd = {
+                "fc1.weight": torch.cat([q["drqn.fc1.weight_obs"][i], q["drqn.fc1.weight_onehot"][i].t()], 1),
+                **{
+                    key: q["drqn." + key][i]
+                    for key in (
+                        "fc1.bias",
+                        "lstm.weight_ih_l0",
+                        "lstm.weight_hh_l0",
+                        "lstm.bias_ih_l0",
+                        "lstm.bias_hh_l0",
+                        "fc_out.weight",
+                        "fc_out.bias",
+                    )
+                },
+            }
             if i == 4:
                 sd["fc1.weight"] = torch.zeros(64, 204)  # one input column short
             torch.save(sd, os.path.join(adir, f"agent_{i}_q_network.pt"))

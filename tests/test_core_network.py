@@ -7,23 +7,25 @@ Linear(in, 64) -> ReLU -> LSTM(64, 64) from a zero state -> last output -> ReLU 
 
 import os
 
-import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import import_file
+from torch import nn
 
 N, OBS, A, H, W = 6, 5, 200, 64, 8
 EVAL = import_file("eval_for_network_tests", "eval.py")  # the released-format converters
 
 # paper-facts: the released per-agent checkpoint format, keys and shapes
 AUTHORS_SHAPES = {
-    "fc1.weight": (64, 205), "fc1.bias": (64,),
-    "lstm.weight_ih_l0": (256, 64), "lstm.weight_hh_l0": (256, 64),
-    "lstm.bias_ih_l0": (256,), "lstm.bias_hh_l0": (256,),
-    "fc_out.weight": (200, 64), "fc_out.bias": (200,),
+    "fc1.weight": (64, 205),
+    "fc1.bias": (64,),
+    "lstm.weight_ih_l0": (256, 64),
+    "lstm.weight_hh_l0": (256, 64),
+    "lstm.bias_ih_l0": (256,),
+    "lstm.bias_hh_l0": (256,),
+    "fc_out.weight": (200, 64),
+    "fc_out.bias": (200,),
 }
 
 
@@ -50,12 +52,14 @@ def ref_input(obs_w, prev_w, agent_id=None):
 def authors_dict(ref: RefAgent) -> dict:
     """The authors' key names, filled from the reference module's parameters by hand."""
     return {
-        "fc1.weight": ref.fc1.weight.detach().clone(), "fc1.bias": ref.fc1.bias.detach().clone(),
+        "fc1.weight": ref.fc1.weight.detach().clone(),
+        "fc1.bias": ref.fc1.bias.detach().clone(),
         "lstm.weight_ih_l0": ref.lstm.weight_ih_l0.detach().clone(),
         "lstm.weight_hh_l0": ref.lstm.weight_hh_l0.detach().clone(),
         "lstm.bias_ih_l0": ref.lstm.bias_ih_l0.detach().clone(),
         "lstm.bias_hh_l0": ref.lstm.bias_hh_l0.detach().clone(),
-        "fc_out.weight": ref.fc_out.weight.detach().clone(), "fc_out.bias": ref.fc_out.bias.detach().clone(),
+        "fc_out.weight": ref.fc_out.weight.detach().clone(),
+        "fc_out.bias": ref.fc_out.bias.detach().clone(),
     }
 
 
@@ -105,32 +109,43 @@ def test_state_dict_is_stacked_authors_format(vdn):
     net = vdn.QNetworks(N, OBS, A, H)
     sd = {k: v.clone() for k, v in net.state_dict().items()}
     assert len(sd) == len(AUTHORS_SHAPES) + 1  # fc1.weight kept as obs columns + one-hot table
-    assert tuple(sd["drqn.fc1_obs"].shape) == (N, H, OBS) and tuple(sd["drqn.fc1_table"].shape) == (N, A, H)
-    for key in AUTHORS_SHAPES:
+    assert tuple(sd["drqn.fc1.weight_obs"].shape) == (N, H, OBS) and tuple(sd["drqn.fc1.weight_onehot"].shape) == (N, A, H)
+    for key, shape in AUTHORS_SHAPES.items():  # every other released name, with a leading agent dimension
         if key != "fc1.weight":
-            assert tuple(sd["drqn." + key.replace(".", "_").replace("_l0", "")].shape) == (N, *AUTHORS_SHAPES[key])
+            assert tuple(sd["drqn." + key].shape) == (N, *shape)
     for k in range(N):
         own = EVAL.agent_state_dict(net.drqn, k)
         assert {key: tuple(v.shape) for key, v in own.items()} == AUTHORS_SHAPES
-        torch.testing.assert_close(own["lstm.weight_hh_l0"], net.drqn.lstm_weight_hh[k], atol=0, rtol=0)
-        torch.testing.assert_close(own["fc1.weight"][:, OBS + 7], net.drqn.fc1_table[k, 7], atol=0, rtol=0)
+        torch.testing.assert_close(own["lstm.weight_hh_l0"], net.drqn.lstm.weight_hh_l0[k], atol=0, rtol=0)
+        torch.testing.assert_close(own["fc1.weight"][:, OBS + 7], net.drqn.fc1.weight_onehot[k, 7], atol=0, rtol=0)
     bad = dict(EVAL.agent_state_dict(net.drqn, 0), **{"fc1.weight": torch.zeros(H, OBS + A - 1)})
     with pytest.raises(RuntimeError, match="fc1.weight"):
         EVAL.load_agent_state_dict(net.drqn, 0, bad)
     with pytest.raises(RuntimeError, match="fc_out.bias"):
-        EVAL.load_agent_state_dict(net.drqn, 0, {k: v for k, v in EVAL.agent_state_dict(net.drqn, 1).items() if k != "fc_out.bias"})
-    torch.testing.assert_close(net.drqn.fc1_obs[0], sd["drqn.fc1_obs"][0], atol=0, rtol=0)  # nothing half-loaded
+        EVAL.load_agent_state_dict(
+            net.drqn, 0, {k: v for k, v in EVAL.agent_state_dict(net.drqn, 1).items() if k != "fc_out.bias"}
+        )
+    torch.testing.assert_close(net.drqn.fc1.weight_obs[0], sd["drqn.fc1.weight_obs"][0], atol=0, rtol=0)  # nothing half-loaded
 
 
 def test_init_matches_torch_nn_ranges(vdn):
     """Default init as nn.Linear / nn.LSTM: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), per agent."""
     torch.manual_seed(0)
     d = vdn.QNetworks(N, OBS, A, H).drqn
-    for p, fan_in in [(d.fc1_obs, OBS + A), (d.fc1_table, OBS + A), (d.fc1_bias, OBS + A), (d.lstm_weight_ih, H),
-                      (d.lstm_bias_hh, H), (d.fc_out_weight, H), (d.fc_out_bias, H)]:
+    for p, fan_in in [
+        (d.fc1.weight_obs, OBS + A),
+        (d.fc1.weight_onehot, OBS + A),
+        (d.fc1.bias, OBS + A),
+        (d.lstm.weight_ih_l0, H),
+        (d.lstm.weight_hh_l0, H),
+        (d.lstm.bias_ih_l0, H),
+        (d.lstm.bias_hh_l0, H),
+        (d.fc_out.weight, H),
+        (d.fc_out.bias, H),
+    ]:
         bound = fan_in**-0.5
         assert p.abs().max() <= bound and p.abs().max() > 0.9 * bound
-    assert not torch.equal(d.fc_out_weight[0], d.fc_out_weight[1])  # agents initialised independently
+    assert not torch.equal(d.fc_out.weight[0], d.fc_out.weight[1])  # agents initialised independently
 
 
 def test_kernel_and_torch_paths_agree_with_gradients(vdn, refs):
@@ -187,7 +202,7 @@ def test_authors_dir_loads_and_reproduces_reference(eval_mod, refs, tmp_path):
         sd = authors_dict(r)
         assert {k: tuple(v.shape) for k, v in sd.items()} == AUTHORS_SHAPES
         torch.save(sd, os.path.join(tmp_path, f"agent_{i}_q_network.pt"))
-    label, module, net, env_info, a = eval_mod.load_authors_dir(str(tmp_path), torch.device("cpu"))
+    _label, _module, net, env_info, a = eval_mod.load_authors_dir(str(tmp_path), torch.device("cpu"))
     assert env_info["n_agents"] == N and env_info["obs_dim"] == OBS and env_info["n_actions"] == A
     assert a["window"] == W
     obs, prev = random_windows(9, 6)
@@ -203,7 +218,7 @@ def test_authors_dir_agent_order(eval_mod, refs, tmp_path):
         torch.save(authors_dict(refs[i]), os.path.join(tmp_path, f"agent_{i}_q_network.pt"))
     _, _, net, _, _ = eval_mod.load_authors_dir(str(tmp_path), torch.device("cpu"))
     for i in range(N):
-        torch.testing.assert_close(net.drqn.fc_out_bias[i], refs[i].fc_out.bias, atol=0, rtol=0)
+        torch.testing.assert_close(net.drqn.fc_out.bias[i], refs[i].fc_out.bias, atol=0, rtol=0)
 
 
 def test_shared_params_equals_one_module_with_agent_id(vdn):
@@ -213,7 +228,7 @@ def test_shared_params_equals_one_module_with_agent_id(vdn):
         ref.fc1.weight.mul_(3.0)  # make the id columns matter clearly
     torch.manual_seed(8)
     net = vdn.QNetworks(N, OBS, A, H, share_params=True)
-    assert tuple(net.drqn.fc1_table.shape) == (1, A + N, H)
+    assert tuple(net.drqn.fc1.weight_onehot.shape) == (1, A + N, H)
     copy_into(net, 0, ref)
     obs, prev = random_windows(5, 7)
     obs[:, :, 1] = obs[:, :, 0]  # agents 0 and 1 see the same history: only the id differs

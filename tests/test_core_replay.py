@@ -8,9 +8,9 @@ Ground truth for a transition at step t of an episode (window W):
 import numpy as np
 import pytest
 import torch
+from conftest import run_script_in_process
 
 import envs
-from conftest import run_script_in_process
 
 N, OBS, STATE, A = 6, 5, 10, 200
 SCRIPT = "algos/robust_vdn_rho.py"  # run as __main__ in this process by the tests of the training loop
@@ -33,9 +33,19 @@ class Truth:
             next_obs = obs + 0.5
             action = 1 + (7 * g + np.arange(N)) % (A - 1)  # never 0: padding is recognisable
             last = t == length - 1
-            rb.add(obs, np.full(STATE, g, np.float32), action, -float(g), next_obs, np.full(STATE, g + 0.5, np.float32),
-                   np.ones((N, A), bool), 0.0, float(last), t)
-            self.items.append(dict(ep=ep, t=t, obs=obs, action=action, next_obs=next_obs))
+            rb.add(
+                obs,
+                np.full(STATE, g, np.float32),
+                action,
+                -float(g),
+                next_obs,
+                np.full(STATE, g + 0.5, np.float32),
+                np.ones((N, A), bool),
+                0.0,
+                float(last),
+                t,
+            )
+            self.items.append({"ep": ep, "t": t, "obs": obs, "action": action, "next_obs": next_obs})
 
     def windows(self, g, W):
         it = self.items[g]
@@ -64,7 +74,7 @@ def test_front_padding_and_first_previous_action(vdn):
     W = 8
     rb, truth = make_rb(vdn, 50, W), Truth()
     truth.add_synthetic(rb, 0, 12)
-    obs_w, prev_w, next_obs_w, next_prev_w = rb.windows(np.arange(12))
+    obs_w, prev_w, _next_obs_w, _next_prev_w = rb.windows(np.arange(12))
     assert obs_w.shape == (W, 12, N, OBS) and prev_w.shape == (W, 12, N)
     for t in range(W - 1):  # t = 0..6: the first W-1-t positions are padding
         pad = W - 1 - t
@@ -74,7 +84,7 @@ def test_front_padding_and_first_previous_action(vdn):
         # first real position: previous action index 0 (t = 0 of the episode)
         assert (prev_w[pad, t] == 0).all()
         if t > 0:
-            np.testing.assert_array_equal(prev_w[pad + 1:, t], np.stack([truth.items[k]["action"] for k in range(t)]))
+            np.testing.assert_array_equal(prev_w[pad + 1 :, t], np.stack([truth.items[k]["action"] for k in range(t)]))
     assert (prev_w[-1, 0] == 0).all()  # t = 0: previous action is 0
     assert (obs_w[:, 7] != 0).all() and (prev_w[1:, 7] != 0).all() and (prev_w[0, 7] == 0).all()  # t = 7
     assert (prev_w[:, 8] != 0).all()  # t = 8: no padding at all
@@ -107,9 +117,9 @@ def real_rollout(vdn, rb, history_log, days, steps, seed=0, W=8):
     log the History window before acting at every t and after pushing the next observation."""
     env = envs.make_env("building", "env_1")
     rng = np.random.default_rng(seed)
-    history = vdn.History(1, W, env.n_agents, env.obs_dim)
+    history = envs.History(1, W, env.n_agents, env.obs_dim)
     for day in days:
-        obs, state, avail = env.reset(day)
+        obs, state, _avail = env.reset(day)
         history.reset(obs[None])
         for t in range(steps):
             before = (history.obs[:, 0].copy(), history.prev_a[:, 0].copy())
@@ -120,7 +130,7 @@ def real_rollout(vdn, rb, history_log, days, steps, seed=0, W=8):
             history.push(next_obs[None], actions[None])
             after = (history.obs[:, 0].copy(), history.prev_a[:, 0].copy())
             history_log.append((before, after, actions, next_obs, reward, truncated))
-            obs, state, avail = next_obs, next_state, next_avail
+            obs, state, _avail = next_obs, next_state, next_avail
             if terminated or truncated:
                 break
 
@@ -147,8 +157,24 @@ def test_training_loop_stores_every_transition_of_a_full_day(tmp_path):
     stepped here with the stored actions (the env is deterministic given the day and the actions): every
     o, s, r, o', s', avail', t and the flags; the env itself ends the day (truncated) at t = 287 and that
     transition is stored with truncated = 1, terminated = 0 (the released code dropped it)."""
-    g = run_script_in_process(SCRIPT, ["--total-episodes", 1, "--train-days", "77:78", "--learning-starts", 100_000,
-                                       "--buffer-size", 300, "--torch-threads", 1, "--run-name", "day"], str(tmp_path))
+    g = run_script_in_process(
+        SCRIPT,
+        [
+            "--total-episodes",
+            1,
+            "--train-days",
+            "77:78",
+            "--learning-starts",
+            100_000,
+            "--buffer-size",
+            300,
+            "--torch-threads",
+            1,
+            "--run-name",
+            "day",
+        ],
+        str(tmp_path),
+    )
     rb = g["rb"]
     assert g["global_step"] == 288 and rb.size == 288
     env = envs.make_env("building", "env_1")
@@ -196,24 +222,35 @@ def test_sample_after_wrap_never_reads_overwritten_data(vdn, W, capacity):
             g = len(truth.items)
             obs = (1000.0 * (g + 1) + 10.0 * np.arange(N)[:, None] + np.arange(OBS)[None, :]).astype(np.float32)
             action = 1 + (7 * g + np.arange(N)) % (A - 1)
-            rb.add(obs, np.zeros(STATE, np.float32), action, 0.0, obs + 0.5, np.zeros(STATE, np.float32),
-                   np.ones((N, A), bool), 0.0, float(t == length - 1), t)
-            truth.items.append(dict(ep=ep, t=t, obs=obs, action=action, next_obs=obs + 0.5))
+            rb.add(
+                obs,
+                np.zeros(STATE, np.float32),
+                action,
+                0.0,
+                obs + 0.5,
+                np.zeros(STATE, np.float32),
+                np.ones((N, A), bool),
+                0.0,
+                float(t == length - 1),
+                t,
+            )
+            truth.items.append({"ep": ep, "t": t, "obs": obs, "action": action, "next_obs": obs + 0.5})
             n_added += 1
             owner = slot_owner(n_added, capacity)
-            idx = rb.sample(400, rng)
+            idx = rb.sample_slots(400, rng)
             assert ((0 <= idx) & (idx < capacity)).all()
             assert set(idx.tolist()) <= set(owner)  # only filled slots
             for slot in np.unique(idx):
                 g_slot = owner[int(slot)]
                 assert window_intact(truth, g_slot, n_added, capacity, W), (
                     f"sampled slot {slot} (transition {g_slot}, t={truth.items[g_slot]['t']}) whose window lost data "
-                    f"after the buffer wrapped (n_added={n_added}, capacity={capacity}, W={W})")
+                    f"after the buffer wrapped (n_added={n_added}, capacity={capacity}, W={W})"
+                )
                 check_slot(rb, int(slot), truth, g_slot, W)
             if n_added >= capacity:
                 # sample is not overly strict: every slot but the W oldest can be drawn
                 oldest = {(rb.ptr + k) % capacity for k in range(W)}
-                drawn = set(rb.sample(40 * capacity, rng).tolist())
+                drawn = set(rb.sample_slots(40 * capacity, rng).tolist())
                 assert set(range(capacity)) - oldest <= drawn
     assert n_added > 2 * capacity
 
@@ -255,12 +292,34 @@ def test_cached_target_values_equal_recomputation_in_the_training_loop(vdn, tmp_
     is marked never computed. Fails if add() kept the version of an overwritten slot, if stale() missed a
     slot, if a hard copy did not invalidate the cache, or if the values came from the online network."""
     W, capacity = 4, 12
-    g = run_script_in_process(SCRIPT, ["--total-episodes", 3, "--episode-steps", 25, "--window", W,
-                                       "--buffer-size", capacity, "--learning-starts", 8, "--batch-size", 8,
-                                       "--target-network-frequency", 30, "--torch-threads", 1, "--log-every", 100,
-                                       "--run-name", "cache"], str(tmp_path))
+    g = run_script_in_process(
+        SCRIPT,
+        [
+            "--total-episodes",
+            3,
+            "--episode-steps",
+            25,
+            "--window",
+            W,
+            "--buffer-size",
+            capacity,
+            "--learning-starts",
+            8,
+            "--batch-size",
+            8,
+            "--target-network-frequency",
+            30,
+            "--torch-threads",
+            1,
+            "--log-every",
+            100,
+            "--run-name",
+            "cache",
+        ],
+        str(tmp_path),
+    )
     rb = g["rb"]
-    assert g["global_step"] == 75 and g["target_version"] == 75 // 30
+    assert g["global_step"] == 75 and rb.version == 75 // 30  # the buffer counted both hard copies
     assert set(rb.value_version.tolist()) <= {-1, 0, 1, 2}
     assert rb.value_version[(rb.ptr - 1) % capacity] == -1  # written at step 75, after the last update (step 74)
     oldest = {(rb.ptr + k) % capacity for k in range(W)}  # windows may have lost data: never sampled
@@ -273,16 +332,60 @@ def test_cached_target_values_equal_recomputation_in_the_training_loop(vdn, tmp_
 
 
 def test_stale_joins_the_newest_stale_slots(vdn):
-    """rb.stale(idx, v): the sampled slots without a value for version v, plus (only when there are
-    any) the stale slots among the newest ones; nothing when every sampled slot is fresh."""
+    """rb.stale(idx): the sampled slots without a value for the buffer's version rb.version, plus (only when
+    there are any) the stale slots among the newest ones; nothing when every sampled slot is fresh."""
     W, capacity = 4, 10
     rb, truth = make_rb(vdn, capacity, W), Truth()
     truth.add_synthetic(rb, 0, 6)  # slots 0..5, all never computed
-    assert rb.stale(np.array([1, 4]), 0, newest=2).tolist() == [1, 4, 5]  # + newest stale 4, 5
+    assert rb.version == 0
+    assert rb.stale(np.array([1, 4]), newest=2).tolist() == [1, 4, 5]  # + newest stale 4, 5
     rb.value_version[[1, 4, 5]] = 0
-    assert rb.stale(np.array([1, 4, 5]), 0, newest=3).tolist() == []  # all fresh: no call at all
-    assert rb.stale(np.array([0, 5]), 0, newest=3).tolist() == [0, 3]  # newest are 3, 4, 5; 4, 5 fresh
+    assert rb.stale(np.array([1, 4, 5]), newest=3).tolist() == []  # all fresh: no call at all
+    assert rb.stale(np.array([0, 5]), newest=3).tolist() == [0, 3]  # newest are 3, 4, 5; 4, 5 fresh
     truth.add_synthetic(rb, 1, 7)  # wraps: ptr is 3, newest slots 2, 1, 0 (overwritten: stale again)
+    rb.value_version[:] = 0
+    rb.target_changed()  # a hard copy: every cached value is stale
+    assert rb.version == 1 and rb.stale(np.array([5]), newest=0).tolist() == [5]
     rb.value_version[:] = 1
     rb.value_version[[0, 8]] = -1
-    assert rb.stale(np.array([8, 8, 5]), 1, newest=3).tolist() == [0, 8]  # unique, sorted, across the wrap
+    assert rb.stale(np.array([8, 8, 5]), newest=3).tolist() == [0, 8]  # unique, sorted, across the wrap
+
+
+def test_sample_returns_batches_and_caches_next_values(vdn):
+    """rb.sample(B, rng, next_values, n): the slots sample_slots draws (the same rng draws), as Batches of the
+    stored arrays (and windows); next_values is called once, with a Batch of exactly rb.stale(idx), its values
+    cached for rb.version; a second draw of fresh slots calls nothing; after target_changed() everything is
+    recomputed; n = 2 splits one draw of 2B slots into halves."""
+    W, capacity = 4, 40
+    rb, truth = make_rb(vdn, capacity, W), Truth()
+    for ep, length in enumerate([9, 14, 7]):
+        truth.add_synthetic(rb, ep, length)
+    calls = []
+
+    def next_values(b):  # a value per slot that names the slot and the version
+        calls.append(b.idx.copy())
+        assert isinstance(b, vdn.Batch)
+        return torch.from_numpy(b.idx * 10.0 + rb.version)
+
+    idx = rb.sample_slots(8, np.random.default_rng(5))
+    want_todo = rb.stale(idx)
+    b = rb.sample(8, np.random.default_rng(5), next_values)
+    np.testing.assert_array_equal(b.idx, idx)
+    assert len(calls) == 1 and np.array_equal(calls[0], want_todo) and set(idx) <= set(want_todo.tolist())
+    for name in ("state", "actions", "reward", "terminated", "next_state", "next_avail"):
+        assert torch.equal(getattr(b, name), torch.from_numpy(getattr(rb, name)[idx])), name
+    assert torch.equal(b.next_value, torch.from_numpy((idx * 10.0).astype(np.float32)))
+    assert (rb.value_version[want_todo] == 0).all()
+    for got, want in zip([*b.history, *b.next_history], rb.windows(idx)):
+        assert torch.equal(got, torch.from_numpy(want))
+    again = rb.sample(8, np.random.default_rng(5), next_values)  # the same slots, all fresh now
+    assert len(calls) == 1 and torch.equal(again.next_value, b.next_value)
+    rb.target_changed()
+    again = rb.sample(8, np.random.default_rng(5), next_values)
+    assert len(calls) == 2 and torch.equal(again.next_value, torch.from_numpy((idx * 10.0 + 1).astype(np.float32)))
+    idx2 = rb.sample_slots(16, np.random.default_rng(6))
+    first, second = rb.sample(8, np.random.default_rng(6), next_values, n=2)
+    np.testing.assert_array_equal(first.idx, idx2[:8])
+    np.testing.assert_array_equal(second.idx, idx2[8:])
+    both = torch.cat([first.next_value, second.next_value])
+    assert torch.equal(both, torch.from_numpy((idx2 * 10.0 + 1).astype(np.float32)))

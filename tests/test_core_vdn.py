@@ -3,8 +3,8 @@
 Every expected number is written out by hand below.
 
 The target max sum_i max_{a available} Q_i(h'_i, a; theta-) is the script's own module-level
-``target_values`` (the function the training loop caches from), and the acting rule is checked
-through the script's masked_argmax.
+``target_values`` on a replay ``Batch`` (the function the training loop's replay buffer fills its
+V' cache from), and the acting rule is checked through the script's masked_argmax.
 """
 
 import numpy as np
@@ -18,13 +18,16 @@ def t(x):
     return torch.tensor(x, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("r,v,gamma,rho,expected", [
-    # y = r + gamma * (1 - rho) * V'
-    (-1.0, -10.0, 0.9, 0.1, -1.0 + 0.9 * 0.9 * -10.0),        # = -1 - 8.1 = -9.1
-    (-1.0, -10.0, 0.9, 0.0, -10.0),                            # = -1 + 0.9 * -10
-    (-2.5, -40.0, 0.997, 0.008, -2.5 - 0.997 * 0.992 * 40.0),  # = -2.5 - 39.56096 = -42.06096
-    (3.0, 20.0, 0.5, 0.5, 3.0 + 0.5 * 0.5 * 20.0),             # = 3 + 5 = 8
-])
+@pytest.mark.parametrize(
+    "r,v,gamma,rho,expected",
+    [
+        # y = r + gamma * (1 - rho) * V'
+        (-1.0, -10.0, 0.9, 0.1, -1.0 + 0.9 * 0.9 * -10.0),  # = -1 - 8.1 = -9.1
+        (-1.0, -10.0, 0.9, 0.0, -10.0),  # = -1 + 0.9 * -10
+        (-2.5, -40.0, 0.997, 0.008, -2.5 - 0.997 * 0.992 * 40.0),  # = -2.5 - 39.56096 = -42.06096
+        (3.0, 20.0, 0.5, 0.5, 3.0 + 0.5 * 0.5 * 20.0),  # = 3 + 5 = 8
+    ],
+)
 def test_robust_target_hand_numbers(vdn, r, v, gamma, rho, expected):
     y = vdn.robust_target(t([r]), t([v]), t([0.0]), gamma, rho)
     assert y.item() == pytest.approx(expected, abs=1e-5)
@@ -62,15 +65,14 @@ def test_batch_min_hand_numbers(vdn):
 # ------------------------------------------------------------------------------------------------
 
 # Q_i(h', .) of agents 0 and 1 (4 actions): a bias-only target network returns these for any window
-Q_TABLE = [[1.0, 5.0, 2.0, -3.0],
-           [-3.0, -1.0, -4.0, -2.0]]
+Q_TABLE = [[1.0, 5.0, 2.0, -3.0], [-3.0, -1.0, -4.0, -2.0]]
 
 
 def bias_only_net(vdn, table):
     net = vdn.QNetworks(N, OBS, A, 8)
     with torch.no_grad():
-        net.drqn.fc_out_weight.zero_()
-        net.drqn.fc_out_bias.copy_(torch.tensor(table))  # agent k's Q-values are row k
+        net.drqn.fc_out.weight.zero_()
+        net.drqn.fc_out.bias.copy_(torch.tensor(table))  # agent k's Q-values are row k
     return net
 
 
@@ -78,8 +80,18 @@ def filled_buffer(vdn, next_avails, rewards):
     rb = vdn.ReplayBuffer(16, N, OBS, STATE, A, 3)
     rng = np.random.default_rng(0)
     for k, (av, r) in enumerate(zip(next_avails, rewards)):
-        rb.add(rng.normal(size=(N, OBS)).astype(np.float32), np.zeros(STATE, np.float32), rng.integers(0, A, N), r,
-               rng.normal(size=(N, OBS)).astype(np.float32), np.zeros(STATE, np.float32), av, 0.0, 0.0, k)
+        rb.add(
+            rng.normal(size=(N, OBS)).astype(np.float32),
+            np.zeros(STATE, np.float32),
+            rng.integers(0, A, N),
+            r,
+            rng.normal(size=(N, OBS)).astype(np.float32),
+            np.zeros(STATE, np.float32),
+            av,
+            0.0,
+            0.0,
+            k,
+        )
     return rb
 
 
@@ -90,13 +102,13 @@ def test_rho0_is_standard_vdn_target(vdn):
     masked[1, 1] = False  # agent 1's best action (-1.0) unavailable -> its max is -2.0
     rb = filled_buffer(vdn, [all_avail, masked], [-1.0, -3.0])
     net = bias_only_net(vdn, Q_TABLE)
-    v = vdn.target_values(rb, np.array([0, 1]), net)
+    v = vdn.target_values(vdn.Batch(rb, np.array([0, 1])), net)
     # sum_i max_a Q_i:  all available: 5 + (-1) = 4;  masked: 2 + (-2) = 0
     assert v.tolist() == pytest.approx([4.0, 0.0], abs=1e-6)
-    y = vdn.robust_target(torch.from_numpy(rb.reward[[0, 1]]), torch.from_numpy(v), t([0.0, 0.0]), 0.9, 0.0)
+    y = vdn.robust_target(torch.from_numpy(rb.reward[[0, 1]]), v, t([0.0, 0.0]), 0.9, 0.0)
     # y = r + gamma * sum_i max_a Q_i:  -1 + 0.9 * 4 = 2.6;  -3 + 0.9 * 0 = -3
     assert y.tolist() == pytest.approx([2.6, -3.0], abs=1e-5)
-    y = vdn.robust_target(torch.from_numpy(rb.reward[[0, 1]]), torch.from_numpy(v), t([0.0, 0.0]), 0.9, 0.25)
+    y = vdn.robust_target(torch.from_numpy(rb.reward[[0, 1]]), v, t([0.0, 0.0]), 0.9, 0.25)
     # rho = 0.25: -1 + 0.9 * 0.75 * 4 = 1.7;  -3 + 0 = -3
     assert y.tolist() == pytest.approx([1.7, -3.0], abs=1e-5)
 
@@ -116,11 +128,11 @@ def test_target_max_never_takes_unavailable_action(vdn):
             av[1, 0] = True
         avails.append(av)
     rb = filled_buffer(vdn, avails, [0.0] * len(avails))
-    v = vdn.target_values(rb, np.arange(len(avails)), net)
+    v = vdn.target_values(vdn.Batch(rb, np.arange(len(avails))), net)
     for k, av in enumerate(avails):
         expected = sum(max(table[i][a] for a in range(A) if av[i, a]) for i in range(N))
-        assert v[k] == pytest.approx(expected, abs=1e-6)
-        assert v[k] < 10.0 + 7.0
+        assert v[k].item() == pytest.approx(expected, abs=1e-6)
+        assert v[k].item() < 10.0 + 7.0
 
 
 def test_acting_never_takes_unavailable_action(vdn):

@@ -22,7 +22,7 @@ def lstms_and_stacked(K, I, H, dtype=torch.float32, seed=0):
         for m in mods:
             for p in m.parameters():
                 p.uniform_(-0.6, 0.6)
-    stack = lambda name: torch.stack([getattr(m, name) for m in mods]).detach().clone().requires_grad_()  # noqa: E731
+    stack = lambda name: torch.stack([getattr(m, name) for m in mods]).detach().clone().requires_grad_()
     w_ih, w_hh = stack("weight_ih_l0"), stack("weight_hh_l0")
     b_ih, b_hh = stack("bias_ih_l0"), stack("bias_hh_l0")
     return mods, w_ih, w_hh, b_ih, b_hh
@@ -34,8 +34,10 @@ def nn_reference(mods, x):
 
 
 @pytest.mark.parametrize("use_kernel", [True, False])
-@pytest.mark.parametrize("K,W,M,I,H", [(6, 8, 64, 64, 64), (6, 8, 1, 64, 64), (3, 8, 2, 16, 8), (1, 8, 24, 64, 64),
-                                       (2, 1, 5, 7, 3), (4, 3, 9, 5, 6)])
+@pytest.mark.parametrize(
+    "K,W,M,I,H",
+    [(6, 8, 64, 64, 64), (6, 8, 1, 64, 64), (3, 8, 2, 16, 8), (1, 8, 24, 64, 64), (2, 1, 5, 7, 3), (4, 3, 9, 5, 6)],
+)
 def test_forward_and_gradients_equal_nn_lstm(use_kernel, K, W, M, I, H):
     if use_kernel and fused.kernel() is None:
         pytest.skip("C++ kernel could not be built here")
@@ -71,7 +73,7 @@ def test_gradcheck_float64():
 
 @needs_kernel
 def test_kernel_is_deterministic_and_agents_independent():
-    mods, w_ih, w_hh, b_ih, b_hh = lstms_and_stacked(4, 16, 8)
+    _mods, w_ih, w_hh, b_ih, b_hh = lstms_and_stacked(4, 16, 8)
     x = torch.randn(4, 8, 10, 16)
     with torch.no_grad():
         a = fused.lstm_last(x, w_ih, w_hh, b_ih, b_hh)
@@ -100,8 +102,7 @@ def test_fallback_when_the_kernel_cannot_be_built(monkeypatch, capsys):
     mods, w_ih, w_hh, b_ih, b_hh = lstms_and_stacked(2, 6, 4)
     x = torch.randn(2, 5, 3, 6)
     with torch.no_grad():
-        torch.testing.assert_close(fused.lstm_last(x, w_ih, w_hh, b_ih, b_hh), nn_reference(mods, x),
-                                   atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(fused.lstm_last(x, w_ih, w_hh, b_ih, b_hh), nn_reference(mods, x), atol=2e-6, rtol=1e-5)
     assert fused.kernel() is None and capsys.readouterr().err == ""  # warned once only
 
 

@@ -11,12 +11,15 @@
   --observed-reward, episodes from env_1..env_5), the estimator (online, as released, and offline), the
   three GroupDR scripts, then eval.py on each checkpoint; every training process reports, through
   envs.BUILD_LOG, that it built env_1..env_5 and never env_6;
-* bad input (missing, garbage, foreign, mismatched estimator checkpoint; env_6 asked for): exit != 0
+* the checkpoints load with torch.load(weights_only=True): estimator.pt (load_estimator; a file holding any other
+  Python object is refused), the behaviour and stage-2 model.pt (runs.load_model);
+* bad input (missing, garbage, foreign, pickled, mismatched estimator checkpoint; env_6 asked for): exit != 0
   with one stderr line starting with "error:", no traceback.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -27,13 +30,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, _subprocess_env, describe, import_file, run_py
 
-from conftest import ROOT, _subprocess_env, describe, import_file, run_py, run_script_in_process
+import runs
 
 TRAIN = ["env_1", "env_2", "env_3", "env_4", "env_5"]
 GROUPDR = ["groupdr_vdn", "groupdr_qmix", "groupdr_qtran"]
-TINY = ["--episode-steps", "20", "--learning-starts", "8", "--batch-size", "8", "--buffer-size", "100",
-        "--torch-threads", "1"]
+TINY = ["--episode-steps", "20", "--learning-starts", "8", "--batch-size", "8", "--buffer-size", "100", "--torch-threads", "1"]
 
 # One subprocess that runs several repository scripts one after the other, each as __main__ with
 # its own argv (interpreter start-up and the torch/sustaingym imports are paid once, not per stage),
@@ -72,9 +75,16 @@ def run_chain(tmp, stages, timeout=240):
     with open(wrapper, "w") as f:
         f.write(CHAIN)
     argvs = [[os.path.join(ROOT, script), *map(str, args)] for script, args in stages]
-    proc = subprocess.run([sys.executable, wrapper, json.dumps(argvs)], cwd=tmp, capture_output=True, text=True,
-                          timeout=timeout, env=_subprocess_env())
-    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    proc = subprocess.run(
+        [sys.executable, wrapper, json.dumps(argvs)],
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_subprocess_env(),
+        check=False,
+    )
+    results = [json.loads(line[len("RESULT ") :]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     names = [str(args[list(args).index("--run-name") + 1]) for _, args in stages]
     return proc, dict(zip(names, results))
 
@@ -90,7 +100,7 @@ def assert_one_error_line(proc, *needles):
 
 def run_main_in_process(script, args, cwd, monkeypatch, capsys) -> subprocess.CompletedProcess:
     """ROOT/script as __main__ in this process (no interpreter start-up: a few ms instead of ~2 s of
-    torch import), expecting it to stop through envs.fail. Any other exception propagates, i.e. the
+    torch import), expecting it to stop through runs.fail. Any other exception propagates, i.e. the
     process would have printed a traceback. Torch's global settings are restored afterwards."""
     deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     monkeypatch.chdir(cwd)
@@ -118,8 +128,14 @@ def test_first_layer_is_linear_on_state_onehot_actions_and_t_over_288(est):
     a = torch.randint(0, 4, (7, 2))
     t = torch.randint(0, 288, (7,))
     s = states[:7]
-    x = torch.cat([(s - net.state_mean) / net.state_std, torch.nn.functional.one_hot(a, 4).flatten(1).float(),
-                   (t.float() / 288.0)[:, None]], 1)
+    x = torch.cat(
+        [
+            (s - net.state_mean) / net.state_std,
+            torch.nn.functional.one_hot(a, 4).flatten(1).float(),
+            (t.float() / 288.0)[:, None],
+        ],
+        1,
+    )
     want = net.heads(torch.relu(net.fc2(torch.relu(net.fc1(x))))) * net.reward_std + net.reward_mean
     torch.testing.assert_close(net(s, a, t), want, rtol=1e-5, atol=1e-4)
 
@@ -186,10 +202,18 @@ def test_released_estimator_shapes_and_forward(est):
     torch.manual_seed(0)
     net = est.make_estimator("released", 10, 6, 200, 5)
     shapes = {k: tuple(v.shape) for k, v in net.named_parameters()}
-    assert shapes == {"state_fc.weight": (64, 10), "state_fc.bias": (64,), "action_fc.weight": (64, 1200),
-                      "action_fc.bias": (64,), "step_fc.weight": (64, 1), "step_fc.bias": (64,),
-                      "combined_fc.weight": (64, 192), "combined_fc.bias": (64,), "out_fc.weight": (5, 64),
-                      "out_fc.bias": (5,)}
+    assert shapes == {
+        "state_fc.weight": (64, 10),
+        "state_fc.bias": (64,),
+        "action_fc.weight": (64, 1200),
+        "action_fc.bias": (64,),
+        "step_fc.weight": (64, 1),
+        "step_fc.bias": (64,),
+        "combined_fc.weight": (64, 192),
+        "combined_fc.bias": (64,),
+        "out_fc.weight": (5, 64),
+        "out_fc.bias": (5,),
+    }
     assert set(net.state_dict()) == set(shapes) | {"time_norm"} and float(net.time_norm) == 288.0
     state, actions, t = torch.randn(7, 10) * 10 + 20, torch.randint(0, 200, (7, 6)), torch.randint(0, 288, (7,))
     out = net(state, actions, t)
@@ -211,8 +235,9 @@ def test_estimator_update_is_one_clipped_step_on_the_own_heads_mse(est):
         replay.add(rng.normal(size=3), rng.integers(0, 4, 2), rng.integers(0, 3), rng.normal() * 10 - 30, rng.integers(288))
     idx = np.array([0, 3, 4, 7, 8, 11])
     ref = copy.deepcopy(net)
-    state, actions, head, reward, t = (torch.from_numpy(x[idx]) for x in (replay.state, replay.actions, replay.head,
-                                                                         replay.reward, replay.t))
+    state, actions, head, reward, t = (
+        torch.from_numpy(x[idx]) for x in (replay.state, replay.actions, replay.head, replay.reward, replay.t)
+    )
     loss = ((released_reference(ref, state, actions, t).gather(1, head[:, None]).squeeze(1) - reward) ** 2).mean()
     loss.backward()
     norm = torch.sqrt(sum((p.grad**2).sum() for p in ref.parameters()))
@@ -244,8 +269,15 @@ class WideTask:
 
     def step(self, actions):
         self.t += 1
-        return (np.zeros((2, 2), np.float32), np.zeros(3, np.float32), np.ones((2, 40), bool), -float(np.sum(actions)),
-                False, self.t >= 25, {})
+        return (
+            np.zeros((2, 2), np.float32),
+            np.zeros(3, np.float32),
+            np.ones((2, 40), bool),
+            -float(np.sum(actions)),
+            False,
+            self.t >= 25,
+            {},
+        )
 
 
 @pytest.mark.parametrize("joint_coin", [True, False])
@@ -257,8 +289,22 @@ def test_online_fit_flips_one_joint_coin(est, joint_coin):
     vdn = import_file("groupdr_vdn_for_estimator", "algos/groupdr_vdn.py")
     torch.manual_seed(0)
     net = est.ReleasedEstimator(3, 2, 40, 1, hidden_dim=4)
-    fit = est.fit_online(net, [WideTask()], (vdn, ConstantBehaviour(), 2), 8, (0, 10), 0.5, joint_coin, 0, 500, 400, 2,
-                         5e-4, 10.0, np.random.default_rng(0))
+    fit = est.fit_online(
+        net,
+        [WideTask()],
+        (vdn, ConstantBehaviour(), 2),
+        8,
+        (0, 10),
+        0.5,
+        joint_coin,
+        0,
+        500,
+        400,
+        2,
+        5e-4,
+        10.0,
+        np.random.default_rng(0),
+    )
     assert fit["updates"] == 0 and fit["transitions"] == 200
     greedy = fit["replay"].actions[:200] == 0
     mixed, all_greedy = (greedy.sum(1) == 1).mean(), greedy.all(1).mean()
@@ -283,12 +329,13 @@ def test_online_fit_one_update_is_one_adam_step(est):
     net = est.ReleasedEstimator(loops.STATE, loops.N, loops.A, 2, hidden_dim=8, time_norm=4.0)
     theta0 = copy.deepcopy(net)
     tasks = [loops.MaskedTask("env_1"), loops.MaskedTask("env_2")]
-    fit = est.fit_online(net, tasks, (vdn, behaviour, loops.WINDOW), 2, (0, 100), 0.0, True, 0, 50, 6, 8, 5e-4, 0.5,
-                         np.random.default_rng(4))
+    fit = est.fit_online(
+        net, tasks, (vdn, behaviour, loops.WINDOW), 2, (0, 100), 0.0, True, 0, 50, 6, 8, 5e-4, 0.5, np.random.default_rng(4)
+    )
     replay, idx = fit["replay"], np.array(fit["last_batch"])
     assert fit["updates"] == 1 and fit["transitions"] == replay.size == 8 and len(set(idx.tolist())) == 6
     for i in range(replay.size):
-        k, day, t = loops.decode(replay, i)
+        k, _day, t = loops.decode(replay, i)
         assert replay.head[i] == k - 1 and replay.t[i] == t == i % 4 and fit["heads"][i // 4] == k - 1
         assert replay.reward[i] == pytest.approx(loops.reward_of(k, t, replay.actions[i]), abs=1e-5)
     obs_w, prev_w, _, _ = loops.windows(replay, np.arange(8))
@@ -296,8 +343,9 @@ def test_online_fit_one_update_is_one_adam_step(est):
         q = behaviour(obs_w, prev_w)
     avail = np.stack([loops.avail_of(t) for t in replay.t[:8]])
     np.testing.assert_array_equal(replay.actions[:8], loops.masked(q, avail).argmax(-1).numpy())
-    state, actions, head, reward, t = (torch.from_numpy(x[idx]) for x in (replay.state, replay.actions, replay.head,
-                                                                         replay.reward, replay.t))
+    state, actions, head, reward, t = (
+        torch.from_numpy(x[idx]) for x in (replay.state, replay.actions, replay.head, replay.reward, replay.t)
+    )
     loss = ((released_reference(theta0, state, actions, t, 4.0).gather(1, head[:, None]).squeeze(1) - reward) ** 2).mean()
     loss.backward()
     norm = torch.sqrt(sum((p.grad**2).sum() for p in theta0.parameters()))
@@ -334,16 +382,69 @@ def pipeline(tmp_path_factory):
     the offline trunk fit) -> the three GroupDR scripts on the online estimator, all tiny, in one tmp cwd."""
     tmp = str(tmp_path_factory.mktemp("groupdr"))
     stages = [
-        ("algos/groupdr_vdn.py", ["--observed-reward", "--single-coin", "--total-episodes", "1", *TINY, "--save-model",
-                                  "--run-name", "b"]),
-        ("algos/groupdr_estimator.py", ["--behaviour-checkpoint", "runs/b/model.pt", "--episodes", "3", "--episode-steps",
-                                        "20", "--batch-size", "16", "--torch-threads", "1", "--run-name", "est"]),
-        ("algos/groupdr_estimator.py", ["--behaviour-checkpoint", "runs/b/model.pt", "--fit", "offline", "--architecture",
-                                        "trunk", "--per-agent-coins", "--episodes-per-config", "2", "--parallel-envs", "2",
-                                        "--episode-steps", "20", "--fit-steps", "20", "--fit-batch-size", "16",
-                                        "--torch-threads", "1", "--run-name", "est_offline"]),
-    ] + [(f"algos/{name}.py", ["--estimator-checkpoint", "runs/est/estimator.pt", "--total-episodes", "2", *TINY,
-                               "--save-model", "--run-name", name]) for name in GROUPDR]
+        (
+            "algos/groupdr_vdn.py",
+            ["--observed-reward", "--single-coin", "--total-episodes", "1", *TINY, "--save-model", "--run-name", "b"],
+        ),
+        (
+            "algos/groupdr_estimator.py",
+            [
+                "--behaviour-checkpoint",
+                "runs/b/model.pt",
+                "--episodes",
+                "3",
+                "--episode-steps",
+                "20",
+                "--batch-size",
+                "16",
+                "--torch-threads",
+                "1",
+                "--run-name",
+                "est",
+            ],
+        ),
+        (
+            "algos/groupdr_estimator.py",
+            [
+                "--behaviour-checkpoint",
+                "runs/b/model.pt",
+                "--fit",
+                "offline",
+                "--architecture",
+                "trunk",
+                "--per-agent-coins",
+                "--episodes-per-config",
+                "2",
+                "--parallel-envs",
+                "2",
+                "--episode-steps",
+                "20",
+                "--fit-steps",
+                "20",
+                "--fit-batch-size",
+                "16",
+                "--torch-threads",
+                "1",
+                "--run-name",
+                "est_offline",
+            ],
+        ),
+    ] + [
+        (
+            f"algos/{name}.py",
+            [
+                "--estimator-checkpoint",
+                "runs/est/estimator.pt",
+                "--total-episodes",
+                "2",
+                *TINY,
+                "--save-model",
+                "--run-name",
+                name,
+            ],
+        )
+        for name in GROUPDR
+    ]
     proc, results = run_chain(tmp, stages)
     assert proc.returncode == 0 and len(results) == len(stages), describe(proc)
     return tmp, proc, results
@@ -363,9 +464,11 @@ def test_estimator_checkpoint_contents(pipeline, est):
     128 wide, with per-agent coins), the behaviour policy (groupdr_vdn.py --observed-reward), and load_estimator
     rebuilds each network with the saved weights."""
     tmp, _, _ = pipeline
-    for run, architecture, width, heads_key in [("est", "released", 64, "out_fc.weight"), ("est_offline", "trunk", 128,
-                                                                                        "heads.weight")]:
-        ckpt = torch.load(os.path.join(tmp, f"runs/{run}/estimator.pt"), weights_only=False)
+    for run, architecture, width, heads_key in [
+        ("est", "released", 64, "out_fc.weight"),
+        ("est_offline", "trunk", 128, "heads.weight"),
+    ]:
+        ckpt = torch.load(os.path.join(tmp, f"runs/{run}/estimator.pt"), weights_only=True)  # tensors, plain types
         assert ckpt["format"] == "drigm-groupdr-estimator-v1"
         assert ckpt["configs"] == TRAIN and ckpt["time_norm"] == 288.0
         assert (ckpt["n_agents"], ckpt["n_actions"], ckpt["state_dim"]) == (6, 200, 10)
@@ -378,7 +481,7 @@ def test_estimator_checkpoint_contents(pipeline, est):
         assert type(net).__name__ == ("ReleasedEstimator" if run == "est" else "RewardEstimator")
         for key, value in ckpt["estimator"].items():
             assert torch.equal(net.state_dict()[key], value), key
-    fit = torch.load(os.path.join(tmp, "runs/est/estimator.pt"), weights_only=False)["fit"]
+    fit = torch.load(os.path.join(tmp, "runs/est/estimator.pt"), weights_only=True)["fit"]
     assert fit["episodes"] == 3 and fit["transitions"] == 60 and sum(fit["episodes_per_head"]) == 3
     assert fit["updates"] == (60 - 16) // 2 + 1  # one every 2 stored transitions once 16 are stored
 
@@ -390,16 +493,25 @@ def test_groupdr_checkpoints_evaluate_with_eval_py(pipeline, eval_mod, monkeypat
     monkeypatch.chdir(tmp)
     common = ["--protocol", "custom", "--configs", "env_1", "--days", "0:2", "--episode-steps", "20"]
     for name in GROUPDR:
-        ckpt = torch.load(os.path.join(tmp, "runs", name, "model.pt"), weights_only=False)
-        assert ckpt["format"] == "drigm-checkpoint-v2" and ckpt["algo"] == name
+        ckpt = runs.load_model(os.path.join(tmp, "runs", name, "model.pt"))  # torch.load(weights_only=True)
+        assert ckpt["format"] == runs.MODEL_FORMATS[-1] and ckpt["algo"] == name
         assert ckpt["env"]["config"] == ",".join(TRAIN) and ckpt["estimator_configs"] == TRAIN
         threads = torch.get_num_threads()
-        payload = eval_mod.main(eval_mod.Args(checkpoints=[f"runs/{name}/model.pt"], protocol="custom", configs="env_1",
-                                              days="0:2", episode_steps=20, out=f"results/{name}.json"))
+        payload = eval_mod.main(
+            eval_mod.Args(
+                checkpoints=[f"runs/{name}/model.pt"],
+                protocol="custom",
+                configs="env_1",
+                days="0:2",
+                episode_steps=20,
+                out=f"results/{name}.json",
+            )
+        )
         torch.set_num_threads(threads)
         assert len(payload["episodes"]) == 1 and len(payload["episodes"][0]["returns"]) == 2
-    proc = run_py("eval.py", "--checkpoints", *[f"runs/{n}/model.pt" for n in GROUPDR], *common,
-                  "--out", "results/all.json", cwd=tmp)
+    proc = run_py(
+        "eval.py", "--checkpoints", *[f"runs/{n}/model.pt" for n in GROUPDR], *common, "--out", "results/all.json", cwd=tmp
+    )
     assert proc.returncode == 0, describe(proc)
     with open(os.path.join(tmp, "results/all.json")) as f:
         assert [e["checkpoint"] for e in json.load(f)["episodes"]] == [f"runs/{n}/model.pt" for n in GROUPDR]
@@ -414,12 +526,36 @@ def test_groupdr_vdn_update_regresses_on_r_tilde(pipeline):
     tmp, _, _ = pipeline
     mod = import_file("groupdr_vdn_under_test", "algos/groupdr_vdn.py")
     gamma, lr, eps = 0.9, 5e-4, 1e-5
-    g = run_script_in_process("algos/groupdr_vdn.py", [
-        "--estimator-checkpoint", os.path.join(tmp, "runs/est/estimator.pt"), "--total-episodes", 1,
-        "--episode-steps", 12, "--learning-starts", 10, "--batch-size", 8, "--buffer-size", 50, "--gamma", gamma,
-        "--target-network-frequency", 1000, "--torch-threads", 1, "--run-name", "one_update"], tmp)
-    assert g["n_updates"] == 1
-    theta0, theta1, rb, idx = g["target_network"].state_dict(), g["q_network"].state_dict(), g["rb"], g["idx"]
+    import test_loops_groupdr as loops
+
+    g = loops.run_counting_updates(
+        "algos/groupdr_vdn.py",
+        [
+            "--estimator-checkpoint",
+            os.path.join(tmp, "runs/est/estimator.pt"),
+            "--total-episodes",
+            1,
+            "--episode-steps",
+            12,
+            "--learning-starts",
+            10,
+            "--batch-size",
+            8,
+            "--buffer-size",
+            50,
+            "--gamma",
+            gamma,
+            "--target-network-frequency",
+            1000,
+            "--torch-threads",
+            1,
+            "--run-name",
+            "one_update",
+        ],
+        tmp,
+    )
+    assert g["updates"] == [12]  # the one gradient step: env step 12
+    theta0, theta1, rb, idx = g["target_network"].state_dict(), g["q_network"].state_dict(), g["rb"], g["b"].idx
     net = mod.QNetworks(6, 5, 200, 64, use_kernel=False)
     net.load_state_dict(theta0)
     obs_w, prev_w, next_obs_w, next_prev_w = (torch.from_numpy(x) for x in rb.windows(idx))
@@ -439,20 +575,23 @@ def test_groupdr_vdn_update_regresses_on_r_tilde(pipeline):
 
     step = step_towards(r_tilde)
     for key in step:
-        torch.testing.assert_close(theta1[key] - theta0[key], step[key], rtol=1e-2, atol=1e-6,
-                                   msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(
+            theta1[key] - theta0[key], step[key], rtol=1e-2, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}"
+        )
     observed = step_towards(torch.from_numpy(rb.reward[idx]))
     assert max((theta1[k] - theta0[k] - observed[k]).abs().max().item() for k in observed) > 1e-5
 
 
 def test_bad_estimator_checkpoints(pipeline, monkeypatch, capsys):
-    """Every bad input of the four scripts (estimator checkpoint missing / unreadable / foreign / mismatched /
-    with an env_6 head, env_6 asked for, --observed-reward with an estimator, another --env, the trunk fitted
-    online, an unknown --fit, no behaviour policy): exit != 0 with one stderr line "error: ...", no traceback."""
+    """Every bad input of the four scripts (estimator checkpoint missing / unreadable / foreign / holding a Python
+    object (weights_only refuses it) / mismatched / with an env_6 head, env_6 asked for, --observed-reward with an
+    estimator, another --env, the trunk fitted online, an unknown --fit, no behaviour policy): exit != 0 with one
+    stderr line "error: ...", no traceback."""
     tmp, _, _ = pipeline
     with open(os.path.join(tmp, "garbage.pt"), "wb") as f:
         f.write(b"this is not a torch file")
-    ckpt = torch.load(os.path.join(tmp, "runs/est/estimator.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(tmp, "runs/est/estimator.pt"), weights_only=True)
+    torch.save({**ckpt, "args": argparse.Namespace(**ckpt["args"])}, os.path.join(tmp, "pickled.pt"))  # a Python object
     torch.save({**ckpt, "configs": ["env_1", "env_2", "env_3", "env_4", "env_6"]}, os.path.join(tmp, "with_env6.pt"))
     ckpt["n_actions"] = 3
     torch.save(ckpt, os.path.join(tmp, "mismatched.pt"))
@@ -461,20 +600,36 @@ def test_bad_estimator_checkpoints(pipeline, monkeypatch, capsys):
         ("groupdr_vdn", ["--estimator-checkpoint", "missing.pt"], ["--estimator-checkpoint", "missing.pt"]),
         ("groupdr_qmix", ["--estimator-checkpoint", "garbage.pt"], ["--estimator-checkpoint", "cannot read"]),
         ("groupdr_qtran", ["--estimator-checkpoint", "runs/b/model.pt"], ["--estimator-checkpoint", "not a GroupDR"]),
+        ("groupdr_qmix", ["--estimator-checkpoint", "pickled.pt"], ["--estimator-checkpoint", "cannot read", "plain types"]),
         ("groupdr_vdn", ["--estimator-checkpoint", "mismatched.pt"], ["--estimator-checkpoint", "n_actions 3 != 200"]),
-        ("groupdr_vdn", ["--estimator-checkpoint", "runs/est/estimator.pt", "--train-configs", "env_1,env_6"],
-         ["--train-configs", "--allow-env6"]),
+        (
+            "groupdr_vdn",
+            ["--estimator-checkpoint", "runs/est/estimator.pt", "--train-configs", "env_1,env_6"],
+            ["--train-configs", "--allow-env6"],
+        ),
         ("groupdr_qtran", ["--estimator-checkpoint", "with_env6.pt"], ["--estimator-checkpoint", "env_6", "--allow-env6"]),
-        ("groupdr_vdn", ["--observed-reward", "--estimator-checkpoint", "runs/est/estimator.pt"],
-         ["--estimator-checkpoint and --observed-reward exclude each other"]),
-        ("groupdr_qmix", ["--estimator-checkpoint", "runs/est/estimator.pt", "--env", "matrix"], ["--env must be building"]),
+        (
+            "groupdr_vdn",
+            ["--observed-reward", "--estimator-checkpoint", "runs/est/estimator.pt"],
+            ["--estimator-checkpoint and --observed-reward exclude each other"],
+        ),
+        (
+            "groupdr_qmix",
+            ["--estimator-checkpoint", "runs/est/estimator.pt", "--env", "matrix"],
+            ["--env must be one of building"],
+        ),
     ]
-    cases += [("groupdr_estimator", ["--configs", "env_1,env_6"], ["--configs", "env_6", "--allow-env6"]),
-              ("groupdr_estimator", [], ["--behaviour-checkpoint", "groupdr_vdn.py --observed-reward"]),
-              ("groupdr_estimator", ["--behaviour-checkpoint", "runs/b/model.pt", "--architecture", "trunk"],
-               ["--architecture trunk needs --fit offline"]),
-              ("groupdr_estimator", ["--behaviour-checkpoint", "runs/b/model.pt", "--fit", "later"], ["--fit must be one of"]),
-              ("groupdr_estimator", ["--behaviour-checkpoint", "garbage.pt"], ["--behaviour-checkpoint", "cannot read"])]
+    cases += [
+        ("groupdr_estimator", ["--configs", "env_1,env_6"], ["--configs", "env_6", "--allow-env6"]),
+        ("groupdr_estimator", [], ["--behaviour-checkpoint", "groupdr_vdn.py --observed-reward"]),
+        (
+            "groupdr_estimator",
+            ["--behaviour-checkpoint", "runs/b/model.pt", "--architecture", "trunk"],
+            ["--architecture trunk needs --fit offline"],
+        ),
+        ("groupdr_estimator", ["--behaviour-checkpoint", "runs/b/model.pt", "--fit", "later"], ["--fit must be one of"]),
+        ("groupdr_estimator", ["--behaviour-checkpoint", "garbage.pt"], ["--behaviour-checkpoint", "cannot read"]),
+    ]
     for name, args, want in cases:
         extra = [] if name == "groupdr_estimator" else ["--total-episodes", "1", *TINY]
         proc = run_main_in_process(f"algos/{name}.py", [*args, *extra], tmp, monkeypatch, capsys)

@@ -10,7 +10,9 @@ unavailable action, as SMAC does), the reward, and how the day ends: env_1 ends 
 no bootstrap). The estimator is a small ``ReleasedEstimator`` with random weights written by the test.
 
 Each script is run twice in this process (``conftest.run_script_in_process``), greedy (epsilon 0), with a
-target network that is never copied:
+target network that is never copied; the loop's namespace gives its replay ``rb``, networks, estimator and last
+minibatch ``b`` (a Batch: ``b.idx``), and a spy on ``clip_grad_norm_`` (called once per update, just before the
+optimiser step) records the env step of every gradient step:
   run A: 5 days = 20 steps, one gradient step (at step 20);
   run B: the same command with 6 days, so its first 20 steps are run A's, and a second gradient step (at 24).
 The test then checks, against its own computation from the formulas above and the networks' weights:
@@ -27,7 +29,7 @@ The test then checks, against its own computation from the formulas above and th
     loop that bootstraps from the online network, or copies the target, fails here;
   * a run with epsilon 1 (random actions) finishes: the random actions are masked too;
   run C (VDN, QMIX, QTRAN): run B's command with a hard copy every 20 steps: the copy after the update at step 20
-    puts theta_1 into every target network (target version 1) and the second step bootstraps from it;
+    puts theta_1 into every target network (the buffer's V' cache version 1) and the second step bootstraps from it;
   run D (VDN, QMIX, QTRAN): run A's command with epsilon 1 -> 0.05 over 16 steps: every generator is seeded from
     --seed, the online agents act on the day's history window, and every config, day, action and minibatch
     follows from the logged draws of the script's numpy Generator (test_loops_vdn_qmix.DrawLog), the masks and
@@ -39,7 +41,6 @@ clip line and a swap of the two weights are seen.
 from __future__ import annotations
 
 import copy
-import importlib
 import random
 import sys
 
@@ -51,6 +52,7 @@ from conftest import import_file, run_script_in_process
 from test_loops_vdn_qmix import DrawLog, expected_epsilon
 
 import envs
+import runs as run_plumbing  # runs.py ("runs" is the fixture below)
 
 N, A, OBS, STATE, DAY_LEN = 2, 3, 2, 3, 4
 CONFIGS = ["env_1", "env_2"]  # env_1: truncated at the time limit; env_2: terminated at its last step
@@ -103,8 +105,15 @@ class MaskedTask:
             raise ValueError(f"unavailable action {actions.tolist()} at step {self.t}")
         reward, done = reward_of(self.k, self.t, actions), terminal(self.k, self.t)
         self.t += 1
-        return (obs_of(self.k, self.day, self.t), state_of(self.k, self.day, self.t), avail_of(self.t), reward, done,
-                self.t >= self.episode_limit and not done, {})
+        return (
+            obs_of(self.k, self.day, self.t),
+            state_of(self.k, self.day, self.t),
+            avail_of(self.t),
+            reward,
+            done,
+            self.t >= self.episode_limit and not done,
+            {},
+        )
 
 
 @pytest.fixture()
@@ -127,9 +136,20 @@ def estimator_file(est, tmp_path_factory):
         net = est.ReleasedEstimator(STATE, N, A, len(CONFIGS), hidden_dim=8, time_norm=float(DAY_LEN))
         with torch.no_grad():
             net.out_fc.bias.copy_(torch.tensor([-60.0, -40.0]))
-    torch.save({"format": est.ESTIMATOR_FORMAT, "configs": CONFIGS, "n_agents": N, "n_actions": A, "state_dim": STATE,
-                "architecture": "released", "hidden_dim": 8, "time_norm": float(DAY_LEN), "estimator": net.state_dict()},
-               path)
+    torch.save(
+        {
+            "format": est.ESTIMATOR_FORMAT,
+            "configs": CONFIGS,
+            "n_agents": N,
+            "n_actions": A,
+            "state_dim": STATE,
+            "architecture": "released",
+            "hidden_dim": 8,
+            "time_norm": float(DAY_LEN),
+            "estimator": net.state_dict(),
+        },
+        path,
+    )
     return path
 
 
@@ -140,21 +160,77 @@ CASES = {  # case -> (script, extra flags, agent optimiser, (joint optimiser or 
     "vdn_observed_reward": ("groupdr_vdn", ["--observed-reward"], ("rmsprop", 5e-4), None, 0.0),
     "qmix": ("groupdr_qmix", ["--mixing-embed-dim", "4"], ("rmsprop", 5e-4), ("rmsprop", 5e-4), 10.0),
     "qtran": ("groupdr_qtran", [], ("rmsprop", 5e-4), ("adam", 1e-3), 10.0),
-    "qtran_adam": ("groupdr_qtran", ["--optimizer", "adam", "--lambda-opt", "0.7", "--lambda-nopt", "1.3"], ("adam", 1e-3),
-                   ("adam", 1e-3), 10.0),  # unequal weights of L_opt and L_nopt: a swap of the two shows
+    "qtran_adam": (
+        "groupdr_qtran",
+        ["--optimizer", "adam", "--lambda-opt", "0.7", "--lambda-nopt", "1.3"],
+        ("adam", 1e-3),
+        ("adam", 1e-3),
+        10.0,
+    ),  # unequal weights of L_opt and L_nopt: a swap of the two shows
 }
+
+
+def run_counting_updates(script: str, args, cwd: str) -> dict:
+    """run_script_in_process, plus g["updates"]: the env step of every gradient step, read at the loop's one
+    clip_grad_norm_ call per update (just before the optimiser step)."""
+    updates, real_clip = [], torch.nn.utils.clip_grad_norm_
+
+    def clip(*a, **k):
+        updates.append(sys._getframe(1).f_globals["global_step"])  # the loop's env step (read only)
+        return real_clip(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+        g = run_script_in_process(script, args, cwd)
+    g["updates"] = updates
+    return g
 
 
 def run(case: str, days: int, tmp, estimator_file, *extra) -> dict:
     script, flags = CASES[case][:2]
-    args = ["--train-configs", ",".join(CONFIGS), "--train-days", "0:100", "--total-episodes", days, "--gamma", GAMMA,
-            "--learning-starts", 16, "--train-frequency", 4, "--batch-size", 12, "--buffer-size", 50, "--window", WINDOW,
-            "--hidden-dim", HIDDEN, "--target-network-frequency", 10**9, "--start-e", 0.0, "--end-e", 0.0, "--seed", SEED,
-            "--checkpoint-every", 0, "--log-every", 100, "--torch-threads", 1, "--run-name", f"{case}_{days}_{len(extra)}",
-            *flags, *extra]
+    args = [
+        "--train-configs",
+        ",".join(CONFIGS),
+        "--train-days",
+        "0:100",
+        "--total-episodes",
+        days,
+        "--gamma",
+        GAMMA,
+        "--learning-starts",
+        16,
+        "--train-frequency",
+        4,
+        "--batch-size",
+        12,
+        "--buffer-size",
+        50,
+        "--window",
+        WINDOW,
+        "--hidden-dim",
+        HIDDEN,
+        "--target-network-frequency",
+        10**9,
+        "--start-e",
+        0.0,
+        "--end-e",
+        0.0,
+        "--seed",
+        SEED,
+        "--checkpoint-every",
+        0,
+        "--log-every",
+        100,
+        "--torch-threads",
+        1,
+        "--run-name",
+        f"{case}_{days}_{len(extra)}",
+        *flags,
+        *extra,
+    ]
     if "--observed-reward" not in flags:
         args += ["--estimator-checkpoint", estimator_file]
-    return run_script_in_process(f"algos/{script}.py", args, str(tmp))
+    return run_counting_updates(f"algos/{script}.py", args, str(tmp))
 
 
 @pytest.fixture(scope="module")
@@ -319,8 +395,9 @@ def step_check(case, g, start, idx, prev_grads=None):
         kind, lr = agent_opt if name.startswith("agents.") else joint_opt
         eps = eps_rms if kind == "rmsprop" else 1e-8
         want = first_step(kind, lr, grad, eps) if prev_grads is None else second_step(kind, lr, prev_grads[name], grad, eps)
-        torch.testing.assert_close(after[name] - before[name], want, rtol=1e-3, atol=1e-6,
-                                   msg=lambda m, name=name: f"{case}: {name}: {m}")
+        torch.testing.assert_close(
+            after[name] - before[name], want, rtol=1e-3, atol=1e-6, msg=lambda m, name=name: f"{case}: {name}: {m}"
+        )
     return grads, (*info, norm)
 
 
@@ -330,7 +407,7 @@ def assert_widths(case, g):
     --mixing-embed-dim, Q_jt / V_tot --hidden-dim; the target networks the online ones' shapes."""
     a, H = g["args"], g["args"].hidden_dim
     online, joint, target, target_joint = nets_of(case, g)
-    want = {"drqn.fc1_obs": (N, H, OBS), "drqn.lstm_weight_hh": (N, 4 * H, H), "drqn.fc_out_weight": (N, A, H)}
+    want = {"drqn.fc1.weight_obs": (N, H, OBS), "drqn.lstm.weight_hh_l0": (N, 4 * H, H), "drqn.fc_out.weight": (N, A, H)}
     if CASES[case][0] == "groupdr_qmix":
         E = a.mixing_embed_dim
         want_joint = {"hyper_w1.weight": (N * E, STATE), "hyper_w2.weight": (E, STATE), "hyper_v.2.weight": (1, E)}
@@ -382,8 +459,10 @@ def test_actions_are_greedy_over_available_actions(runs, case):
     mod = import_file(f"{CASES[case][0]}_loops", f"algos/{CASES[case][0]}.py")
     a, b = runs[case]
     unmasked_differs = 0
-    for g, slots, weights in ((a, range(DAYS_A * DAY_LEN), a["target_network"].state_dict()),
-                              (b, range(DAYS_A * DAY_LEN, DAYS_B * DAY_LEN), a["q_network"].state_dict())):
+    for g, slots, weights in (
+        (a, range(DAYS_A * DAY_LEN), a["target_network"].state_dict()),
+        (b, range(DAYS_A * DAY_LEN, DAYS_B * DAY_LEN), a["q_network"].state_dict()),
+    ):
         rb, idx = g["rb"], np.array(list(slots))
         obs_w, prev_w, _, _ = windows(rb, idx)
         with torch.no_grad():
@@ -403,9 +482,9 @@ def test_one_update_is_one_optimiser_step_on_the_groupdr_loss(runs, case):
     and it differs from the observed reward. The gradient norm exceeds the clip (QMIX, QTRAN), and QTRAN's
     L_nopt is active on part of the batch (so its clamp and the detached Q_jt matter)."""
     a = runs[case][0]
-    assert a["n_updates"] == 1
+    assert a["updates"] == [DAYS_A * DAY_LEN]
     assert_widths(case, a)
-    idx = a["idx"]
+    idx = a["b"].idx
     ends = [(decode(a["rb"], i)[0], decode(a["rb"], i)[2]) for i in idx]
     assert (2, DAY_LEN - 1) in ends and (1, DAY_LEN - 1) in ends, ends  # a terminal and a time-limit transition
     _, _, target_q, target_j = nets_of(case, a)
@@ -427,28 +506,55 @@ def test_second_update_bootstraps_from_the_frozen_target(runs, case):
     second optimiser step of the loss whose V' still comes from theta_0 (never copied): a loop that
     bootstraps from the online network, or copies theta- <- theta, fails."""
     a, b = runs[case]
-    assert b["n_updates"] == 2
+    assert b["updates"] == [DAYS_A * DAY_LEN, DAYS_B * DAY_LEN]
     _, _, ta, tja = nets_of(case, a)
     _, _, tb, tjb = nets_of(case, b)
     for x, y in [(ta, tb)] + ([(tja, tjb)] if tja is not None else []):
         for key, value in x.state_dict().items():
             assert torch.equal(value, y.state_dict()[key]), key
     start0 = (ta.state_dict(), tja.state_dict() if tja is not None else None)
-    g1, _ = step_check(case, a, start0, a["idx"])
+    g1, _ = step_check(case, a, start0, a["b"].idx)
     qa, ja, _, _ = nets_of(case, a)
     start1 = (qa.state_dict(), ja.state_dict() if ja is not None else None)
-    step_check(case, b, start1, b["idx"], prev_grads=g1)
+    step_check(case, b, start1, b["b"].idx, prev_grads=g1)
 
 
 @pytest.mark.parametrize("script", ["groupdr_vdn", "groupdr_qmix", "groupdr_qtran"])
 def test_random_actions_are_masked(masked_task, estimator_file, tmp_path, script):
     """Epsilon 1 (uniform random actions): MaskedTask raises on an unavailable action, so the run only
     finishes if the random actions are drawn among the available ones; every stored action is available."""
-    g = run_script_in_process(f"algos/{script}.py", [
-        "--train-configs", ",".join(CONFIGS), "--estimator-checkpoint", estimator_file, "--total-episodes", 4,
-        "--learning-starts", 8, "--batch-size", 4, "--buffer-size", 50, "--window", WINDOW, "--hidden-dim", HIDDEN,
-        "--start-e", 1.0, "--end-e", 1.0, "--checkpoint-every", 0, "--torch-threads", 1, "--run-name", "random"],
-        str(tmp_path))
+    g = run_script_in_process(
+        f"algos/{script}.py",
+        [
+            "--train-configs",
+            ",".join(CONFIGS),
+            "--estimator-checkpoint",
+            estimator_file,
+            "--total-episodes",
+            4,
+            "--learning-starts",
+            8,
+            "--batch-size",
+            4,
+            "--buffer-size",
+            50,
+            "--window",
+            WINDOW,
+            "--hidden-dim",
+            HIDDEN,
+            "--start-e",
+            1.0,
+            "--end-e",
+            1.0,
+            "--checkpoint-every",
+            0,
+            "--torch-threads",
+            1,
+            "--run-name",
+            "random",
+        ],
+        str(tmp_path),
+    )
     rb = g["rb"]
     for i in range(rb.size):
         assert avail_of(int(rb.t[i]))[np.arange(N), rb.actions[i]].all()
@@ -465,13 +571,14 @@ def recorded_run(case: str, days: int, tmp, estimator_file, *extra) -> tuple[dic
     """run() with taps that only read: every q_network.greedy_q call (the acting windows and Q-values, and the loop's
     epsilon then; acting is its only use), every draw of the script's numpy Generator (DrawLog), its seed, the torch / python / numpy global
     generators when the first task is made, and the (config, day) of every reset."""
-    evaluation = importlib.import_module("eval")
     rec = {"acting": [], "draws": [], "resets": [], "rng_seed": "not made", "seeds": None}
-    real_run, real_default_rng = evaluation.TrainingRun, np.random.default_rng
+    real_default_rng = np.random.default_rng
 
-    class ActingRun(real_run):
-        def __init__(self, *args, **kwargs):
-            greedy_q = kwargs["q_network"].greedy_q
+    class ActingRun(run_plumbing.Run):  # the scripts look runs.Run up when they start a run
+        def track(self, **state):  # the scripts call it more than once
+            if "q_network" not in state:
+                return super().track(**state)
+            greedy_q = state["q_network"].greedy_q
 
             def acting(obs_w, prev_w, *a, **k):
                 out = greedy_q(obs_w, prev_w, *a, **k)
@@ -479,8 +586,8 @@ def recorded_run(case: str, days: int, tmp, estimator_file, *extra) -> tuple[dic
                 rec["acting"].append((obs_w.clone(), prev_w.clone(), out.clone(), epsilon))
                 return out
 
-            kwargs["q_network"].greedy_q = acting
-            super().__init__(*args, **kwargs)
+            state["q_network"].greedy_q = acting
+            super().track(**state)
 
     class LoggedTask(MaskedTask):
         def reset(self, day: int):
@@ -499,7 +606,7 @@ def recorded_run(case: str, days: int, tmp, estimator_file, *extra) -> tuple[dic
         return DrawLog(seed, rec["draws"])
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evaluation, "TrainingRun", ActingRun)
+        mp.setattr(run_plumbing, "Run", ActingRun)
         mp.setattr(envs, "make_env", make_env)
         mp.setattr(np.random, "default_rng", default_rng)
         g = run(case, days, tmp, estimator_file, *extra)
@@ -526,7 +633,7 @@ def test_hard_copy_after_the_first_update_bootstraps_the_second_from_it(runs, co
     24) is the closed-form second optimiser step whose V' comes from theta_1, not from theta_0 (run B's)."""
     a, b = runs[case]
     c = copy_and_explore_runs[case][0]
-    assert c["n_updates"] == 2 and c["target_version"] == 1
+    assert c["updates"] == [DAYS_A * DAY_LEN, DAYS_B * DAY_LEN] and c["rb"].version == 1
     qa, ja, ta, tja = nets_of(case, a)
     qc, _, tc, tjc = nets_of(case, c)
     for online, target in [(qa, tc)] + ([(ja, tjc)] if ja is not None else []):  # theta- = theta_1, every tensor
@@ -534,8 +641,8 @@ def test_hard_copy_after_the_first_update_bootstraps_the_second_from_it(runs, co
             assert torch.equal(value, target.state_dict()[key]), key
     assert any(not torch.equal(v, ta.state_dict()[k]) for k, v in tc.state_dict().items())  # theta_1 != theta_0
     np.testing.assert_array_equal(c["rb"].actions[: DAYS_A * DAY_LEN], a["rb"].actions[: DAYS_A * DAY_LEN])
-    g1, _ = step_check(case, a, (ta.state_dict(), tja.state_dict() if tja is not None else None), a["idx"])
-    step_check(case, c, (qa.state_dict(), ja.state_dict() if ja is not None else None), c["idx"], prev_grads=g1)
+    g1, _ = step_check(case, a, (ta.state_dict(), tja.state_dict() if tja is not None else None), a["b"].idx)
+    step_check(case, c, (qa.state_dict(), ja.state_dict() if ja is not None else None), c["b"].idx, prev_grads=g1)
     assert any(not torch.equal(v, b["q_network"].state_dict()[k]) for k, v in qc.state_dict().items())  # not run B's
 
 
@@ -559,7 +666,7 @@ def test_acting_follows_the_history_the_epsilon_schedule_and_the_seeded_draws(co
     assert torch_seed == a.seed == rec["rng_seed"] and py_state == random.Random(a.seed).getstate()
     assert np_state[0] == ref[0] and np.array_equal(np_state[1], ref[1]) and np_state[2:] == ref[2:]
     n = DAYS_A * DAY_LEN
-    assert rb.size == n and g["n_updates"] == 1 and len(rec["acting"]) == n
+    assert rb.size == n and g["updates"] == [n] and len(rec["acting"]) == n
     obs_w, prev_w, _, _ = windows(rb, np.arange(n))
     with torch.no_grad():
         q_all = agent_net(mod, g["target_network"].state_dict())(obs_w, prev_w)  # theta_0
@@ -577,7 +684,9 @@ def test_acting_follows_the_history_the_epsilon_schedule_and_the_seeded_draws(co
         k, day, t = decode(rb, j)
         if t == 0:
             config = CONFIGS[int(draw("integers", (), (len(CONFIGS), None)))]
-            assert int(draw("integers", (), (lo, hi))) == day and config == f"env_{k}" and rec["resets"][j // DAY_LEN] == (k, day)
+            assert (
+                int(draw("integers", (), (lo, hi))) == day and config == f"env_{k}" and rec["resets"][j // DAY_LEN] == (k, day)
+            )
         acted_obs, acted_prev, q_acted, epsilon = rec["acting"][j]
         assert epsilon == pytest.approx(expected_epsilon(a, j), rel=1e-9, abs=1e-12), (j, epsilon)
         assert torch.equal(acted_obs[:, 0], obs_w[:, j]) and torch.equal(acted_prev[:, 0], prev_w[:, j]), j
@@ -589,6 +698,6 @@ def test_acting_follows_the_history_the_epsilon_schedule_and_the_seeded_draws(co
         want = np.where(explore, np.argmax(uniform * avail_of(t), axis=1), masked(q_all[j], avail_of(t)).argmax(-1).numpy())
         np.testing.assert_array_equal(rb.actions[j], want, err_msg=f"step {j} (exploring: {explore})")
         n_random += int(explore.sum())
-    np.testing.assert_array_equal(draw("integers", (a.batch_size,), (0, n)), g["idx"])
+    np.testing.assert_array_equal(draw("integers", (a.batch_size,), (0, n)), g["b"].idx)
     assert next(draws, None) is None  # nothing else drawn
     assert 5 <= n_random <= 2 * n - 5, n_random  # both branches of epsilon-greedy occur

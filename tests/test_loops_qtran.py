@@ -2,10 +2,11 @@
 
 Each script runs as __main__ in this process (conftest.run_script_in_process) on a tiny budget, with two test-side
 taps that only read: the environment is wrapped so that every transition the loop saw is logged (obs, state,
-available actions, joint action, reward, terminated) as the environment produced it, and eval.TrainingRun is
-subclassed so that each call of its NaN guard ``check_finite`` (made after the backward and the clip, just before
-each optimiser step) records the networks' weights, the (clipped) gradients, the optimisers' states, the target
-``y`` and the minibatch ``idx`` / ``dual_idx`` the loop drew. Everything a test compares with is then computed
+available actions, joint action, reward, terminated) as the environment produced it, and runs.Run is
+subclassed so that the objects the loop hands to ``run.track`` are seen (at ``with run:``) and each tracked optimiser's
+``step`` is wrapped: just before the step (after the backward and the clip) it records the networks' weights, the (clipped)
+gradients, the optimisers' states, the target ``y``, the norm ``grad_norm`` and the minibatches ``b`` / ``dual_b``
+the loop drew. Everything a test compares with is then computed
 here, from the environment's own log (not the replay buffer's windows) and the recorded weights, by a plain-torch
 float64 rewrite of the networks and of Eq. (12)-(17) (docs/qtran.md items 2-13):
 
@@ -63,7 +64,7 @@ from conftest import run_script_in_process
 from test_loops_vdn_qmix import DrawLog, expected_epsilon
 
 import envs
-import eval as evaluation  # the module the scripts import (conftest put the root on sys.path): their TrainingRun
+import runs as runs_module  # the module the scripts import (conftest put the root on sys.path): their runs.Run
 
 SCRIPTS = {"rho": "algos/robust_qtran_rho.py", "tv": "algos/robust_qtran_tv.py"}
 # QTRAN_LOOP_TEST_SCRIPTS="rho=/tmp/copy_rho.py,tv=/tmp/copy_tv.py" runs the tests on other copies of the scripts
@@ -132,10 +133,22 @@ class Recorder:
     def step(self, actions):
         out = self.env.step(actions)
         next_obs, next_state, next_avail, reward, terminated, truncated, _ = out
-        self.log.append({"episode": self.episode, "t": self.t, "obs": self.obs.copy(), "state": self.state.copy(),
-                         "avail": self.avail.copy(), "actions": np.array(actions, dtype=np.int64), "reward": reward,
-                         "next_obs": next_obs.copy(), "next_state": next_state.copy(), "next_avail": next_avail.copy(),
-                         "terminated": bool(terminated), "env_truncated": bool(truncated)})
+        self.log.append(
+            {
+                "episode": self.episode,
+                "t": self.t,
+                "obs": self.obs.copy(),
+                "state": self.state.copy(),
+                "avail": self.avail.copy(),
+                "actions": np.array(actions, dtype=np.int64),
+                "reward": reward,
+                "next_obs": next_obs.copy(),
+                "next_state": next_state.copy(),
+                "next_avail": next_avail.copy(),
+                "terminated": bool(terminated),
+                "env_truncated": bool(truncated),
+            }
+        )
         self.obs, self.state, self.avail, self.t = next_obs, next_state, next_avail, self.t + 1
         return out
 
@@ -144,22 +157,55 @@ def _weights(obj):
     return {k: v.detach().clone() for k, v in obj.state_dict().items()}
 
 
+def script_globals():
+    """The namespace of the script run as __main__ (its loop runs at module level): the nearest such frame."""
+    frame = sys._getframe(1)
+    while frame.f_globals.get("__name__") != "__main__":
+        frame = frame.f_back
+    return frame.f_globals
+
+
 class Spy:
-    """The records of one run: ``init`` (weights when the run was set up), ``calls`` (one per check_finite),
-    ``acting`` (inputs and output of every q_network.greedy_q call: the acting windows and Q-values, and the loop's
-    epsilon then)."""
+    """The records of one run, taken through runs.Run (at ``with run:``, the objects the loop handed to run.track) and
+    the tracked optimisers' step methods (wrapped, read only): ``init`` (weights when the loop starts), ``calls`` (one
+    record just before the first Q optimiser's step of each update, and TV one just before each dual step: the weights,
+    the (clipped) gradients, the optimisers' states, the loop's target ``y``, global norm ``grad_norm`` / dual loss
+    ``d_loss`` and its minibatches ``b`` / ``dual_b``, read from the script's namespace), ``steps`` (every optimiser step
+    in order: "dual", "q0", "q1"), ``acting`` (inputs and output of every q_network.greedy_q call: the acting windows
+    and Q-values, and the loop's epsilon then)."""
 
     def __init__(self):
-        self.init, self.calls, self.acting = None, [], []
+        self.init, self.calls, self.steps, self.acting = None, [], [], []
+
+    def record(self, state, name):
+        g = script_globals()
+        rec = {
+            "step": g["global_step"],
+            "kind": "dual" if name == "dual" else "q",
+            "idx": np.array(g["b"].idx),
+            "dual_idx": np.array(g["dual_b"].idx) if "dual_b" in g else np.array([], dtype=np.int64),
+        }
+        names = ("d_loss",) if name == "dual" else ("y", "grad_norm")
+        rec["values"] = {{"y": "target"}.get(k, k): g[k].detach().clone() for k in names}
+        rec["weights"] = {n: _weights(o) for n, o in state.items() if isinstance(o, torch.nn.Module)}
+        rec["grads"] = {
+            n: {k: None if p.grad is None else p.grad.detach().clone() for k, p in o.named_parameters()}
+            for n, o in state.items()
+            if isinstance(o, torch.nn.Module)
+        }
+        opts = list(state["optimizers"]) + ([state["dual_optimizer"]] if "dual_optimizer" in state else [])
+        rec["opt_states"] = [copy.deepcopy(o.state_dict()["state"]) for o in opts]
+        self.calls.append(rec)
 
     def run_class(self):
         spy = self
 
-        class SpyRun(evaluation.TrainingRun):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **kwargs)
-                spy.init = {n: _weights(o) for n, o in self.state.items() if isinstance(o, torch.nn.Module)}
-                greedy_q = self.state["q_network"].greedy_q
+        class SpyRun(runs_module.Run):
+            def __enter__(self):  # the loop starts: every object handed to run.track is known
+                super().__enter__()
+                state = self.state
+                spy.init = {n: _weights(o) for n, o in state.items() if isinstance(o, torch.nn.Module)}
+                greedy_q = state["q_network"].greedy_q
 
                 def acting(obs_w, prev_w, *args, **kwargs):  # the online network's no-grad forward: acting only
                     out = greedy_q(obs_w, prev_w, *args, **kwargs)
@@ -167,20 +213,22 @@ class Spy:
                     spy.acting.append((obs_w.clone(), prev_w.clone(), out.clone(), epsilon))
                     return out
 
-                self.state["q_network"].greedy_q = acting
+                state["q_network"].greedy_q = acting
+                optimizers = {f"q{i}": o for i, o in enumerate(state["optimizers"])}
+                if "dual_optimizer" in state:
+                    optimizers["dual"] = state["dual_optimizer"]
+                for name, opt in optimizers.items():
+                    opt.step = self.spied_step(name, opt.step)
+                return self
 
-            def check_finite(self, global_step, **values):
-                frame = sys._getframe(1).f_globals  # the script's namespace (its loop runs at module level)
-                rec = {"step": global_step, "kind": "dual" if "dual_loss" in values else "q",
-                       "values": {k: v.detach().clone() for k, v in values.items()},
-                       "idx": np.array(frame["idx"]), "dual_idx": np.array(frame.get("dual_idx", []))}
-                rec["weights"] = {n: _weights(o) for n, o in self.state.items() if isinstance(o, torch.nn.Module)}
-                rec["grads"] = {n: {k: None if p.grad is None else p.grad.detach().clone() for k, p in o.named_parameters()}
-                                for n, o in self.state.items() if isinstance(o, torch.nn.Module)}
-                opts = list(self.state["optimizers"]) + ([self.state["dual_optimizer"]] if "dual_optimizer" in self.state else [])
-                rec["opt_states"] = [copy.deepcopy(o.state_dict()["state"]) for o in opts]
-                spy.calls.append(rec)
-                super().check_finite(global_step, **values)
+            def spied_step(self, name, step):
+                def spied(*args, **kwargs):  # just before the optimiser's step: after the backward and the clip
+                    spy.steps.append(name)
+                    if name in ("q0", "dual"):
+                        spy.record(self.state, name)
+                    return step(*args, **kwargs)
+
+                return spied
 
         return SpyRun
 
@@ -208,16 +256,23 @@ class Run:
         env_flag = ["--env", "matrix", "--train-config", "two-step"] if task == "masked" else ["--env", "building"]
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(envs, "make_env", make_env)
-            mp.setattr(evaluation, "TrainingRun", self.spy.run_class())
+            mp.setattr(runs_module, "Run", self.spy.run_class())
             mp.setattr(np.random, "default_rng", default_rng)
-            self.g = run_script_in_process(SCRIPTS[kind], [*env_flag, "--torch-threads", 1, "--checkpoint-every", 0,
-                                                           "--log-every", 1000, "--run-name", "r", *flags], cwd)
+            self.g = run_script_in_process(
+                SCRIPTS[kind],
+                [*env_flag, "--torch-threads", 1, "--checkpoint-every", 0, "--log-every", 1000, "--run-name", "r", *flags],
+                cwd,
+            )
         self.args, self.log, self.days = self.g["args"], holder["env"].log, holder["env"].days
         self.seeds, self.rng_seed = holder["seeds"], holder.get("rng_seed", "not made")
         rb = self.g["rb"]
         assert rb.size == len(self.log) < rb.capacity  # no wrap: slot j holds the j-th transition of the log
         self.updates = [c for c in self.spy.calls if c["kind"] == "q"]
         self.duals = [c for c in self.spy.calls if c["kind"] == "dual"]
+        # each update: the dual step (TV), then every Q optimiser once (RMSprop agents + Adam Q_jt/V_tot, or one Adam)
+        cycle = ["dual"] * (kind == "tv") + [f"q{i}" for i in range(len(self.g["optimizers"]))]
+        self.n_updates = len(self.updates)
+        assert self.spy.steps == cycle * self.n_updates, self.spy.steps
 
     def final(self):
         return {n: _weights(self.g[n]) for n in self.spy.init}
@@ -236,17 +291,22 @@ def agents_forward(w, obs_w, prev_w, n_actions):
     W, B, N = prev_w.shape
     qs, fs = [], []
     for k in range(N):
-        x = obs_w[:, :, k] @ w["drqn.fc1_obs"][k].T + F.one_hot(prev_w[:, :, k], n_actions).double() @ w["drqn.fc1_table"][k]
-        x = F.relu(x + w["drqn.fc1_bias"][k])
+        onehot = F.one_hot(prev_w[:, :, k], n_actions).double()
+        x = obs_w[:, :, k] @ w["drqn.fc1.weight_obs"][k].T + onehot @ w["drqn.fc1.weight_onehot"][k]
+        x = F.relu(x + w["drqn.fc1.bias"][k])
         H = x.shape[-1]
         h, c = x.new_zeros(B, H), x.new_zeros(B, H)
         for s in range(W):  # torch's LSTM gate order: input, forget, cell, output
-            gates = x[s] @ w["drqn.lstm_weight_ih"][k].T + w["drqn.lstm_bias_ih"][k] + h @ w["drqn.lstm_weight_hh"][k].T \
-                + w["drqn.lstm_bias_hh"][k]
+            gates = (
+                x[s] @ w["drqn.lstm.weight_ih_l0"][k].T
+                + w["drqn.lstm.bias_ih_l0"][k]
+                + h @ w["drqn.lstm.weight_hh_l0"][k].T
+                + w["drqn.lstm.bias_hh_l0"][k]
+            )
             i, f, g, o = gates.chunk(4, -1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
-        qs.append(F.relu(h) @ w["drqn.fc_out_weight"][k].T + w["drqn.fc_out_bias"][k])
+        qs.append(F.relu(h) @ w["drqn.fc_out.weight"][k].T + w["drqn.fc_out.bias"][k])
         fs.append(h)
     return torch.stack(qs, 1), torch.stack(fs, 1)
 
@@ -262,14 +322,24 @@ def q_jt(w, f_sum, actions, n_actions):
 
 
 def v_tot(w, state, f_sum):
-    x = torch.cat([F.relu(F.linear(state, w["v_state.weight"], w["v_state.bias"])),
-                   F.relu(F.linear(f_sum, w["v_feat.weight"], w["v_feat.bias"]))], -1)
+    x = torch.cat(
+        [
+            F.relu(F.linear(state, w["v_state.weight"], w["v_state.bias"])),
+            F.relu(F.linear(f_sum, w["v_feat.weight"], w["v_feat.bias"])),
+        ],
+        -1,
+    )
     return F.linear(F.relu(F.linear(x, w["v_fc.weight"], w["v_fc.bias"])), w["v_out.weight"], w["v_out.bias"]).squeeze(-1)
 
 
 def dual_forward(w, state, actions, n_actions):
-    x = torch.cat([F.relu(F.linear(state, w["state_fc.weight"], w["state_fc.bias"])),
-                   F.relu(F.linear(joint_onehot(actions, n_actions), w["action_fc.weight"], w["action_fc.bias"]))], -1)
+    x = torch.cat(
+        [
+            F.relu(F.linear(state, w["state_fc.weight"], w["state_fc.bias"])),
+            F.relu(F.linear(joint_onehot(actions, n_actions), w["action_fc.weight"], w["action_fc.bias"])),
+        ],
+        -1,
+    )
     return F.linear(F.relu(F.linear(x, w["fc.weight"], w["fc.bias"])), w["out.weight"], w["out.bias"]).squeeze(-1)
 
 
@@ -286,6 +356,7 @@ def batch_from_log(log, idx, window):
     episodes = {}
     for tr in log:
         episodes.setdefault(tr["episode"], []).append(tr)
+
     def obs_at(ep, t, tau):  # the observation at step tau of an episode whose transition t is sampled
         return np.zeros_like(ep[0]["obs"]) if tau < 0 else ep[tau]["obs"] if tau <= t else ep[t]["next_obs"]
 
@@ -307,12 +378,18 @@ def batch_from_log(log, idx, window):
     def windows(x, dtype):
         return torch.tensor(np.array(x), dtype=dtype).transpose(0, 1)  # (W, B, ...)
 
-    return {"obs_w": windows(obs_w, torch.float64), "prev_w": windows(prev_w, torch.int64),
-            "next_obs_w": windows(nobs_w, torch.float64), "next_prev_w": windows(nprev_w, torch.int64),
-            "state": stack("state", torch.float64), "actions": stack("actions", torch.int64),
-            "reward": torch.tensor([float(log[j]["reward"]) for j in idx], dtype=torch.float64),
-            "terminated": torch.tensor([float(log[j]["terminated"]) for j in idx], dtype=torch.float64),
-            "avail": stack("avail", torch.bool), "next_avail": stack("next_avail", torch.bool)}
+    return {
+        "obs_w": windows(obs_w, torch.float64),
+        "prev_w": windows(prev_w, torch.int64),
+        "next_obs_w": windows(nobs_w, torch.float64),
+        "next_prev_w": windows(nprev_w, torch.int64),
+        "state": stack("state", torch.float64),
+        "actions": stack("actions", torch.int64),
+        "reward": torch.tensor([float(log[j]["reward"]) for j in idx], dtype=torch.float64),
+        "terminated": torch.tensor([float(log[j]["terminated"]) for j in idx], dtype=torch.float64),
+        "avail": stack("avail", torch.bool),
+        "next_avail": stack("next_avail", torch.bool),
+    }
 
 
 def clip_(grads, max_norm):
@@ -357,9 +434,17 @@ class Prediction:
         self.batch = b
         self.next_v = self.target_value(b, target_agents, target_qtran, A, "unmasked_target" in wrong)
         if "truncation_terminal" in wrong:
-            ends = torch.tensor([float(run.log[j]["terminated"] or run.log[j]["env_truncated"]
-                                       or run.log[j]["t"] == run.g["episode_steps"] - 1) for j in update["idx"]],
-                                dtype=torch.float64)
+            ends = torch.tensor(
+                [
+                    float(
+                        run.log[j]["terminated"]
+                        or run.log[j]["env_truncated"]
+                        or run.log[j]["t"] == run.g["episode_steps"] - 1
+                    )
+                    for j in update["idx"]
+                ],
+                dtype=torch.float64,
+            )
             b["terminated"] = ends
             self.next_v = torch.where(ends > 0, 0.0, self.next_v)
         gamma, rho = a.gamma, a.rho
@@ -403,8 +488,10 @@ class Prediction:
         loss = td if "no_consistency" in wrong else td + a.lambda_opt * opt + a.lambda_nopt * nopt
         names = [("q_network", k) for k in wq] + [("qtran", k) for k in wj]
         grads = torch.autograd.grad(loss, [wq[k] for k in wq] + [wj[k] for k in wj], allow_unused=True)
-        self.grads = {nk: (torch.zeros_like(w[nk[1]]) if gr is None else gr)
-                      for nk, gr, w in zip(names, grads, [wq] * len(wq) + [wj] * len(wj))}
+        self.grads = {
+            nk: (torch.zeros_like(w[nk[1]]) if gr is None else gr)
+            for nk, gr, w in zip(names, grads, [wq] * len(wq) + [wj] * len(wj))
+        }
         self.norm = clip_(self.grads, 0.0 if "no_clip" in wrong else a.max_grad_norm)
 
     @staticmethod
@@ -509,14 +596,48 @@ FAST = ["--window", 3, "--hidden-dim", 16, "--gamma", 0.9, "--buffer-size", 1000
 def masked_flags(kind, n_updates, every=40, batch=32):
     """MaskedTeamGame, n_updates gradient steps at env steps every, 2 every, ... (learning starts just before the
     first), a 5-step cap on the task's 6-step episodes, the target never copied."""
-    return [*FAST, "--batch-size", batch, "--train-frequency", every, "--learning-starts", every - 1,
-            "--total-steps", n_updates * every, "--total-episodes", 10_000, "--target-network-frequency", 10**9,
-            "--episode-steps", 5, *(["--rho", 0.3] if kind == "rho" else ["--rho", 0.2, "--dual-hidden-dim", 16])]
+    return [
+        *FAST,
+        "--batch-size",
+        batch,
+        "--train-frequency",
+        every,
+        "--learning-starts",
+        every - 1,
+        "--total-steps",
+        n_updates * every,
+        "--total-episodes",
+        10_000,
+        "--target-network-frequency",
+        10**9,
+        "--episode-steps",
+        5,
+        *(["--rho", 0.3] if kind == "rho" else ["--rho", 0.2, "--dual-hidden-dim", 16]),
+    ]
 
 
-BUILDING = ["--window", 4, "--hidden-dim", 16, "--gamma", 0.9, "--batch-size", 16, "--train-frequency", 16,
-            "--learning-starts", 15, "--total-steps", 16, "--episode-steps", 6, "--buffer-size", 200,
-            "--target-network-frequency", 10**9]  # one update at env step 16, three 6-step days (cap: a time limit)
+BUILDING = [
+    "--window",
+    4,
+    "--hidden-dim",
+    16,
+    "--gamma",
+    0.9,
+    "--batch-size",
+    16,
+    "--train-frequency",
+    16,
+    "--learning-starts",
+    15,
+    "--total-steps",
+    16,
+    "--episode-steps",
+    6,
+    "--buffer-size",
+    200,
+    "--target-network-frequency",
+    10**9,
+]  # one update at env step 16, three 6-step days (cap: a time limit)
 LAMBDAS = ["--lambda-opt", 0.7, "--lambda-nopt", 1.3]  # unequal weights of L_opt and L_nopt: a swap of the two shows
 # epsilon 1 -> 0.05 over 80 of the 120 env steps; learning from step 41 (a multiple of --train-frequency: a loop
 # that starts at >= learning_starts updates at 40 too)
@@ -524,17 +645,39 @@ EXPLORE = ["--start-e", 1, "--end-e", 0.05, "--exploration-steps", 80, "--learni
 RUNS = {  # name -> (script, task, flags). Seeds where the target depends on V' (TV: eta > 0 or V' < 0 on the batch).
     # One update each: the paper's configuration on the building task, the released one and batch-min on the masked task.
     "rho_building_paper": ("rho", "building", [*BUILDING, "--rho", 0.3]),
-    "rho_masked_released": ("rho", "masked", [*masked_flags("rho", 1), "--optimizer", "adam", "--single-coin",
-                                              "--max-grad-norm", 0.05]),
-    "rho_masked_batchmin_noclip": ("rho", "masked", [*masked_flags("rho", 1), "--worst-value", "batch-min",
-                                                     "--max-grad-norm", 0, *LAMBDAS]),
+    "rho_masked_released": (
+        "rho",
+        "masked",
+        [*masked_flags("rho", 1), "--optimizer", "adam", "--single-coin", "--max-grad-norm", 0.05],
+    ),
+    "rho_masked_batchmin_noclip": (
+        "rho",
+        "masked",
+        [*masked_flags("rho", 1), "--worst-value", "batch-min", "--max-grad-norm", 0, *LAMBDAS],
+    ),
     # batch-min twice each: m = 0 (terminated samples in the batch, V' = 0 there, every other V' > 0) and m < 0.
-    "rho_masked_batchmin_m_negative": ("rho", "masked", [*masked_flags("rho", 1), "--worst-value", "batch-min",
-                                                         "--max-grad-norm", 1.0, "--seed", 8]),
+    "rho_masked_batchmin_m_negative": (
+        "rho",
+        "masked",
+        [*masked_flags("rho", 1), "--worst-value", "batch-min", "--max-grad-norm", 1.0, "--seed", 8],
+    ),
     "tv_building_paper": ("tv", "building", [*BUILDING, "--dual-hidden-dim", 16, "--seed", 6, "--dual-max-grad-norm", 2.0]),
     "tv_masked_paper": ("tv", "masked", [*masked_flags("tv", 1), "--seed", 2, *LAMBDAS]),
-    "tv_masked_released": ("tv", "masked", [*masked_flags("tv", 1), "--optimizer", "adam", "--dual-loss", "squared",
-                                            "--no-eta-clamp", "--single-coin", "--seed", 4]),
+    "tv_masked_released": (
+        "tv",
+        "masked",
+        [
+            *masked_flags("tv", 1),
+            "--optimizer",
+            "adam",
+            "--dual-loss",
+            "squared",
+            "--no-eta-clamp",
+            "--single-coin",
+            "--seed",
+            4,
+        ],
+    ),
     "tv_masked_batchmin": ("tv", "masked", [*masked_flags("tv", 1), "--worst-value", "batch-min", "--seed", 8]),
     "tv_masked_batchmin_m_zero": ("tv", "masked", [*masked_flags("tv", 1), "--worst-value", "batch-min", "--seed", 7]),
     # Three updates: the target never copied / copied after every update (--target-network-frequency = the update period).
@@ -581,8 +724,10 @@ def check_update(run, update, pred, after=None, tag=""):
         err = worst_rel(dual["grads"]["dual_network"], pred.dual_grads)
         assert err < 1e-4, f"{tag}: dual gradients off by {err:.2e}"
         before, stepped = dual["weights"]["dual_network"], update["weights"]["dual_network"]
-        err = step_error({k: stepped[k].double() - before[k].double() for k in before},
-                         pred.dual_step_from(run, dual, dual["grads"]["dual_network"]))
+        err = step_error(
+            {k: stepped[k].double() - before[k].double() for k in before},
+            pred.dual_step_from(run, dual, dual["grads"]["dual_network"]),
+        )
         assert err < 1, f"{tag}: dual parameter changes off by {err:.2f} tolerances"
 
 
@@ -590,8 +735,11 @@ def mismatch(run, update, pred, after):
     """How far a (wrong) prediction is from what the loop did, in units of check_update's tolerances (< 1: a match):
     the largest of the errors of y, of the gradients (1e-4 relative), of the parameter changes (after: the weights
     after this update) and, TV, of the dual gradients."""
-    errs = [y_error(update, pred), worst_rel(recorded_grads(update), pred.grads) / 1e-4,
-            step_error(actual_delta(update["weights"], after), pred.step_from(run, update, recorded_grads(update)))]
+    errs = [
+        y_error(update, pred),
+        worst_rel(recorded_grads(update), pred.grads) / 1e-4,
+        step_error(actual_delta(update["weights"], after), pred.step_from(run, update, recorded_grads(update))),
+    ]
     if run.kind == "tv":
         errs.append(worst_rel(run.duals[run.updates.index(update)]["grads"]["dual_network"], pred.dual_grads) / 1e-4)
     return max(errs)
@@ -615,9 +763,20 @@ def assert_widths(run):
     dual network --dual-hidden-dim; the target networks the shapes of the online ones."""
     a, init, N, A = run.args, run.spy.init, run.g["N"], run.g["A"]
     H, S, O = a.hidden_dim, run.g["env"].state_dim, run.g["env"].obs_dim
-    shapes = {"q_network": {"drqn.fc1_obs": (N, H, O), "drqn.lstm_weight_hh": (N, 4 * H, H), "drqn.fc_out_weight": (N, A, H)},
-              "qtran": {"action_fc.weight": (H, N * A), "q_fc.weight": (H, 2 * H), "v_state.weight": (H, S),
-                        "v_feat.weight": (H, H), "v_fc.weight": (H, 2 * H)}}
+    shapes = {
+        "q_network": {
+            "drqn.fc1.weight_obs": (N, H, O),
+            "drqn.lstm.weight_hh_l0": (N, 4 * H, H),
+            "drqn.fc_out.weight": (N, A, H),
+        },
+        "qtran": {
+            "action_fc.weight": (H, N * A),
+            "q_fc.weight": (H, 2 * H),
+            "v_state.weight": (H, S),
+            "v_feat.weight": (H, H),
+            "v_fc.weight": (H, 2 * H),
+        },
+    }
     if run.kind == "tv":
         D = a.dual_hidden_dim
         shapes["dual_network"] = {"state_fc.weight": (D, S), "action_fc.weight": (D, N * A), "fc.weight": (D, 2 * D)}
@@ -644,7 +803,7 @@ def test_one_update_moves_every_parameter_as_predicted(runs, name):
     least 50 tolerances. (The bootstrap from the online network cannot differ at the first update, theta =
     theta-: the frozen-target test covers it.)"""
     run = runs(name)
-    assert run.g["n_updates"] == 1 and len(run.updates) == 1 and len(run.duals) == (run.kind == "tv")
+    assert run.n_updates == 1 and len(run.updates) == 1 and len(run.duals) == (run.kind == "tv")
     assert_widths(run)
     init, up = run.spy.init, run.updates[0]
     pre = run.duals[0]["weights"] if run.kind == "tv" else up["weights"]
@@ -696,10 +855,14 @@ def test_frozen_target_bootstraps_from_the_initial_weights(runs, kind):
     run = runs(f"{kind}_frozen")
     init = run.spy.init
     assert_widths(run)  # TV: a dual network narrower than the agents
-    assert run.g["n_updates"] == 3 and [u["step"] for u in run.updates] == [40, 80, 120]
-    assert run.g["target_version"] == 0
-    check_updates(run, lambda k: (init["target_network"], init["target_qtran"]),
-                  lambda k: (run.updates[k]["weights"]["q_network"], run.updates[k]["weights"]["qtran"]), tag=kind)
+    assert run.n_updates == 3 and [u["step"] for u in run.updates] == [40, 80, 120]
+    assert run.g["rb"].version == 0  # no hard copy theta- <- theta
+    check_updates(
+        run,
+        lambda k: (init["target_network"], init["target_qtran"]),
+        lambda k: (run.updates[k]["weights"]["q_network"], run.updates[k]["weights"]["qtran"]),
+        tag=kind,
+    )
     final = run.final()
     for net in ("target_network", "target_qtran"):
         assert all(torch.equal(init[net][k], final[net][k]) for k in init[net]), net
@@ -717,7 +880,7 @@ def test_copied_target_bootstraps_from_the_copy(runs, kind):
         w = run.updates[k]["weights"] if k else init  # the weights after update k-1 = before update k
         return (w["q_network"], w["qtran"]) if k else (w["target_network"], w["target_qtran"])
 
-    assert run.g["n_updates"] == 3 and run.g["target_version"] == 3
+    assert run.n_updates == 3 and run.g["rb"].version == 3
     check_updates(run, copied, lambda k: (init["target_network"], init["target_qtran"]), tag=kind)
     final = run.final()
     for online, target in (("q_network", "target_network"), ("qtran", "target_qtran")):
@@ -727,8 +890,9 @@ def test_copied_target_bootstraps_from_the_copy(runs, kind):
 # ------------------------------------------------------------------------------------------------
 # 3. Time limits bootstrap, terminations do not
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["rho_building_paper", "tv_building_paper", "rho_masked_released", "tv_masked_paper",
-                                  "tv_masked_released"])
+@pytest.mark.parametrize(
+    "name", ["rho_building_paper", "tv_building_paper", "rho_masked_released", "tv_masked_paper", "tv_masked_released"]
+)
 def test_time_limits_bootstrap(runs, name):
     """The replay stores terminated exactly as the task reported it (the building task never terminates: its day
     ends and the --episode-steps cap are time limits) and truncated at the cap and at the task's own time-out; at a
@@ -743,12 +907,15 @@ def test_time_limits_bootstrap(runs, name):
     up, init = run.updates[0], run.spy.init
     pred = Prediction(run, up, init["target_network"], init["target_qtran"])
     y, r = up["values"]["target"].double(), pred.batch["reward"]
-    kinds = {"terminated": [log[j]["terminated"] for j in up["idx"]],
-             "timeout": [log[j]["env_truncated"] for j in up["idx"]],
-             "cap": [log[j]["t"] == cap - 1 and not log[j]["terminated"] for j in up["idx"]]}
+    kinds = {
+        "terminated": [log[j]["terminated"] for j in up["idx"]],
+        "timeout": [log[j]["env_truncated"] for j in up["idx"]],
+        "cap": [log[j]["t"] == cap - 1 and not log[j]["terminated"] for j in up["idx"]],
+    }
     kinds = {k: torch.tensor(v) for k, v in kinds.items()}
-    assert kinds["cap"].any() and (kinds["terminated"].any() and kinds["timeout"].any() if "masked" in name
-                                   else not kinds["terminated"].any())
+    assert kinds["cap"].any() and (
+        kinds["terminated"].any() and kinds["timeout"].any() if "masked" in name else not kinds["terminated"].any()
+    )
     assert torch.equal(y[kinds["terminated"]], r[kinds["terminated"]].float().double())  # y = r exactly
     limit = kinds["timeout"] | kinds["cap"]
     assert y_error(up, pred) < 1
@@ -768,7 +935,7 @@ def test_greedy_acting_is_masked(runs, kind):
     actions available at that step, on the window rebuilt from the task's log; and the plain argmax would have taken
     an unavailable action at some steps (the masks matter)."""
     run = runs(f"{kind}_greedy")
-    assert run.g["n_updates"] == 3 and len(run.log) >= 120
+    assert run.n_updates == 3 and len(run.log) >= 120
     weights = [run.spy.init["q_network"]] + [u["weights"]["q_network"] for u in run.updates[1:]] + [run.final()["q_network"]]
     steps = [0] + [u["step"] for u in run.updates]  # update k happened after the env step steps[k + 1]
     unavailable = 0
@@ -782,8 +949,10 @@ def test_greedy_acting_is_masked(runs, kind):
     assert unavailable >= 10
 
 
-@pytest.mark.parametrize("name", ["rho_masked_released", "rho_masked_batchmin_noclip", "tv_masked_paper",
-                                  "tv_masked_released", "tv_masked_batchmin"])
+@pytest.mark.parametrize(
+    "name",
+    ["rho_masked_released", "rho_masked_batchmin_noclip", "tv_masked_paper", "tv_masked_released", "tv_masked_batchmin"],
+)
 def test_every_argmax_is_masked(runs, name):
     """Exploration, the target argmax a_bar' at h' and the greedy a_bar at h of L_opt use only available actions:
     every action in the log was available (the task raises otherwise); in the first update's minibatch the plain
@@ -863,6 +1032,7 @@ def test_acting_follows_the_history_the_epsilon_schedule_and_the_seeded_draws(ru
         if j + 1 in updates:
             up = run.updates[updates.index(j + 1)]
             drawn = draw("integers", ((2 if run.kind == "tv" else 1) * a.batch_size,), (0, j + 1))
-            np.testing.assert_array_equal(drawn, np.concatenate([up["dual_idx"], up["idx"]]) if run.kind == "tv" else up["idx"])
+            want = np.concatenate([up["dual_idx"], up["idx"]]) if run.kind == "tv" else up["idx"]
+            np.testing.assert_array_equal(drawn, want)
     assert next(draws, None) is None  # nothing else drawn
     assert n_random >= 30 and n_greedy >= 30, (n_random, n_greedy)

@@ -15,8 +15,10 @@ The task logs everything it showed and every action it was sent, so the tests bu
 targets and losses from that log (never from the script's functions) and compare with what the loop did:
 
 * global optimiser hooks record, for every step of every optimiser, the parameters before and after and the
-  gradients it was handed (after the clip); eval.TrainingRun is wrapped to keep a copy of every network's
-  initial weights and to log every call of the online network's greedy_q (acting: its windows and Q-values);
+  gradients it was handed (after the clip); runs.Run.track (the call that hands the run its training objects)
+  is wrapped to keep a copy of every network's initial weights and to log every call of the online network's
+  greedy_q (acting: its windows and Q-values); the number of gradient steps is the number of optimiser steps
+  recorded, the number of hard copies the replay buffer's target version (rb.version);
   F.mse_loss is wrapped to keep the TD target y of each update; the script's numpy Generator is a DrawLog (the
   same PCG64 stream, every draw logged), and envs.make_env notes its seed and the global generators' states.
 * the recomputation is plain torch written out here: the DRQN (fc1 on [obs, one-hot previous action],
@@ -49,7 +51,6 @@ VDN-rho; both dual losses, clamps, clips and optimisers, and a case where Eq. (1
 from __future__ import annotations
 
 import copy
-import importlib
 import random
 import sys
 
@@ -61,11 +62,14 @@ from conftest import run_script_in_process
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import envs
+import runs as run_plumbing  # the scripts' runs module: they look up runs.Run when they run, so a subclass patched in is used
 
-evaluation = importlib.import_module("eval")  # the module the scripts import (``import eval as evaluation``)
-
-SCRIPTS = {"vdn_rho": "algos/robust_vdn_rho.py", "vdn_tv": "algos/robust_vdn_tv.py", "qmix_rho": "algos/robust_qmix_rho.py",
-           "qmix_tv": "algos/robust_qmix_tv.py"}
+SCRIPTS = {
+    "vdn_rho": "algos/robust_vdn_rho.py",
+    "vdn_tv": "algos/robust_vdn_tv.py",
+    "qmix_rho": "algos/robust_qmix_rho.py",
+    "qmix_tv": "algos/robust_qmix_tv.py",
+}
 N_AGENTS, N_ACTIONS, OBS_DIM, STATE_DIM, N_AVAIL = 3, 5, 4, 6, 2
 EPISODE_LIMIT, CAP = 6, 5  # the task's own limit; the --episode-steps cap the runs use
 KINDS = (("terminal", 3), ("timeout", 4), ("capped", CAP))  # (kind, length): one cycle = 12 env steps
@@ -73,9 +77,36 @@ STATE_SCALE = 5.0  # spreads eta_xi(s, a) at initialisation over both signs
 GAMMA, RHO, WINDOW, HIDDEN, EMBED, DUAL_HIDDEN = 0.9, 0.3, 3, 8, 4, 8
 LR, DUAL_LR, RMSPROP_EPS, ADAM_EPS, ALPHA = 5e-4, 1e-3, 1e-5, 1e-8, 0.99
 
-COMMON = ["--env", "building", "--episode-steps", CAP, "--learning-starts", 10, "--train-frequency", 2,
-          "--buffer-size", 200, "--window", WINDOW, "--hidden-dim", HIDDEN, "--gamma", GAMMA, "--rho", RHO,
-          "--learning-rate", LR, "--torch-threads", 1, "--log-every", 100, "--checkpoint-every", 0, "--seed", 5]
+COMMON = [
+    "--env",
+    "building",
+    "--episode-steps",
+    CAP,
+    "--learning-starts",
+    10,
+    "--train-frequency",
+    2,
+    "--buffer-size",
+    200,
+    "--window",
+    WINDOW,
+    "--hidden-dim",
+    HIDDEN,
+    "--gamma",
+    GAMMA,
+    "--rho",
+    RHO,
+    "--learning-rate",
+    LR,
+    "--torch-threads",
+    1,
+    "--log-every",
+    100,
+    "--checkpoint-every",
+    0,
+    "--seed",
+    5,
+]
 QMIX_FLAGS = ["--mixing-embed-dim", EMBED]
 TV_FLAGS = ["--dual-hidden-dim", DUAL_HIDDEN, "--dual-learning-rate", DUAL_LR]
 EXTRA = {"vdn_rho": [], "vdn_tv": TV_FLAGS, "qmix_rho": QMIX_FLAGS, "qmix_tv": QMIX_FLAGS + TV_FLAGS}
@@ -90,8 +121,15 @@ ONE_UPDATE = {
     # the paper's Alg. 5: Eq. 17 as written, eta clamped to Eq. (10); a dual network narrower than the agents' (6 vs 8)
     ("vdn_tv", "linear-clamp"): ["--dual-hidden-dim", 6],
     ("vdn_tv", "batch-min"): ["--worst-value", "batch-min", "--seed", 1],  # Eq. 29, Eq. (10) around m = min V' of the batch
-    ("vdn_tv", "squared-noclamp-clipped"): ["--dual-loss", "squared", "--no-eta-clamp", "--max-grad-norm", 0.05,
-                                            "--dual-max-grad-norm", 0.02],  # the released code's dual, both clips bind
+    ("vdn_tv", "squared-noclamp-clipped"): [
+        "--dual-loss",
+        "squared",
+        "--no-eta-clamp",
+        "--max-grad-norm",
+        0.05,
+        "--dual-max-grad-norm",
+        0.02,
+    ],  # the released code's dual, both clips bind
     ("qmix_rho", "rmsprop-clipped"): ["--max-grad-norm", 0.05],
     ("qmix_rho", "adam"): ["--optimizer", "adam"],  # the released QMIX optimiser; clip 10 does not bind
     ("qmix_tv", "linear-clamp-rmsprop"): [],
@@ -99,12 +137,28 @@ ONE_UPDATE = {
     ("qmix_tv", "batch-min-squared"): ["--worst-value", "batch-min", "--dual-loss", "squared"],  # m enters the gradient
     # eta_max = 2 / (rho (1 - gamma)) = 5, and a dual step large enough to take eta above it on part of the batch
     ("qmix_tv", "upper-clamp"): ["--rho", 0.8, "--gamma", 0.5, "--dual-learning-rate", 0.5],
-    ("qmix_tv", "squared-noclamp-adam-clipped"): ["--dual-loss", "squared", "--no-eta-clamp", "--optimizer", "adam",
-                                                  "--max-grad-norm", 0.05, "--dual-max-grad-norm", 0.02, "--single-coin",
-                                                  "--dual-hidden-dim", 12],
+    ("qmix_tv", "squared-noclamp-adam-clipped"): [
+        "--dual-loss",
+        "squared",
+        "--no-eta-clamp",
+        "--optimizer",
+        "adam",
+        "--max-grad-norm",
+        0.05,
+        "--dual-max-grad-norm",
+        0.02,
+        "--single-coin",
+        "--dual-hidden-dim",
+        12,
+    ],
 }
-CLIPS = {("vdn_rho", "rho0-clipped"): (0.05, 0.0), ("vdn_tv", "squared-noclamp-clipped"): (0.05, 0.02), ("qmix_rho", "rmsprop-clipped"): (0.05, 0.0),
-         ("qmix_tv", "squared-noclamp-adam-clipped"): (0.05, 0.02), ("qmix_tv", "upper-clamp"): (10.0, 0.0)}  # (Q clip, dual clip); 0 = none
+CLIPS = {
+    ("vdn_rho", "rho0-clipped"): (0.05, 0.0),
+    ("vdn_tv", "squared-noclamp-clipped"): (0.05, 0.02),
+    ("qmix_rho", "rmsprop-clipped"): (0.05, 0.0),
+    ("qmix_tv", "squared-noclamp-adam-clipped"): (0.05, 0.02),
+    ("qmix_tv", "upper-clamp"): (10.0, 0.0),
+}  # (Q clip, dual clip); 0 = none
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,8 +192,20 @@ class FakeTask:
 
     def reset(self, day: int):
         kind, length = KINDS[len(self.episodes) % len(KINDS)]
-        self.episodes.append({"kind": kind, "length": length, "day": day, "obs": [], "state": [], "avail": [], "actions": [], "reward": [],
-                                  "terminated": [], "truncated": []})
+        self.episodes.append(
+            {
+                "kind": kind,
+                "length": length,
+                "day": day,
+                "obs": [],
+                "state": [],
+                "avail": [],
+                "actions": [],
+                "reward": [],
+                "terminated": [],
+                "truncated": [],
+            }
+        )
         return self._observe()
 
     def step(self, actions):
@@ -168,22 +234,51 @@ def transitions(task: FakeTask) -> dict:
     windows ending at t and at t+1 built from the log (zero observations / previous action 0 before the
     episode start), s, s', a, r, the task's flags, the time-limit flag (the task's or the --episode-steps
     cap's) and the masks at t and t+1."""
-    keys = ("obs_w", "prev_w", "next_obs_w", "next_prev_w", "state", "next_state", "actions", "reward",
-            "terminated", "time_limit", "avail", "next_avail", "episode", "t")
+    keys = (
+        "obs_w",
+        "prev_w",
+        "next_obs_w",
+        "next_prev_w",
+        "state",
+        "next_state",
+        "actions",
+        "reward",
+        "terminated",
+        "time_limit",
+        "avail",
+        "next_avail",
+        "episode",
+        "t",
+    )
     out = {k: [] for k in keys}
     zeros_obs, zeros_a = np.zeros((N_AGENTS, OBS_DIM), np.float32), np.zeros(N_AGENTS, np.int64)
     for e, ep in enumerate(task.episodes):
+
         def window(end, ep=ep):
             taus = range(end - WINDOW + 1, end + 1)
-            return (np.stack([ep["obs"][tau] if tau >= 0 else zeros_obs for tau in taus]),
-                    np.stack([ep["actions"][tau - 1] if tau >= 1 else zeros_a for tau in taus]))
+            return (
+                np.stack([ep["obs"][tau] if tau >= 0 else zeros_obs for tau in taus]),
+                np.stack([ep["actions"][tau - 1] if tau >= 1 else zeros_a for tau in taus]),
+            )
 
         for t in range(len(ep["actions"])):
             (ow, pw), (now, npw) = window(t), window(t + 1)
-            row = {"obs_w": ow, "prev_w": pw, "next_obs_w": now, "next_prev_w": npw, "state": ep["state"][t],
-                       "next_state": ep["state"][t + 1], "actions": ep["actions"][t], "reward": ep["reward"][t],
-                       "terminated": float(ep["terminated"][t]), "time_limit": float(ep["truncated"][t] or t == CAP - 1),
-                       "avail": ep["avail"][t], "next_avail": ep["avail"][t + 1], "episode": e, "t": t}
+            row = {
+                "obs_w": ow,
+                "prev_w": pw,
+                "next_obs_w": now,
+                "next_prev_w": npw,
+                "state": ep["state"][t],
+                "next_state": ep["state"][t + 1],
+                "actions": ep["actions"][t],
+                "reward": ep["reward"][t],
+                "terminated": float(ep["terminated"][t]),
+                "time_limit": float(ep["truncated"][t] or t == CAP - 1),
+                "avail": ep["avail"][t],
+                "next_avail": ep["avail"][t + 1],
+                "episode": e,
+                "t": t,
+            }
             for k in keys:
                 out[k].append(row[k])
     arrays = {k: np.stack(v) if isinstance(v[0], np.ndarray) else np.array(v) for k, v in out.items()}
@@ -257,13 +352,14 @@ def _snapshot(state: dict, which: str, grads: bool) -> dict:
 def run(script: str, flags, cwd: str) -> Recording:
     """SCRIPTS[script] as __main__ on a FakeTask, with the hooks that fill a Recording."""
     rec = Recording()
-    real_run, real_mse = evaluation.TrainingRun, F.mse_loss
+    real_run, real_mse = run_plumbing.Run, F.mse_loss
 
     class CapturingRun(real_run):
-        def __init__(self, *args, **kwargs):
-            state = {k: v for k, v in kwargs.items() if k != "resume"}
-            rec.state = state
-            rec.init = {k: copy.deepcopy(v.state_dict()) for k, v in state.items() if isinstance(v, torch.nn.Module)}
+        def track(self, **state):  # the scripts call it more than once: collect what each call hands over
+            rec.state.update(state)
+            rec.init.update({k: copy.deepcopy(v.state_dict()) for k, v in state.items() if isinstance(v, torch.nn.Module)})
+            if "q_network" not in state:
+                return super().track(**state)
             greedy_q = state["q_network"].greedy_q
 
             def acting(obs_w, prev_w, *a, **k):
@@ -273,7 +369,7 @@ def run(script: str, flags, cwd: str) -> Recording:
                 return out
 
             state["q_network"].greedy_q = acting  # the online network's no-grad forward: acting only in these scripts
-            super().__init__(*args, **kwargs)
+            super().track(**state)
 
     def which(opt):
         return "q" if opt is rec.state.get("optimizer") else "dual" if opt is rec.state.get("dual_optimizer") else None
@@ -305,10 +401,9 @@ def run(script: str, flags, cwd: str) -> Recording:
         rec.rng_seed = seed
         return DrawLog(seed, rec.draws)
 
-    handles = [register_optimizer_step_pre_hook(pre),
-               register_optimizer_step_post_hook(post)]
+    handles = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evaluation, "TrainingRun", CapturingRun)
+        mp.setattr(run_plumbing, "Run", CapturingRun)
         mp.setattr(envs, "make_env", make_env)
         mp.setattr(F, "mse_loss", mse)
         mp.setattr(np.random, "default_rng", default_rng)
@@ -329,12 +424,33 @@ def runs(tmp_path_factory):
         if (script, case) not in cache:
             cwd = str(tmp_path_factory.mktemp(f"{script}_{case}"))
             if case in ("frozen", "copy8"):  # frozen: greedy acting; copy8: epsilon from 1 to 0.05 over 24 steps
-                freq, explore = (10**9, [0, "--end-e", 0]) if case == "frozen" else (8, [1, "--end-e", 0.05, "--exploration-steps", 24])
-                flags = ["--total-episodes", 9, "--batch-size", 8, "--start-e", *explore,
-                         "--target-network-frequency", freq, "--run-name", case]
+                freq, explore = (
+                    (10**9, [0, "--end-e", 0]) if case == "frozen" else (8, [1, "--end-e", 0.05, "--exploration-steps", 24])
+                )
+                flags = [
+                    "--total-episodes",
+                    9,
+                    "--batch-size",
+                    8,
+                    "--start-e",
+                    *explore,
+                    "--target-network-frequency",
+                    freq,
+                    "--run-name",
+                    case,
+                ]
             else:
-                flags = ["--total-episodes", 3, "--batch-size", 32, "--target-network-frequency", 1000,
-                         "--run-name", case, *ONE_UPDATE[(script, case)]]
+                flags = [
+                    "--total-episodes",
+                    3,
+                    "--batch-size",
+                    32,
+                    "--target-network-frequency",
+                    1000,
+                    "--run-name",
+                    case,
+                    *ONE_UPDATE[(script, case)],
+                ]
             cache[(script, case)] = run(script, flags, cwd)
         return cache[(script, case)]
 
@@ -351,16 +467,24 @@ def agent_q(p: dict, obs_w, prev_w):
     W, B = prev_w.shape[:2]
     qs = []
     for k in range(N_AGENTS):
-        x = obs_w[:, :, k] @ p["drqn.fc1_obs"][k].T + p["drqn.fc1_table"][k][prev_w[:, :, k]] + p["drqn.fc1_bias"][k]
+        x = (
+            obs_w[:, :, k] @ p["drqn.fc1.weight_obs"][k].T
+            + p["drqn.fc1.weight_onehot"][k][prev_w[:, :, k]]
+            + p["drqn.fc1.bias"][k]
+        )
         x = torch.relu(x)
-        h = c = x.new_zeros(B, p["drqn.lstm_weight_hh"].shape[-1])
+        h = c = x.new_zeros(B, p["drqn.lstm.weight_hh_l0"].shape[-1])
         for t in range(W):
-            gates = (x[t] @ p["drqn.lstm_weight_ih"][k].T + p["drqn.lstm_bias_ih"][k]
-                     + h @ p["drqn.lstm_weight_hh"][k].T + p["drqn.lstm_bias_hh"][k])
+            gates = (
+                x[t] @ p["drqn.lstm.weight_ih_l0"][k].T
+                + p["drqn.lstm.bias_ih_l0"][k]
+                + h @ p["drqn.lstm.weight_hh_l0"][k].T
+                + p["drqn.lstm.bias_hh_l0"][k]
+            )
             i, f, g, o = gates.chunk(4, -1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
-        qs.append(torch.relu(h) @ p["drqn.fc_out_weight"][k].T + p["drqn.fc_out_bias"][k])
+        qs.append(torch.relu(h) @ p["drqn.fc_out.weight"][k].T + p["drqn.fc_out.bias"][k])
     return torch.stack(qs, 1)
 
 
@@ -449,9 +573,16 @@ def first_step(grads: dict, optimiser: str, lr: float) -> dict:
 
 def flags_of(rec: Recording) -> dict:
     a = rec.g["args"]
-    return {"optimizer": getattr(a, "optimizer", "rmsprop"), "clip": a.max_grad_norm, "dual_clip": getattr(a, "dual_max_grad_norm", 0),
-            "squared": getattr(a, "dual_loss", "") == "squared", "clamp": getattr(a, "eta_clamp", True), "rho": a.rho,
-            "worst": a.worst_value, "gamma": a.gamma}
+    return {
+        "optimizer": getattr(a, "optimizer", "rmsprop"),
+        "clip": a.max_grad_norm,
+        "dual_clip": getattr(a, "dual_max_grad_norm", 0),
+        "squared": getattr(a, "dual_loss", "") == "squared",
+        "clamp": getattr(a, "eta_clamp", True),
+        "rho": a.rho,
+        "worst": a.worst_value,
+        "gamma": a.gamma,
+    }
 
 
 def dual_prediction(dual_params: dict, v, b: dict, f: dict, squared: bool, clamp: bool, dual_clip: float):
@@ -522,8 +653,7 @@ def assert_distinct(recorded: dict, wrong: dict, what: str):
 def assert_moves(init: dict, final: dict, predicted: dict, what: str, lr: float):
     """theta_1 - theta_0 = the predicted first step, for every parameter tensor."""
     for k, move in predicted.items():
-        torch.testing.assert_close(final[k] - init[k], move, rtol=2e-3, atol=2e-3 * lr,
-                                   msg=lambda m, k=k: f"{what} {k}: {m}")
+        torch.testing.assert_close(final[k] - init[k], move, rtol=2e-3, atol=2e-3 * lr, msg=lambda m, k=k: f"{what} {k}: {m}")
 
 
 def assert_widths(rec: Recording):
@@ -531,16 +661,31 @@ def assert_widths(rec: Recording):
     --mixing-embed-dim, the dual network --dual-hidden-dim (the recomputation takes its shapes from the weights, so
     a network built with another flag's width would go unseen otherwise)."""
     a, H, S = rec.g["args"], rec.g["args"].hidden_dim, STATE_DIM
-    shapes = {"q_network": {"drqn.fc1_obs": (N_AGENTS, H, OBS_DIM), "drqn.fc1_table": (N_AGENTS, N_ACTIONS, H),
-                            "drqn.lstm_weight_hh": (N_AGENTS, 4 * H, H), "drqn.fc_out_weight": (N_AGENTS, N_ACTIONS, H)}}
+    shapes = {
+        "q_network": {
+            "drqn.fc1.weight_obs": (N_AGENTS, H, OBS_DIM),
+            "drqn.fc1.weight_onehot": (N_AGENTS, N_ACTIONS, H),
+            "drqn.lstm.weight_hh_l0": (N_AGENTS, 4 * H, H),
+            "drqn.fc_out.weight": (N_AGENTS, N_ACTIONS, H),
+        }
+    }
     if "mixer" in rec.init:
         E = a.mixing_embed_dim
-        shapes["mixer"] = {"hyper_w1.weight": (N_AGENTS * E, S), "hyper_b1.weight": (E, S), "hyper_w2.weight": (E, S),
-                           "hyper_v.0.weight": (E, S), "hyper_v.2.weight": (1, E)}
+        shapes["mixer"] = {
+            "hyper_w1.weight": (N_AGENTS * E, S),
+            "hyper_b1.weight": (E, S),
+            "hyper_w2.weight": (E, S),
+            "hyper_v.0.weight": (E, S),
+            "hyper_v.2.weight": (1, E),
+        }
     if "dual_network" in rec.init:
         D = a.dual_hidden_dim
-        shapes["dual_network"] = {"state_fc.weight": (D, S), "action_fc.weight": (D, N_AGENTS * N_ACTIONS),
-                                  "fc.weight": (D, 2 * D), "out.weight": (1, D)}
+        shapes["dual_network"] = {
+            "state_fc.weight": (D, S),
+            "action_fc.weight": (D, N_AGENTS * N_ACTIONS),
+            "fc.weight": (D, 2 * D),
+            "out.weight": (1, D),
+        }
     for net, want in shapes.items():
         for key, shape in want.items():
             assert tuple(rec.init[net][key].shape) == shape, (net, key, tuple(rec.init[net][key].shape), shape)
@@ -566,7 +711,7 @@ def test_one_update_moves_every_parameter_as_predicted(runs, script, case):
     more than 10 tolerances away from the recorded ones somewhere: the check sees each of them."""
     rec = runs(script, case)
     g, f, a = rec.g, flags_of(rec), rec.g["args"]
-    assert g["n_updates"] == 1 and g["global_step"] == 12
+    assert len(rec.q_steps()) == 1 and g["global_step"] == 12
     tv = is_tv(script)
     assert [s["which"] for s in rec.steps] == (["dual", "q"] if tv else ["q"])  # TV: the dual step comes first
     tr = transitions(rec.task)
@@ -576,7 +721,7 @@ def test_one_update_moves_every_parameter_as_predicted(runs, script, case):
     clip, dual_clip = CLIPS.get((script, case), (f["clip"], 0.0))
     assert (clip, dual_clip) == (f["clip"], f["dual_clip"])
 
-    idx = g["idx"]
+    idx = g["b"].idx  # the loop's last (here: only) Q minibatch
     b = batch(tr, idx)
     assert {2, 6, 11} <= set(idx.tolist())  # terminal, time-out, capped: all in the Q minibatch
     v = next_value(script, theta0, mixer0, b)
@@ -585,7 +730,7 @@ def test_one_update_moves_every_parameter_as_predicted(runs, script, case):
     if tv:
         (dual_step,) = rec.dual_steps()
         xi0 = rec.init["dual_network"]
-        dual_idx = g["dual_idx"]
+        dual_idx = g["dual_b"].idx
         bd = batch(tr, dual_idx)
         assert 2 in set(dual_idx.tolist()) and len(set(dual_idx.tolist()) & {6, 11}) > 0
         vd = next_value(script, theta0, mixer0, bd)
@@ -620,21 +765,29 @@ def test_one_update_moves_every_parameter_as_predicted(runs, script, case):
     assert_moves(init, final, move, "Q move", LR)
 
     # Plausible wrong computations predict gradients the loop did not produce.
-    wrong = {"truncation as terminal": target_y(script, b, v, eta, f, time_limit_terminal=True),
-             "unmasked max": target_y(script, b, next_value(script, theta0, mixer0, b, masked=False), eta, f)}
+    wrong = {
+        "truncation as terminal": target_y(script, b, v, eta, f, time_limit_terminal=True),
+        "unmasked max": target_y(script, b, next_value(script, theta0, mixer0, b, masked=False), eta, f),
+    }
     if tv:
         with torch.no_grad():
             wrong["eta clamp flipped"] = target_y(script, b, v, clamp_eta(raw, f, v, b["terminated"], not f["clamp"]), f)
             wrong["eta of the dual net before its step"] = target_y(
-                script, b, v, clamp_eta(dual_eta(xi0, b["state"], b["actions"]), f, v, b["terminated"]), f)
+                script, b, v, clamp_eta(dual_eta(xi0, b["state"], b["actions"]), f, v, b["terminated"]), f
+            )
             if case == "upper-clamp":
                 wrong["eta clamped at 0 only (no upper end)"] = target_y(script, b, v, raw.clamp(min=0.0), f)
         recorded = {k[1]: v_ for k, v_ in dual_step["grad"].items()}
-        assert_distinct(recorded, dual_prediction(xi0, vd, bd, f, not f["squared"], f["clamp"], dual_clip)[1], "dual loss kind")
+        assert_distinct(
+            recorded, dual_prediction(xi0, vd, bd, f, not f["squared"], f["clamp"], dual_clip)[1], "dual loss kind"
+        )
         assert_distinct(recorded, dual_prediction(xi0, vd, bd, f, f["squared"], not f["clamp"], dual_clip)[1], "dual clamp")
         live_all = dict(bd, terminated=torch.zeros_like(bd["terminated"]))
-        assert_distinct(recorded, dual_prediction(xi0, vd, live_all, f, f["squared"], f["clamp"], dual_clip)[1],
-                        "terminated transitions in the dual loss")
+        assert_distinct(
+            recorded,
+            dual_prediction(xi0, vd, live_all, f, f["squared"], f["clamp"], dual_clip)[1],
+            "terminated transitions in the dual loss",
+        )
     elif f["rho"] > 0:
         wrong["rho dropped"] = b["reward"] + f["gamma"] * (1.0 - b["terminated"]) * v
     else:  # plain VDN (--rho 0): a loop that used some other rho (e.g. the default radius of another script)
@@ -645,14 +798,19 @@ def test_one_update_moves_every_parameter_as_predicted(runs, script, case):
         if tv:
             with torch.no_grad():
                 wrong["m dropped (min V = 0)"] = target_y(script, b, v, clamp_eta(raw, zero, v, b["terminated"]), zero)
-            assert_distinct(recorded, dual_prediction(xi0, vd, bd, zero, f["squared"], f["clamp"], dual_clip)[1],
-                            "m dropped from the dual loss")
+            assert_distinct(
+                recorded,
+                dual_prediction(xi0, vd, bd, zero, f["squared"], f["clamp"], dual_clip)[1],
+                "m dropped from the dual loss",
+            )
         else:
             wrong["m dropped (min V = 0)"] = target_y(script, b, v, None, zero)
-            wrong["m without gamma (Eq. 28 as printed)"] = (b["reward"] + (1.0 - b["terminated"]) * (
-                f["gamma"] * (1.0 - f["rho"]) * v + f["rho"] * live_v.min()))
-            wrong["m over V' not zeroed at a terminal state"] = (b["reward"] + f["gamma"] * (1.0 - b["terminated"]) * (
-                (1.0 - f["rho"]) * v + f["rho"] * v.min()))
+            wrong["m without gamma (Eq. 28 as printed)"] = b["reward"] + (1.0 - b["terminated"]) * (
+                f["gamma"] * (1.0 - f["rho"]) * v + f["rho"] * live_v.min()
+            )
+            wrong["m over V' not zeroed at a terminal state"] = b["reward"] + f["gamma"] * (1.0 - b["terminated"]) * (
+                (1.0 - f["rho"]) * v + f["rho"] * v.min()
+            )
     for name, y_wrong in wrong.items():
         bad, _ = q_prediction(script, theta0, mixer0, y_wrong, b, clip)
         assert_distinct(step["grad"], bad, name)
@@ -700,14 +858,15 @@ def check_last_update(rec: Recording, script: str, tr: dict, target: dict, targe
     g, f = rec.g, flags_of(rec)
     q_step = rec.q_steps()[-1]
     agents, mixer = split(q_step["before"])
-    b = batch(tr, g["idx"])
+    b = batch(tr, g["b"].idx)
     raw = None
     if is_tv(script):
         dual_step = rec.dual_steps()[-1]
-        bd = batch(tr, g["dual_idx"])
+        bd = batch(tr, g["dual_b"].idx)
         xi_before = {k[1]: v for k, v in dual_step["before"].items()}
-        _, dgrads, _ = dual_prediction(xi_before, next_value(script, target, target_mixer, bd), bd, f, f["squared"], f["clamp"],
-                                       f["dual_clip"])
+        _, dgrads, _ = dual_prediction(
+            xi_before, next_value(script, target, target_mixer, bd), bd, f, f["squared"], f["clamp"], f["dual_clip"]
+        )
         assert_grads({k[1]: v for k, v in dual_step["grad"].items()}, dgrads, "last dual grad")
         xi_after = {k[1]: v for k, v in dual_step["after"].items()}
         with torch.no_grad():
@@ -733,7 +892,7 @@ def test_frozen_target_bootstraps_from_the_initial_weights(runs, script):
     online weights (a bootstrap from the online network) the cache and the gradients do not match."""
     rec = runs(script, "frozen")
     g = rec.g
-    assert g["n_updates"] == N_LONG_UPDATES and g["target_version"] == 0 and len(rec.q_steps()) == N_LONG_UPDATES
+    assert len(rec.q_steps()) == N_LONG_UPDATES and g["rb"].version == 0  # 13 gradient steps, no hard copy
     tr = transitions(rec.task)
     theta0, mixer0 = rec.init["q_network"], rec.init.get("mixer")
     for name, online_name in (("target_network", "q_network"), ("target_mixer", "mixer")):
@@ -761,7 +920,7 @@ def test_hard_copy_every_8_steps_puts_the_online_weights_in_the_target(runs, scr
     the weights of the copy before (version 3, after the update of step 24) nor theta_0."""
     rec = runs(script, "copy8")
     g = rec.g
-    assert g["n_updates"] == N_LONG_UPDATES and g["target_version"] == 4
+    assert len(rec.q_steps()) == N_LONG_UPDATES and g["rb"].version == 4  # 13 gradient steps, 4 hard copies
     tr = transitions(rec.task)
     steps = rec.q_steps()
     last_copy, previous_copy = (split(steps[update_index(s)]["after"]) for s in (32, 24))
@@ -802,7 +961,7 @@ def test_time_limits_bootstrap_and_true_ends_do_not(runs, script, case):
     np.testing.assert_array_equal(rb.terminated[:12], expect_term)
     np.testing.assert_array_equal(rb.truncated[:12], expect_trunc)
 
-    idx = g["idx"]
+    idx = g["b"].idx
     b = batch(tr, idx)
     v = next_value(script, rec.init["q_network"], rec.init.get("mixer"), b)
     eta = None
@@ -910,7 +1069,7 @@ def test_acting_follows_the_history_the_epsilon_schedule_and_the_seeded_draws(ru
 
     n = len(tr["reward"])
     updates, steps, theta0 = update_steps(a, n), rec.q_steps(), rec.init["q_network"]
-    assert len(updates) == len(steps) == rec.g["n_updates"] and len(rec.acting) == n
+    assert len(updates) == len(steps) and len(rec.acting) == n
     lo, hi = (int(x) for x in a.train_days.split(":"))
     n_batch = (2 if is_tv(script) else 1) * a.batch_size
     draws = iter(rec.draws)
@@ -946,14 +1105,17 @@ def test_acting_follows_the_history_the_epsilon_schedule_and_the_seeded_draws(ru
             clear = ((top2[:, 0] - top2[:, 1]) > 1e-5).numpy()
             greedy = masked.argmax(-1).numpy()
             np.testing.assert_array_equal(taken[explore], random_actions[explore], err_msg=f"step {j}: exploring agents")
-            np.testing.assert_array_equal(taken[~explore & clear], greedy[~explore & clear], err_msg=f"step {j}: greedy agents")
+            np.testing.assert_array_equal(
+                taken[~explore & clear], greedy[~explore & clear], err_msg=f"step {j}: greedy agents"
+            )
             n_random, n_greedy = n_random + int(explore.sum()), n_greedy + int((~explore & clear).sum())
             j += 1
             if j in updates:
                 idx = draw("integers", (n_batch,), (0, j))
                 if j == updates[-1]:
-                    np.testing.assert_array_equal(idx, np.concatenate([rec.g["dual_idx"], rec.g["idx"]]) if is_tv(script)
-                                                  else rec.g["idx"])
+                    np.testing.assert_array_equal(
+                        idx, np.concatenate([rec.g["dual_b"].idx, rec.g["b"].idx]) if is_tv(script) else rec.g["b"].idx
+                    )
     assert next(draws, None) is None  # nothing else drawn
     if case == "copy8":  # both branches of epsilon-greedy are exercised
         assert n_random >= 20 and n_greedy >= 20, (n_random, n_greedy)

@@ -1,9 +1,8 @@
 """experiments/losses.py: the per-bin means of a run's logged scalars, against values written here."""
 
 import pytest
-from torch.utils.tensorboard import SummaryWriter
-
 from conftest import import_file
+from torch.utils.tensorboard import SummaryWriter
 
 
 @pytest.fixture(scope="module")

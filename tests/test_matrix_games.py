@@ -44,7 +44,7 @@ import torch
 from conftest import describe, import_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from matrix_report import GAMMA, RHO, Learned, run_args, run_jobs  # noqa: E402
+from matrix_report import GAMMA, RHO, Learned, run_args, run_jobs
 
 # The games, written down again here (independent of envs.py).
 PAYOFF = np.array([[8, -12, -12], [-12, 0, 0], [-12, 0, 0]], dtype=float)  # QTRAN paper Table 1a
@@ -71,8 +71,13 @@ RUNS = {  # name -> (script, game, extra flags)
     "qtran_tv_batch_min": ("robust_qtran_tv", "two-step", ["--rho", str(RHO_BATCH_MIN), "--worst-value", "batch-min"]),
 }
 # The (script, game) pairs no learning test above covers: each must still train on the game.
-SMOKE = [("robust_qmix_rho", "one-step"), ("robust_qtran_rho", "two-step"), ("robust_vdn_tv", "one-step"),
-         ("robust_qmix_tv", "one-step"), ("robust_qtran_tv", "one-step")]
+SMOKE = [
+    ("robust_qmix_rho", "one-step"),
+    ("robust_qtran_rho", "two-step"),
+    ("robust_vdn_tv", "one-step"),
+    ("robust_qmix_tv", "one-step"),
+    ("robust_qtran_tv", "one-step"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +86,15 @@ def runs(tmp_path_factory):
     the runs in DIR and reuses those already there (runs/<name>/model.pt), e.g. to rerun the checks."""
     cwd = os.environ.get("MATRIX_TEST_RUNS") or str(tmp_path_factory.mktemp("matrix"))
     plan = {name: (script, run_args(game, name, *flags)) for name, (script, game, flags) in RUNS.items()}
-    plan.update({f"smoke_{script}_{game}": (script, run_args(game, f"smoke_{script}_{game}", "--total-episodes", "100",
-                                                                "--learning-starts", "16")) for script, game in SMOKE})
+    plan.update(
+        {
+            f"smoke_{script}_{game}": (
+                script,
+                run_args(game, f"smoke_{script}_{game}", "--total-episodes", "100", "--learning-starts", "16"),
+            )
+            for script, game in SMOKE
+        }
+    )
     todo = [name for name in plan if not os.path.isfile(os.path.join(cwd, "runs", name, "model.pt"))]
     procs = dict(zip(todo, run_jobs([(f"algos/{plan[n][0]}.py", plan[n][1], cwd) for n in todo], workers=2)))
     return {name: (procs.get(name), cwd) for name in plan}

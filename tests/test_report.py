@@ -14,7 +14,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
 from conftest import import_file
 
 
@@ -88,13 +87,28 @@ def test_verdict_is_the_side_of_zero_our_interval_lies_on(stats):
 def fake(method, rho, seed, env1, env6, season, paper, script="algos/robust_vdn_tv.py", machine=None):
     climate = {f"env_{i}": env1 - 0.01 * i for i in range(1, 7)}
     climate["env_1"], climate["env_6"] = env1, env6
-    run = {"grid": "g", "method": method, "paper": paper, "script": script, "flags": [], "rho": rho, "seed": seed,
-           "run_name": f"g/{method}__rho{rho!r}__seed{seed}", "command": f"python {script} --seed {seed}", "args": {},
-           "commit": "abc", "train_seconds": 120.0, "eval_days": [1, 2],
-           "normalised_return": {"paper-tables": {"env_1": env1, "env_6": env6}, "climate": climate,
-                                 "season": {"env_1": season}},
-           "curve": {"tag": "charts/normalised_return", "episodes": [10, 20, 30], "env_steps": [2870, 5740, 8610],
-                     "mean": [env1 - 0.5, env1 - 0.2, env1]}}
+    run = {
+        "grid": "g",
+        "method": method,
+        "paper": paper,
+        "script": script,
+        "flags": [],
+        "rho": rho,
+        "seed": seed,
+        "run_name": f"g/{method}__rho{rho!r}__seed{seed}",
+        "command": f"python {script} --seed {seed}",
+        "args": {},
+        "commit": "abc",
+        "train_seconds": 120.0,
+        "eval_days": [1, 2],
+        "normalised_return": {"paper-tables": {"env_1": env1, "env_6": env6}, "climate": climate, "season": {"env_1": season}},
+        "curve": {
+            "tag": "charts/normalised_return",
+            "episodes": [10, 20, 30],
+            "env_steps": [2870, 5740, 8610],
+            "mean": [env1 - 0.5, env1 - 0.2, env1],
+        },
+    }
     if machine is not None:
         run["machine"] = machine
     return run
@@ -159,8 +173,15 @@ def test_claims_rows_against_hand_computed_differences(written):
     text = written["text"]
     se2 = math.hypot(0.049, 0.040)
     assert claim_row(text, "VDN TV > VDN non-robust", "env_6") == [
-        "VDN TV > VDN non-robust", "env_6 (Table 2)", f"{0.627 - 0.440:+.3f} +- {se2:.3f}", "+0.300 [+0.100, +0.500]",
-        "2 vs 2", "1.00", "yes", "reproduced"]
+        "VDN TV > VDN non-robust",
+        "env_6 (Table 2)",
+        f"{0.627 - 0.440:+.3f} +- {se2:.3f}",
+        "+0.300 [+0.100, +0.500]",
+        "2 vs 2",
+        "1.00",
+        "yes",
+        "reproduced",
+    ]
     env1 = claim_row(text, "VDN TV > VDN non-robust", "env_1")
     assert env1[2] == f"{0.898 - 0.877:+.3f} +- {math.hypot(0.008, 0.012):.3f}"
     assert env1[3:] == ["-0.015 [-0.080, +0.050]", "2 vs 2", "0.50", "yes", "not significant either way"]
@@ -197,8 +218,11 @@ def test_marl_eval_json_follows_the_marl_eval_format(written):
                     assert run_name.startswith("seed_") and "absolute_metrics" in run
                     metrics = set(run["absolute_metrics"])
                     for step, content in run.items():
-                        assert all(isinstance(v, list) and all(math.isfinite(x) for x in v)
-                                   for k, v in content.items() if k != "step_count")
+                        assert all(
+                            isinstance(v, list) and all(math.isfinite(x) for x in v)
+                            for k, v in content.items()
+                            if k != "step_count"
+                        )
                         if step != "absolute_metrics":
                             assert step.startswith("step_") and type(content["step_count"]) is int
                             assert set(content) - {"step_count"} == metrics
@@ -208,8 +232,10 @@ def test_marl_eval_json_follows_the_marl_eval_format(written):
     for (method, rho, seed), (e1, e6, season) in runs.items():
         algo, run = f"{method}_rho{rho:g}", f"seed_{seed}"
         b = data["building"]
-        assert b["env_6"][algo][run] == {"step_0": {"step_count": 8610, "normalised_return": [e6]},
-                                         "absolute_metrics": {"normalised_return": [e6]}}
+        assert b["env_6"][algo][run] == {
+            "step_0": {"step_count": 8610, "normalised_return": [e6]},
+            "absolute_metrics": {"normalised_return": [e6]},
+        }
         assert b["env_3"][algo][run]["step_0"]["normalised_return"] == [pytest.approx(e1 - 0.03)]
         assert b["season"][algo][run]["absolute_metrics"]["normalised_return"] == [season]
         curve = data["building_training"]["env_1"][algo][run]

@@ -8,19 +8,26 @@ means and standard errors with numpy.
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import import_file
 
 QMIX_SCRIPTS = ["robust_qmix_rho", "robust_qmix_tv", "groupdr_qmix"]
 QTRAN_SCRIPTS = ["robust_qtran_rho", "robust_qtran_tv", "groupdr_qtran"]
 TV_SCRIPTS = ["robust_vdn_tv", "robust_qmix_tv", "robust_qtran_tv"]
-ALL_SCRIPTS = ["robust_vdn_rho", "robust_vdn_tv", "robust_qmix_rho", "robust_qmix_tv", "robust_qtran_rho",
-               "robust_qtran_tv", "groupdr_vdn", "groupdr_qmix", "groupdr_qtran"]
+ALL_SCRIPTS = [
+    "robust_vdn_rho",
+    "robust_vdn_tv",
+    "robust_qmix_rho",
+    "robust_qmix_tv",
+    "robust_qtran_rho",
+    "robust_qtran_tv",
+    "groupdr_vdn",
+    "groupdr_qmix",
+    "groupdr_qtran",
+]
 
 
 def algo(name):
@@ -84,7 +91,9 @@ def test_qtran_v_net_is_the_released_shape(name):
     assert tuple(net.v_fc.weight.shape) == (64, 128) and tuple(net.v_out.weight.shape) == (1, 64)
     s, f = torch.randn(5, 10), torch.randn(5, 64)
     relu = torch.relu
-    hidden = torch.cat([relu(s @ net.v_state.weight.T + net.v_state.bias), relu(f @ net.v_feat.weight.T + net.v_feat.bias)], -1)
+    hidden = torch.cat(
+        [relu(s @ net.v_state.weight.T + net.v_state.bias), relu(f @ net.v_feat.weight.T + net.v_feat.bias)], -1
+    )
     expected = relu(hidden @ net.v_fc.weight.T + net.v_fc.bias) @ net.v_out.weight.T + net.v_out.bias
     torch.testing.assert_close(net.v_tot(s, f), expected.squeeze(-1))
 
@@ -125,22 +134,27 @@ def test_released_squared_dual_is_minimised_at_eta_equal_next_value(name, rho):
     grid = torch.linspace(-400.0, 50.0, 450_001, dtype=torch.float64)  # step 0.001
     for q in next_values:
         v = torch.full_like(grid, q)
-        per_sample = torch.stack([module.dual_loss(grid[i : i + 1], v[i : i + 1], rho, kind="squared")
-                                  for i in range(0, len(grid), 5_000)])  # the script's own loss, coarse
-        assert per_sample.argmin().item() == int(np.argmin([((max(e - q, 0.0)) - (1 - rho) * e) ** 2
-                                                             for e in grid[::5_000].tolist()]))
+        per_sample = torch.stack(
+            [module.dual_loss(grid[i : i + 1], v[i : i + 1], rho, kind="squared") for i in range(0, len(grid), 5_000)]
+        )  # the script's own loss, coarse
+        assert per_sample.argmin().item() == int(
+            np.argmin([((max(e - q, 0.0)) - (1 - rho) * e) ** 2 for e in grid[::5_000].tolist()])
+        )
         exact = (torch.relu(grid - q) - (1 - rho) * grid) ** 2  # the released term, written out here
         eta_star = grid[exact.argmin()].item()
         assert abs(eta_star - q) <= 1e-3
-        y = module.robust_target(torch.tensor([-7.0]), torch.tensor([q]), torch.tensor([eta_star]),
-                                 torch.tensor([0.0]), gamma, rho)
+        y = module.robust_target(
+            torch.tensor([-7.0]), torch.tensor([q]), torch.tensor([eta_star]), torch.tensor([0.0]), gamma, rho
+        )
         assert abs(y.item() - (-7.0 + gamma * (1 - rho) * q)) < 1e-3
         # the paper's linear loss on Eq. (10)'s range: minimised at the floor, nominal target
         lo, hi = 0.0, 2.0 / (rho * (1 - gamma))
         feasible = grid[(grid >= lo) & (grid <= hi)]
         linear = torch.relu(feasible - q) - (1 - rho) * feasible
         assert feasible[linear.argmin()].item() == pytest.approx(0.0, abs=1.5e-3)  # the first grid point >= 0
-        y0 = module.robust_target(torch.tensor([-7.0]), torch.tensor([q]), torch.tensor([0.0]), torch.tensor([0.0]), gamma, rho)
+        y0 = module.robust_target(
+            torch.tensor([-7.0]), torch.tensor([q]), torch.tensor([0.0]), torch.tensor([0.0]), gamma, rho
+        )
         assert abs(y0.item() - (-7.0 + gamma * q)) < 1e-4
 
 
@@ -148,21 +162,38 @@ def test_released_squared_dual_is_minimised_at_eta_equal_next_value(name, rho):
 def _fake_result(method, rho, seed, env1, env6, season, paper="QMIX TV"):
     climate = {f"env_{i}": env1 - 0.01 * i for i in range(1, 7)}
     climate["env_1"], climate["env_6"] = env1, env6
-    return {"grid": "g", "method": method, "paper": paper, "script": "algos/robust_qmix_tv.py", "flags": [], "rho": rho,
-            "seed": seed, "run_name": f"g/{method}__rho{rho!r}__seed{seed}", "command": f"python x --seed {seed}",
-            "args": {}, "commit": "abc", "train_seconds": 60.0, "eval_days": [1, 2],
-            "normalised_return": {"paper-tables": {"env_1": env1, "env_6": env6}, "climate": climate,
-                                  "season": {"env_1": season}},
-            "curve": {"tag": "charts/normalised_return", "episodes": [10, 20], "env_steps": [2870, 5740],
-                      "mean": [env1 - 0.5, env1]}}
+    return {
+        "grid": "g",
+        "method": method,
+        "paper": paper,
+        "script": "algos/robust_qmix_tv.py",
+        "flags": [],
+        "rho": rho,
+        "seed": seed,
+        "run_name": f"g/{method}__rho{rho!r}__seed{seed}",
+        "command": f"python x --seed {seed}",
+        "args": {},
+        "commit": "abc",
+        "train_seconds": 60.0,
+        "eval_days": [1, 2],
+        "normalised_return": {"paper-tables": {"env_1": env1, "env_6": env6}, "climate": climate, "season": {"env_1": season}},
+        "curve": {
+            "tag": "charts/normalised_return",
+            "episodes": [10, 20],
+            "env_steps": [2870, 5740],
+            "mean": [env1 - 0.5, env1],
+        },
+    }
 
 
 def test_report_tables_from_fixed_json(tmp_path):
     report = import_file("report_under_test", "experiments/report.py")
     res = tmp_path / "results" / "g"
     res.mkdir(parents=True)
-    runs = [_fake_result("qmix_tv_released", 0.2, s, e1, e6, se) for s, e1, e6, se in
-            [(1, 0.90, 0.60, 0.50), (2, 0.92, 0.50, 0.55), (3, 0.88, 0.70, 0.45)]]
+    runs = [
+        _fake_result("qmix_tv_released", 0.2, s, e1, e6, se)
+        for s, e1, e6, se in [(1, 0.90, 0.60, 0.50), (2, 0.92, 0.50, 0.55), (3, 0.88, 0.70, 0.45)]
+    ]
     runs.append(_fake_result("qmix_released", 0.0, 1, 0.85, 0.33, 0.4, paper="QMIX non-robust"))
     for r in runs:
         (res / f"{r['method']}__seed{r['seed']}.json").write_text(json.dumps(r))
@@ -204,9 +235,11 @@ def test_eval_aggregates_several_authors_dirs(tmp_path, eval_mod):
         for k in range(6):
             torch.save(eval_mod.agent_state_dict(net.drqn, k), d / f"agent_{k}_q_network.pt")
         dirs.append(str(d))
-    base = dict(protocol="custom", configs="env_1", days="5:7", episode_steps=6)
+    base = {"protocol": "custom", "configs": "env_1", "days": "5:7", "episode_steps": 6}
     together = eval_mod.main(eval_mod.Args(authors_dir=dirs, out=str(tmp_path / "both.json"), **base))
-    alone = [eval_mod.main(eval_mod.Args(authors_dir=[d], out=str(tmp_path / f"{i}.json"), **base)) for i, d in enumerate(dirs)]
+    alone = [
+        eval_mod.main(eval_mod.Args(authors_dir=[d], out=str(tmp_path / f"{i}.json"), **base)) for i, d in enumerate(dirs)
+    ]
     assert list(together["table"]) == ["authors: robust_qmix_rho_0.012"]
     cell = together["table"]["authors: robust_qmix_rho_0.012"]["env_1"]
     per_dir = [np.mean(a["episodes"][0]["normalised"]) for a in alone]

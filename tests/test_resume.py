@@ -3,12 +3,12 @@
 * resume is exact, for all nine scripts: a run killed with SIGKILL in the middle of an episode after
   its checkpoint and continued with --resume ends in exactly the state of an uninterrupted run: the
   final checkpoint.pt (every network and target, every optimiser, the replay buffer with its cached
-  target values and versions, every RNG state, the counters) and model.pt are equal bit for bit; the
+  target values and version, every RNG state, the episode and env step) and model.pt are equal bit for bit; the
   resumed process starts at the checkpoint's episode (not from scratch); TensorBoard holds the same
   points as the uninterrupted run's, none twice, although the killed process logged past its checkpoint;
 * SIGTERM (a real signal from another process): the episode finishes, a checkpoint is written, the
   resume command printed, exit 143;
-* NaN guard: a diverging run (--learning-rate 1e30) stops with one stderr line naming the env step and
+* NaN guard: a diverging run (--learning-rate 1e30) stops with one stderr line naming the episode and
   the last good checkpoint, exit 3, no model.pt, the checkpoint finite;
 * --resume with a differing flag: one line naming it; budget flags change, left-out flags come from
   the checkpoint;
@@ -25,26 +25,57 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import re
 import runpy
 import shutil
 import sys
 import tempfile
 import threading
+import types
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, SUBPROCESS_TIMEOUT, describe, import_file, run_parallel
 
-SCRIPTS = ["robust_vdn_rho", "robust_vdn_tv", "robust_qmix_rho", "robust_qmix_tv", "robust_qtran_rho",
-           "robust_qtran_tv", "groupdr_vdn", "groupdr_qmix", "groupdr_qtran"]
+import runs
+
+SCRIPTS = [
+    "robust_vdn_rho",
+    "robust_vdn_tv",
+    "robust_qmix_rho",
+    "robust_qmix_tv",
+    "robust_qtran_rho",
+    "robust_qtran_tv",
+    "groupdr_vdn",
+    "groupdr_qmix",
+    "groupdr_qtran",
+]
 GROUPDR_CONFIGS = ["env_1", "env_2"]
 EPISODE_STEPS, EPISODES, EVERY = 12, 4, 2
 # target copies every 15 steps (the cached target values change version), a buffer that wraps
-TINY = ["--total-episodes", str(EPISODES), "--episode-steps", str(EPISODE_STEPS), "--learning-starts", "8",
-        "--batch-size", "8", "--buffer-size", "32", "--target-network-frequency", "15", "--torch-threads", "1",
-        "--log-every", "1", "--checkpoint-every", str(EVERY), "--save-model"]
+TINY = [
+    "--total-episodes",
+    str(EPISODES),
+    "--episode-steps",
+    str(EPISODE_STEPS),
+    "--learning-starts",
+    "8",
+    "--batch-size",
+    "8",
+    "--buffer-size",
+    "32",
+    "--target-network-frequency",
+    "15",
+    "--torch-threads",
+    "1",
+    "--log-every",
+    "1",
+    "--checkpoint-every",
+    str(EVERY),
+    "--save-model",
+]
 KILL_AFTER = EPISODE_STEPS + 5  # env steps after the checkpoint of episode 2: the middle of episode 4
 TERM_EPISODES = 1_000_000  # the SIGTERM run's budget: it cannot end on its own before the signal, however slow
 NAN_SCRIPTS = ["robust_vdn_rho", "robust_qtran_tv"]
@@ -56,8 +87,7 @@ NAN_SCRIPTS = ["robust_vdn_rho", "robust_qtran_tv"]
 # budget is one it cannot finish, and conftest's hard cap on the runner ends a hung job).
 RUNNER = r"""
 import json, os, runpy, signal, sys, time, traceback
-import envs, fused
-import eval as evaluation
+import envs, fused, runs
 from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (imported once, before the forks)
 
 plan = json.load(open(sys.argv[1]))
@@ -72,10 +102,10 @@ def child(job):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     if job["mode"] == "kill":
         left = {}
-        save, step = evaluation.TrainingRun.save, envs.BuildingTask.step
+        save, step = runs.Run.save, envs.BuildingTask.step
 
-        def save_then_arm(self, counters):
-            save(self, counters)
+        def save_then_arm(self):
+            save(self)
             left.setdefault("steps", job["kill_after"])
             left["writer"] = self.writer
 
@@ -88,7 +118,7 @@ def child(job):
                     os.kill(os.getpid(), signal.SIGKILL)
             return step(self, actions)
 
-        evaluation.TrainingRun.save, envs.BuildingTask.step = save_then_arm, step_or_die
+        runs.Run.save, envs.BuildingTask.step = save_then_arm, step_or_die
     sys.argv = job["argv"]
     code = 0
     try:
@@ -137,8 +167,19 @@ def write_estimator(path: str) -> None:
         torch.manual_seed(0)
         net = est.RewardEstimator(10, 6, 200, len(GROUPDR_CONFIGS), hidden_dim=16, time_norm=288.0)
         net.set_normalisation(torch.randn(50, 10) * 5 + 20, torch.randn(50) * 10 - 50)
-    torch.save({"format": est.ESTIMATOR_FORMAT, "configs": GROUPDR_CONFIGS, "n_agents": 6, "n_actions": 200,
-                "state_dim": 10, "hidden_dim": 16, "time_norm": 288.0, "estimator": net.state_dict()}, path)
+    torch.save(
+        {
+            "format": est.ESTIMATOR_FORMAT,
+            "configs": GROUPDR_CONFIGS,
+            "n_agents": 6,
+            "n_actions": 200,
+            "state_dim": 10,
+            "hidden_dim": 16,
+            "time_norm": 288.0,
+            "estimator": net.state_dict(),
+        },
+        path,
+    )
 
 
 def argv_of(script: str, name: str, base: str, *extra: str) -> list[str]:
@@ -162,22 +203,74 @@ def start_background_jobs():
         os.makedirs(broken)
 
         def job(name, cwd, argv, mode="run", **extra):
-            return {"name": name, "cwd": cwd, "argv": argv, "mode": mode, "out": os.path.join(base, name + ".out"),
-                    "err": os.path.join(base, name + ".err"), **extra}
+            return {
+                "name": name,
+                "cwd": cwd,
+                "argv": argv,
+                "mode": mode,
+                "out": os.path.join(base, name + ".out"),
+                "err": os.path.join(base, name + ".err"),
+                **extra,
+            }
 
-        nan = [job(f"nan_{s}", ref, [os.path.join(ROOT, "algos", f"{s}.py"), "--total-episodes", "3", "--episode-steps",
-                                      str(EPISODE_STEPS), "--learning-starts", str(EPISODE_STEPS), "--batch-size", "8",
-                                      "--buffer-size", "32", "--checkpoint-every", "1", "--learning-rate", "1e30",
-                                      "--torch-threads", "1", "--save-model", "--run-name", f"nan_{s}"]) for s in NAN_SCRIPTS]
-        term = job("term", ref, [os.path.join(ROOT, "algos", "robust_vdn_rho.py"), *TINY, "--total-episodes",
-                                 str(TERM_EPISODES), "--checkpoint-every", "0", "--run-name", "term"], "term")
+        nan = [
+            job(
+                f"nan_{s}",
+                ref,
+                [
+                    os.path.join(ROOT, "algos", f"{s}.py"),
+                    "--total-episodes",
+                    "3",
+                    "--episode-steps",
+                    str(EPISODE_STEPS),
+                    "--learning-starts",
+                    str(EPISODE_STEPS),
+                    "--batch-size",
+                    "8",
+                    "--buffer-size",
+                    "32",
+                    "--checkpoint-every",
+                    "1",
+                    "--learning-rate",
+                    "1e30",
+                    "--torch-threads",
+                    "1",
+                    "--save-model",
+                    "--run-name",
+                    f"nan_{s}",
+                ],
+            )
+            for s in NAN_SCRIPTS
+        ]
+        term = job(
+            "term",
+            ref,
+            [
+                os.path.join(ROOT, "algos", "robust_vdn_rho.py"),
+                *TINY,
+                "--total-episodes",
+                str(TERM_EPISODES),
+                "--checkpoint-every",
+                "0",
+                "--run-name",
+                "term",
+            ],
+            "term",
+        )
         # four runners (each one has run_py's hard cap); each script's uninterrupted, killed and resumed runs
         # in the same one (the same parent process: the same fused.py kernels even if the tree changes meanwhile)
-        plans = [[j for s in group for j in (job(f"ref_{s}", ref, argv_of(s, s, base)),
-                                             job(f"kill_{s}", broken, argv_of(s, s, base), "kill", kill_after=KILL_AFTER),
-                                             job(f"resume_{s}", broken, [os.path.join(ROOT, "algos", f"{s}.py"), "--resume",
-                                                                         f"runs/{s}"]))]
-                 for group in (SCRIPTS[:3], SCRIPTS[3:6], SCRIPTS[6:8], SCRIPTS[8:])]
+        plans = [
+            [
+                j
+                for s in group
+                for j in (
+                    job(f"ref_{s}", ref, argv_of(s, s, base)),
+                    job(f"kill_{s}", broken, argv_of(s, s, base), "kill", kill_after=KILL_AFTER),
+                    job(f"resume_{s}", broken, [os.path.join(ROOT, "algos", f"{s}.py"), "--resume", f"runs/{s}"]),
+                )
+            ]
+            for group in (SCRIPTS[:3], SCRIPTS[3:6], SCRIPTS[6:8], SCRIPTS[8:])
+        ]
         plans[2].append(term)
         plans[3] += nan
         paths = []
@@ -218,7 +311,7 @@ def bg():
     for proc in procs:
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
         assert proc.returncode == 0 and line, describe(proc)
-        codes.update(json.loads(line[0][len("RESULTS "):]))
+        codes.update(json.loads(line[0][len("RESULTS ") :]))
     jobs["codes"] = codes
     yield jobs
     stop_background_jobs()
@@ -227,12 +320,12 @@ def bg():
 def output(bg, name):
     """(exit status, stdout, stderr) of one job, and a description for failing assertions."""
     job = bg["jobs"][name]
-    out, err = (open(job[k]).read() for k in ("out", "err"))
+    out, err = (pathlib.Path(job[k]).read_text() for k in ("out", "err"))
     return bg["codes"][name], out, err, f"job {name}: rc {bg['codes'][name]}\n--- stdout\n{out}\n--- stderr\n{err}"
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)  # checkpoint.pt and model.pt: tensors, plain types
 
 
 def differences(a, b, where=""):
@@ -267,7 +360,7 @@ def scalars(run_dir, tag):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_killed_and_resumed_run_equals_uninterrupted_run(bg, script):
-    rc_ref, out_ref, _, why_ref = output(bg, f"ref_{script}")
+    rc_ref, _out_ref, _, why_ref = output(bg, f"ref_{script}")
     assert rc_ref == 0, why_ref
     rc_kill, out_kill, _, why_kill = output(bg, f"kill_{script}")
     assert rc_kill == -9, why_kill  # died by SIGKILL, in episode 4 after the checkpoint of episode 2
@@ -276,13 +369,14 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(bg, script):
     assert rc_res == 0, why_res
     # it continued from the checkpoint: episodes 3 and 4 only, not a fresh run
     assert f"resumed runs/{script}/checkpoint.pt: episode {EVERY}, env step {EVERY * EPISODE_STEPS}" in out_res, why_res
-    assert [ln.split(" | ")[0] for ln in out_res.splitlines() if ln.startswith("episode ")] == \
-        [f"episode {e}/{EPISODES}" for e in range(EVERY + 1, EPISODES + 1)], why_res
+    assert [ln.split(" | ")[0] for ln in out_res.splitlines() if ln.startswith("episode ")] == [
+        f"episode {e}/{EPISODES}" for e in range(EVERY + 1, EPISODES + 1)
+    ], why_res
 
     ref_dir, res_dir = (os.path.join(bg[k], "runs", script) for k in ("ref", "broken"))
     a, b = load(os.path.join(ref_dir, "checkpoint.pt")), load(os.path.join(res_dir, "checkpoint.pt"))
-    assert a["counters"]["episode"] == b["counters"]["episode"] == EPISODES
-    assert a["counters"]["target_version"] >= 2  # target copies happened, before and after the checkpoint
+    assert a["counters"] == {"episode": EPISODES, "global_step": EPISODES * EPISODE_STEPS}
+    assert a["state"]["rb"]["version"] >= 2  # target copies happened, before and after the checkpoint
     assert differences(a["state"], b["state"], "state") == []  # networks, targets, optimisers, buffer, generator
     assert differences(a["rng"], b["rng"], "rng") == []
     assert differences(a["counters"], b["counters"], "counters") == []
@@ -304,35 +398,41 @@ def test_sigterm_finishes_the_episode_writes_a_checkpoint_and_says_how_to_resume
     episode = ckpt["counters"]["episode"]
     assert 1 <= episode < TERM_EPISODES and ckpt["counters"]["global_step"] == episode * EPISODE_STEPS, why
     assert f"after episode {episode} (env step {episode * EPISODE_STEPS})" in lines[0], why
-    assert lines[0].endswith(f"continue with: python {os.path.join(ROOT, 'algos', 'robust_vdn_rho.py')} --resume runs/term"), why
+    assert lines[0].endswith(f"continue with: python {os.path.join(ROOT, 'algos', 'robust_vdn_rho.py')} --resume runs/term"), (
+        why
+    )
     assert not os.path.exists(os.path.join(bg["ref"], "runs", "term", "model.pt"))
 
 
 @pytest.mark.parametrize("script", NAN_SCRIPTS)
 def test_nan_guard_stops_a_diverging_run(bg, script):
-    rc, out, err, why = output(bg, f"nan_{script}")
+    rc, _out, err, why = output(bg, f"nan_{script}")
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert rc == 3 and len(lines) == 1 and lines[0].startswith("error: non-finite"), why
-    step = int(lines[0].split("at env step ")[1].split(":")[0])
-    assert step > EPISODE_STEPS, why  # no update before --learning-starts
+    assert rc == 3 and len(lines) == 1 and lines[0].startswith("error: non-finite gradient norm"), why
+    episode, step = (
+        int(x) for x in re.search(r" in episode (\d+) \(after env step (\d+) at the last episode end\)", lines[0]).groups()
+    )
+    assert episode >= 2 and step == (episode - 1) * EPISODE_STEPS, why  # no update before --learning-starts (episode 1)
     run_dir = os.path.join(bg["ref"], "runs", f"nan_{script}")
     assert not os.path.exists(os.path.join(run_dir, "model.pt")), why
     ckpt = load(os.path.join(run_dir, "checkpoint.pt"))
-    episode = ckpt["counters"]["episode"]
-    assert 1 <= episode < 3 and step > episode * EPISODE_STEPS, why  # the last checkpoint before the divergence
-    assert lines[0].endswith(f"last good checkpoint runs/nan_{script}/checkpoint.pt (episode {episode}, "
-                             f"env step {episode * EPISODE_STEPS})"), why
-    tensors = [t for part in ckpt["state"].values() if isinstance(part, dict) for t in part.values() if isinstance(t, torch.Tensor)]
+    assert ckpt["counters"] == {"episode": episode - 1, "global_step": step}, why  # the last one before the divergence
+    assert lines[0].endswith(
+        f"last good checkpoint runs/nan_{script}/checkpoint.pt (episode {episode - 1}, env step {step})"
+    ), why
+    tensors = [
+        t for part in ckpt["state"].values() if isinstance(part, dict) for t in part.values() if isinstance(t, torch.Tensor)
+    ]
     assert tensors and all(torch.isfinite(t).all() for t in tensors)
 
 
-def test_save_checkpoint_refuses_non_finite_weights(eval_mod, tmp_path, capsys):
+def test_save_model_refuses_non_finite_weights(tmp_path, capsys):
     net = torch.nn.Linear(2, 2)
     with torch.no_grad():
         net.weight[0, 0] = float("nan")
     args = type("Args", (), {})()
     with pytest.raises(SystemExit) as exit_info:
-        eval_mod.save_checkpoint(str(tmp_path), "algos/robust_vdn_rho.py", args, {}, q_network=net)
+        runs.save_model(str(tmp_path), "algos/robust_vdn_rho.py", args, {}, q_network=net)
     assert exit_info.value.code == 3 and "q_network" in capsys.readouterr().err
     assert not os.listdir(tmp_path)
 
@@ -341,47 +441,52 @@ def test_save_checkpoint_refuses_non_finite_weights(eval_mod, tmp_path, capsys):
 
 
 @pytest.fixture()
-def qmix_tv_run(bg, tmp_path):
-    """A copy of the resumed robust_qmix_tv run folder (its checkpoint: --target-network-frequency 15, --checkpoint-every 2)."""
-    rc, _, _, why = output(bg, "resume_robust_qmix_tv")
+def vdn_run(bg, tmp_path):
+    """A copy of the resumed robust_vdn_rho run folder (its checkpoint: --target-network-frequency 15,
+    --checkpoint-every 2)."""
+    rc, _, _, why = output(bg, "resume_robust_vdn_rho")
     assert rc == 0, why
     dst = tmp_path / "runs" / "q"
-    shutil.copytree(os.path.join(bg["broken"], "runs", "robust_qmix_tv"), dst)
+    shutil.copytree(os.path.join(bg["broken"], "runs", "robust_vdn_rho"), dst)
     return str(dst)
 
 
-def resume(evaluation, run_dir, argv, capsys, script="robust_qmix_tv", **fields):
-    """eval.resume_args as robust_qmix_tv.py calls it, with the command line argv."""
-    args = import_file("robust_qmix_tv_under_test", "algos/robust_qmix_tv.py").Args(resume=run_dir, **fields)
+def resume(run_dir, argv, capsys, script="robust_vdn_rho"):
+    """runs.parse_args as robust_vdn_rho.py calls it (its Args and check_args), with the command line
+    --resume run_dir *argv, as if the script were algos/<script>.py. -> (args, the checkpoint read)."""
+    mod = import_file("robust_vdn_rho_under_test", "algos/robust_vdn_rho.py")
     capsys.readouterr()
-    ckpt = evaluation.resume_args(args, os.path.join(ROOT, "algos", f"{script}.py"), ["--resume", run_dir, *argv])
-    return args, ckpt
+    path = os.path.join(ROOT, "algos", f"{script}.py")
+    args = runs.parse_args(mod.Args, path, mod.check_args, ["--resume", run_dir, *argv])
+    return args, runs.read_run_checkpoint(args.resume, path)
 
 
-@pytest.mark.parametrize("argv, fields, flag", [
-    (["--seed", "2"], {"seed": 2}, "--seed"),
-    (["--rho", "0.5"], {"rho": 0.5}, "--rho"),
-    (["--no-fused"], {"fused": False}, "--fused"),
-    (["--target-network-frequency=16"], {"target_network_frequency": 16}, "--target-network-frequency"),
-])
-def test_resume_refuses_a_differing_flag(qmix_tv_run, eval_mod, capsys, argv, fields, flag):
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--seed", "2"], "--seed"),
+        (["--rho", "0.5"], "--rho"),
+        (["--no-fused"], "--fused"),
+        (["--target-network-frequency=16"], "--target-network-frequency"),
+    ],
+)
+def test_resume_refuses_a_differing_flag(vdn_run, capsys, argv, flag):
     with pytest.raises(SystemExit) as exit_info:
-        resume(eval_mod, qmix_tv_run, argv, capsys, **fields)
+        resume(vdn_run, argv, capsys)
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert exit_info.value.code != 0 and len(lines) == 1 and lines[0].startswith(f"error: {flag} "), lines
 
 
-def test_resume_takes_budget_flags_and_the_checkpoints_other_flags(qmix_tv_run, eval_mod, capsys):
-    args, ckpt = resume(eval_mod, qmix_tv_run, ["--total-episodes", "9", "--log-every", "3", "--seed", "1"], capsys,
-                        total_episodes=9, log_every=3, seed=1)
+def test_resume_takes_budget_flags_and_the_checkpoints_other_flags(vdn_run, capsys):
+    args, ckpt = resume(vdn_run, ["--total-episodes", "9", "--log-every", "3", "--seed", "1"], capsys)
     assert (args.total_episodes, args.log_every) == (9, 3)  # budget flags: the command line's
     assert args.target_network_frequency == 15 and args.checkpoint_every == EVERY  # left out: the checkpoint's
-    assert args.buffer_size == 32 and args.run_name == "robust_qmix_tv"
+    assert args.buffer_size == 32 and args.run_name == "robust_vdn_rho" and args.save_model
     assert ckpt["counters"]["episode"] == EPISODES
     # another script's checkpoint, or none at all: one line naming --resume
-    for script, run_dir in (("robust_qmix_rho", qmix_tv_run), ("robust_qmix_tv", os.path.dirname(qmix_tv_run))):
+    for script, run_dir in (("robust_qmix_rho", vdn_run), ("robust_vdn_rho", os.path.dirname(vdn_run))):
         with pytest.raises(SystemExit):
-            resume(eval_mod, run_dir, [], capsys, script=script)
+            resume(run_dir, [], capsys, script=script)
         lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: --resume"), lines
 
@@ -389,13 +494,35 @@ def test_resume_takes_budget_flags_and_the_checkpoints_other_flags(qmix_tv_run, 
 # ------------------------------------------ bad flags --------------------------------------------
 
 BAD_FLAGS = [  # (field, bad value): every count / frequency flag, and the real-valued ones
-    ("log_every", 0), ("target_network_frequency", 0), ("train_frequency", 0), ("checkpoint_every", -1),
-    ("eval_every", -1), ("eval_episodes", 0), ("batch_size", 0), ("buffer_size", 0), ("buffer_size", 8),
-    ("window", 0), ("total_episodes", 0), ("total_steps", -1), ("episode_steps", -1), ("learning_starts", -1),
-    ("exploration_steps", 0), ("hidden_dim", 0), ("mixing_embed_dim", 0), ("dual_hidden_dim", 0),
-    ("torch_threads", -1), ("gamma", 1.0), ("learning_rate", 0.0), ("qtran_learning_rate", -1e-3),
-    ("dual_learning_rate", 0.0), ("max_grad_norm", -1.0), ("dual_max_grad_norm", -1.0), ("rmsprop_eps", -1.0),
-    ("start_e", 1.5), ("end_e", -0.1), ("eval_sigma", -1.0),
+    ("log_every", 0),
+    ("target_network_frequency", 0),
+    ("train_frequency", 0),
+    ("checkpoint_every", -1),
+    ("eval_every", -1),
+    ("eval_episodes", 0),
+    ("batch_size", 0),
+    ("buffer_size", 0),
+    ("buffer_size", 8),
+    ("window", 0),
+    ("total_episodes", 0),
+    ("total_steps", -1),
+    ("episode_steps", -1),
+    ("learning_starts", -1),
+    ("exploration_steps", 0),
+    ("hidden_dim", 0),
+    ("mixing_embed_dim", 0),
+    ("dual_hidden_dim", 0),
+    ("torch_threads", -1),
+    ("gamma", 1.0),
+    ("learning_rate", 0.0),
+    ("qtran_learning_rate", -1e-3),
+    ("dual_learning_rate", 0.0),
+    ("max_grad_norm", -1.0),
+    ("dual_max_grad_norm", -1.0),
+    ("rmsprop_eps", -1.0),
+    ("start_e", 1.5),
+    ("end_e", -0.1),
+    ("eval_sigma", -1.0),
 ]
 
 
@@ -426,13 +553,18 @@ def test_bad_flag_gives_one_error_line(field, value, capsys):
             mod.check_args(args)
         lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert exit_info.value.code != 0, script
-        assert len(lines) == 1 and lines[0].startswith(f"error: {flag} must be") and f"(got {value}" in lines[0], (script, lines)
+        assert len(lines) == 1 and lines[0].startswith(f"error: {flag} must be") and f"(got {value}" in lines[0], (
+            script,
+            lines,
+        )
         checked += 1
     assert checked, f"no script has {flag}"
 
 
-@pytest.mark.parametrize("argv", [["--log-every", "0"], ["--target-network-frequency", "0"], ["--train-frequency", "0"],
-                                  ["--resume", "runs/nothing"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--log-every", "0"], ["--target-network-frequency", "0"], ["--train-frequency", "0"], ["--resume", "runs/nothing"]],
+)
 def test_bad_flag_creates_no_run_folder(argv, tmp_path, monkeypatch, capsys):
     """The script itself, in-process: one error line, exit != 0, no traceback, nothing under runs/."""
     monkeypatch.chdir(tmp_path)
@@ -449,62 +581,99 @@ def test_bad_flag_creates_no_run_folder(argv, tmp_path, monkeypatch, capsys):
 # --------------------------------------- progress line -------------------------------------------
 
 
-class _Writer:
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-
-def _run_with_clock(eval_mod, monkeypatch, saved=None, **flags):
-    """A TrainingRun on a fake clock (eval_mod.time.time), started at t = 1000 s; saved: resumed counters."""
-    args = type("Args", (), dict(log_every=2, total_episodes=10, total_steps=0, checkpoint_every=0, **flags))()
+def _run_with_clock(monkeypatch, tmp_path, resume_at=None, **flags):
+    """A runs.Run in tmp_path on a fake clock (runs.time.time), its loop entered (clocks started) at t = 1000 s.
+    resume_at=(episode, env step): first a checkpoint at that point, written by a Run, then the Run resumes it."""
+    fields = {
+        "log_every": 2,
+        "total_episodes": 9,
+        "total_steps": 0,
+        "checkpoint_every": 0,
+        "checkpoint_minutes": 0.0,
+        "train_frequency": 2,
+        "learning_starts": 0,
+        "resume": "",
+        **flags,
+    }
     clock = {"now": 1000.0}
-    monkeypatch.setattr(eval_mod.time, "time", lambda: clock["now"])
-    run = eval_mod.TrainingRun("unused", "algos/robust_vdn_rho.py", args, _Writer())
-    run.saved_counters = saved
-    counters = run.counters(episode=0, global_step=0, n_updates=0, recent=[])
-    return run, clock, counters
+    monkeypatch.setattr(runs.time, "time", lambda: clock["now"])
+    if resume_at is not None:
+        first = runs.Run(str(tmp_path), types.SimpleNamespace(**fields), "algos/robust_vdn_rho.py")
+        first.__enter__()  # with run: (nothing tracked)
+        first.episode, first.global_step = resume_at
+        first.save()
+        first.close()
+        fields["resume"] = str(tmp_path)
+    run = runs.Run(str(tmp_path), types.SimpleNamespace(**fields), "algos/robust_vdn_rho.py")
+    run.__enter__()  # on --resume: the checkpoint loaded back
+    return run, clock
 
 
-def test_progress_line_every_log_every_episodes_with_rates_and_time_left(eval_mod, monkeypatch, capsys):
-    run, clock, _ = _run_with_clock(eval_mod, monkeypatch)
+def test_progress_line_every_log_every_episodes_with_rates_and_time_left(monkeypatch, tmp_path, capsys):
+    run, clock = _run_with_clock(monkeypatch, tmp_path)
     try:
-        assert run.progress(1, 100, 50, 0.5, [-3.0], last=False) == [-3.0]  # not a --log-every episode
+        capsys.readouterr()
+        assert run.episode_end(1, 100, -3.0, 0.5) is False  # not a --log-every episode
         assert capsys.readouterr().out == ""
-        clock["now"] += 20.0  # 2 episodes of 10 s: 200 env steps, 100 updates, 4 s in updates
-        run.update_seconds = 4.0
-        assert run.progress(2, 200, 100, 0.25, [-3.0, -5.0], last=False) == []
+        clock["now"] += 20.0  # 2 episodes of 10 s: 200 env steps, 100 updates (one every 2 steps)
+        assert run.episode_end(2, 200, -5.0, 0.25) is False
         assert run.sps(200) == 10
         line = capsys.readouterr().out.strip()
-        assert line == ("episode 2/10 | return -4.0 | epsilon 0.250 | SPS 10 | updates/s 5.0 | update 40.00 ms "
-                        "| left 1.3 min"), line  # 8 episodes left at 10 s each
+        assert line == "episode 2/9 | return -4.0 | epsilon 0.250 | SPS 10 | updates/s 5.0 | left 1.2 min", line  # 7 x 10 s
         clock["now"] += 5.0
-        assert run.progress(3, 260, 130, 0.2, [-1.0], last=True) == []  # the last episode always prints
-        assert capsys.readouterr().out.startswith("episode 3/10 | return -1.0 | epsilon 0.200 | SPS 12 | updates/s 6.0 ")
+        assert run.episode_end(9, 260, -1.0, 0.2) is True  # the last episode always prints (9 is no --log-every one)
+        line = capsys.readouterr().out.strip()
+        assert line == "episode 9/9 | return -1.0 | epsilon 0.200 | SPS 12 | updates/s 6.0 | left 0.0 min", line
     finally:
         run.close()
 
 
-def test_progress_after_resume_counts_this_process_only(eval_mod, monkeypatch, capsys):
-    saved = {"episode": 6, "global_step": 600, "n_updates": 300, "recent": []}
-    run, clock, counters = _run_with_clock(eval_mod, monkeypatch, saved=saved)
+def test_progress_ends_the_run_at_total_steps(monkeypatch, tmp_path, capsys):
+    run, clock = _run_with_clock(monkeypatch, tmp_path, total_steps=250)
     try:
-        assert counters == (6, 600, 300, [])
-        clock["now"] += 30.0  # 2 episodes in 30 s after the resume: 2 left -> 30 s
-        run.progress(8, 800, 400, 0.1, [-2.0], last=False)
-        assert run.sps(800) == 6  # 200 steps / 30 s, not 800 / 30
-        assert capsys.readouterr().out.strip().endswith("| SPS 7 | updates/s 3.3 | update 0.00 ms | left 0.5 min")
+        clock["now"] += 10.0
+        assert run.episode_end(1, 249, -3.0, 0.5) is False and capsys.readouterr().out == ""
+        assert run.episode_end(2, 250, -5.0, 0.5) is True  # --total-steps reached: the loop ends, a line printed
+        assert capsys.readouterr().out.startswith("episode 2/9 | return -4.0 ")
     finally:
         run.close()
 
 
-@pytest.mark.parametrize("share,clamp,worst,printed", [(1.0, True, "zero", True), (0.99, True, "zero", False),
-                                                       (1.0, False, "zero", False), (1.0, True, "batch-min", False)])
-def test_eta_floor_note_only_when_the_clamped_paper_operator_is_nominal(eval_mod, capsys, share, clamp, worst, printed):
-    args = type("Args", (), dict(eta_clamp=clamp, worst_value=worst))()
-    assert eval_mod.note_eta_floor(share, 1234, args) is printed
-    out = capsys.readouterr().out
-    assert (out.startswith(f"note: eta sat at its floor for {100 * share:.0f}% ") and "env step 1234" in out
-            and "docs/robust_operators.md" in out) if printed else out == ""
+def test_progress_after_resume_counts_this_process_only(monkeypatch, tmp_path, capsys):
+    run, clock = _run_with_clock(monkeypatch, tmp_path, resume_at=(6, 600), total_episodes=10)
+    try:
+        assert (run.episode, run.global_step) == (6, 600)
+        assert f"resumed {tmp_path}/checkpoint.pt: episode 6, env step 600" in capsys.readouterr().out
+        clock["now"] += 30.0  # 2 episodes in 30 s after the resume: 2 left -> 30 s
+        run.episode_end(8, 800, -2.0, 0.1)
+        assert run.sps(800) == 6  # 200 steps / 30 s, not 800 / 30
+        line = capsys.readouterr().out.strip()
+        assert line == "episode 8/10 | return -2.0 | epsilon 0.100 | SPS 7 | updates/s 3.3 | left 0.5 min", line
+    finally:
+        run.close()
+
+
+@pytest.mark.parametrize(
+    "share,clamp,worst,printed",
+    [(1.0, True, "zero", True), (0.99, True, "zero", False), (1.0, False, "zero", False), (1.0, True, "batch-min", False)],
+)
+def test_eta_floor_note_only_when_the_clamped_paper_operator_is_nominal(tmp_path, capsys, share, clamp, worst, printed):
+    args = types.SimpleNamespace(eta_clamp=clamp, worst_value=worst, resume="")
+    run = runs.Run(str(tmp_path), args, "algos/robust_vdn_tv.py")
+    try:
+        capsys.readouterr()
+        run.note_eta_floor(share, 1234)
+        out = capsys.readouterr().out
+        assert (
+            (
+                out.startswith(f"note: eta sat at its floor for {100 * share:.0f}% ")
+                and "env step 1234" in out
+                and "docs/robust_operators.md" in out
+            )
+            if printed
+            else out == ""
+        )
+        run.note_eta_floor(share, 1300)
+        assert capsys.readouterr().out == ""  # once per process
+    finally:
+        run.close()

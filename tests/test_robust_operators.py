@@ -80,8 +80,9 @@ def dual_minimise(mod, p0, v, rho, worst_value, kind="linear"):
     values, weight = t64(v), t64(p0)
     lo, hi = mod.eta_bounds(values, GAMMA, rho, worst_value)
     candidates = torch.cat([values, lo[None], hi[None]]).clamp(lo, hi).unique()
-    losses = torch.stack([mod.dual_loss(torch.full_like(values, c.item()), values, rho, worst_value, kind, weight)
-                          for c in candidates])
+    losses = torch.stack(
+        [mod.dual_loss(torch.full_like(values, c.item()), values, rho, worst_value, kind, weight) for c in candidates]
+    )
     i = int(losses.argmin())
     return candidates[i].item(), losses[i].item(), (lo.item(), hi.item())
 
@@ -215,8 +216,12 @@ def dual_groups(rng, worst_value, rho, n_groups=3, k=6, margin=0.08, gap=1.0):
             v[0] = 0.0  # Assumption 1/2: min V = 0 (values >= 0)
         cdf = np.cumsum(p0)
         j = int(np.searchsorted(cdf, 1.0 - rho))  # closed form: the smallest V'_j with P0(V' <= V'_j) >= 1 - rho
-        if (cdf[j] - (1 - rho) < margin or (j > 0 and (1 - rho) - cdf[j - 1] < margin)
-                or np.diff(v).min() < gap or any(abs(v[j] - other) < gap / 2 for *_, other in groups)):
+        if (
+            cdf[j] - (1 - rho) < margin
+            or (j > 0 and (1 - rho) - cdf[j - 1] < margin)
+            or np.diff(v).min() < gap
+            or any(abs(v[j] - other) < gap / 2 for *_, other in groups)
+        ):
             continue
         groups.append((p0, v, v[j]))
     return groups
@@ -265,6 +270,7 @@ def test_dual_network_converges_to_the_exact_dual_minimiser(name, worst_value):
         rows = slice(g * k, (g + 1) * k)
         assert eta[rows].max() - eta[rows].min() < 1e-4  # one (s, a): one eta (float32 rounding)
         assert eta[g * k].item() == pytest.approx(eta_star, abs=0.1), (g, eta[::k].tolist(), [e for *_, e in groups])
-        exact = reward + GAMMA * (tv_worst_lp(p0, v, rho) if worst_value == "zero"
-                                  else tv_worst_lp(np.append(p0, 0.0), np.append(v, m), rho))  # mass may go to m
+        exact = reward + GAMMA * (
+            tv_worst_lp(p0, v, rho) if worst_value == "zero" else tv_worst_lp(np.append(p0, 0.0), np.append(v, m), rho)
+        )  # mass may go to m
         assert float(t64(p0) @ y[rows]) == pytest.approx(exact, abs=0.05)

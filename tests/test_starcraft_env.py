@@ -21,9 +21,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from conftest import SUBPROCESS_TIMEOUT  # noqa: E402
+from conftest import SUBPROCESS_TIMEOUT
 
-import envs  # noqa: E402
+import envs
 
 HAS_JAXMARL = importlib.util.find_spec("jaxmarl") is not None
 needs_jaxmarl = pytest.mark.skipif(not HAS_JAXMARL, reason="jaxmarl not installed (pip install -r requirements.txt)")
@@ -111,8 +111,9 @@ def test_noise_only_at_enemy_positions_and_reproducible():
 
 def test_noise_statistics_and_noise_off():
     task = envs.ObservationNoise(StubTask(), sigma=0.75, seed=0)
-    draws = np.concatenate([task.perturb(np.zeros((3, 48), np.float32))[:, task.enemy_position_indices.ravel()]
-                            for _ in range(400)])
+    draws = np.concatenate(
+        [task.perturb(np.zeros((3, 48), np.float32))[:, task.enemy_position_indices.ravel()] for _ in range(400)]
+    )
     assert abs(draws.mean()) < 0.03 and abs(draws.std() - 0.75) < 0.03
     off = envs.ObservationNoise(StubTask(), sigma=0.0, seed=0)
     np.testing.assert_array_equal(off.reset(1)[0], StubTask().reset(1)[0])
@@ -294,10 +295,10 @@ def test_real_smac_3s_vs_5z_episode():
         assert (task.n_agents, task.n_actions, task.obs_dim, task.state_dim) == (3, 11, 48, 68)
         assert task.enemy_position_indices.tolist() == SMAC_3S_VS_5Z_POS
         rng = np.random.default_rng(0)
-        obs, state, avail = task.reset(0)
+        _obs, _state, avail = task.reset(0)
         for _ in range(task.episode_limit):
             actions = [rng.choice(np.flatnonzero(a)) for a in avail]
-            obs, state, avail, reward, terminated, truncated, info = task.step(actions)
+            _obs, _state, avail, _reward, terminated, truncated, info = task.step(actions)
             if terminated or truncated:
                 break
         assert terminated or truncated and not (terminated and truncated)
@@ -400,7 +401,7 @@ def test_smax_episode_ends_without_auto_reset_and_dead_agents_only_stop(smax):
     first_state = smax.reset(2)[1]
     avail_seen = []
     for t in range(1, 251):
-        obs, state, avail, reward, terminated, truncated, info = smax.step([smax.noop_action] * 3)
+        obs, state, avail, _reward, terminated, truncated, info = smax.step([smax.noop_action] * 3)
         health = state[: 8 * 10].reshape(8, 10)[:, 0]
         for i in range(3):
             if health[i] == 0:  # dead: only the stop action
@@ -450,9 +451,9 @@ def test_smax_terminal_cases_from_unit_liveness(smax):
 def test_smax_scripted_kiting_wins_and_battle_won_matches_liveness(smax):
     wins = 0
     for day in range(6):
-        obs, state, avail = smax.reset(100 + day)
+        obs, _state, avail = smax.reset(100 + day)
         for _ in range(smax.episode_limit):
-            obs, state, avail, reward, terminated, truncated, info = smax.step(kite_policy(smax, obs, avail))
+            obs, _state, avail, _reward, terminated, truncated, info = smax.step(kite_policy(smax, obs, avail))
             if terminated or truncated:
                 break
         alive = np.asarray(smax._env_state.state.unit_alive)
@@ -537,7 +538,8 @@ def test_jaxmarl_import_keeps_stdout_redirection():
         print(kept, repr(buf.getvalue()))
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         timeout=SUBPROCESS_TIMEOUT, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=False
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True ''"

@@ -87,8 +87,8 @@ def untrained_drqn(vdn, task, share_params: bool):
     with torch.no_grad():
         for p in net.parameters():
             p.mul_(3.0)
-        net.drqn.fc_out_bias[..., 1] += 2.0
-        net.drqn.fc_out_bias[..., 5:] += 4.0
+        net.drqn.fc_out.bias[..., 1] += 2.0
+        net.drqn.fc_out.bias[..., 5:] += 4.0
     return net.eval()
 
 
@@ -171,7 +171,9 @@ def test_lockstep_episodes_equal_sequential_kiting(smax, vdn, eval_mod):
     days = [FIRST + k for k in range(n)]
     clean = Outcomes(smax)
     noisy = envs.ObservationNoise(clean, sigma=0.75, seed=3)
-    want = [eval_mod.run_episode(vdn, net, clean, d, 8) for d in days] + [eval_mod.run_episode(vdn, net, noisy, d, 8) for d in days]
+    want = [eval_mod.run_episode(vdn, net, clean, d, 8) for d in days] + [
+        eval_mod.run_episode(vdn, net, noisy, d, 8) for d in days
+    ]
     wraps = [None] * n + [envs.ObservationNoise(smax, sigma=0.75, seed=3) for _ in days]
     returns, won = eval_mod.run_episodes_lockstep(vdn, net, smax, days + days, wraps, 8)
     assert returns.tolist() == [r for r, _ in want] and won.tolist() == [w for _, w in want]
@@ -188,7 +190,9 @@ def test_lockstep_evaluation_equals_sequential_drqn(smax, vdn, eval_mod, share_p
     net = untrained_drqn(vdn, smax, share_params)
     days = [FIRST + k for k in range(6)]
     noisy = envs.ObservationNoise(smax, sigma=0.75, seed=1)
-    want = [eval_mod.run_episode(vdn, net, smax, d, 8) for d in days] + [eval_mod.run_episode(vdn, net, noisy, d, 8) for d in days]
+    want = [eval_mod.run_episode(vdn, net, smax, d, 8) for d in days] + [
+        eval_mod.run_episode(vdn, net, noisy, d, 8) for d in days
+    ]
     wraps = [None] * 6 + [envs.ObservationNoise(smax, sigma=0.75, seed=1) for _ in days]
     returns, won = eval_mod.run_episodes_lockstep(vdn, net, smax, days + days, wraps, 8)
     assert returns.tolist() == [r for r, _ in want] and won.tolist() == [w for _, w in want]
@@ -226,6 +230,7 @@ def test_default_path_lockstep_for_smax_sequential_without_batch(smax, vdn, eval
         def wrapped(*a, **k):
             calls[name] += 1
             return fn(*a, **k)
+
         return wrapped
 
     monkeypatch.setattr(eval_mod, "run_episodes_lockstep", count("lockstep", lock))
@@ -245,4 +250,3 @@ def test_default_path_lockstep_for_smax_sequential_without_batch(smax, vdn, eval
 
     eval_mod.evaluate_starcraft(vdn, net, OneGameTask(smax), 2, 0.75, 1, 8)
     assert calls == {"lockstep": 1, "sequential": 4}
-

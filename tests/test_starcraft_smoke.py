@@ -9,14 +9,33 @@ import json
 import os
 
 import pytest
-
 from conftest import run_parallel, run_py
 
 pytest.importorskip("jaxmarl")
 
-TINY = ["--env", "smax", "--total-steps", "60", "--episode-steps", "30", "--eval-every", "40",
-        "--eval-episodes", "2", "--learning-starts", "8", "--batch-size", "8", "--buffer-size", "100",
-        "--torch-threads", "1", "--save-model", "--log-every", "1"]
+TINY = [
+    "--env",
+    "smax",
+    "--total-steps",
+    "60",
+    "--episode-steps",
+    "30",
+    "--eval-every",
+    "40",
+    "--eval-episodes",
+    "2",
+    "--learning-starts",
+    "8",
+    "--batch-size",
+    "8",
+    "--buffer-size",
+    "100",
+    "--torch-threads",
+    "1",
+    "--save-model",
+    "--log-every",
+    "1",
+]
 JOBS = [("robust_vdn_rho", ["--rho", "0.0"]), ("robust_qmix_rho", ["--rho", "0.01"]), ("robust_vdn_tv", ["--rho", "0.1"])]
 
 
@@ -40,8 +59,9 @@ def test_scripts_train_and_evaluate_clean_and_noisy(smax_runs):
         assert len(points) == 1 and points[0]["step"] >= 40  # one round, between episodes
         # the stdout line reports that very round
         p = points[0]
-        assert (f"eval at {p['step']} steps | win rate clean {p['win_rate_clean']:.3f} | noisy "
-                f"{p['win_rate_noisy']:.3f}") in res.stdout
+        assert (
+            f"eval at {p['step']} steps | win rate clean {p['win_rate_clean']:.3f} | noisy {p['win_rate_noisy']:.3f}"
+        ) in res.stdout
         with open(os.path.join(run, "args.json")) as f:
             args = json.load(f)
         # StarCraft defaults from the SMAC literature replace the building ones left untouched
@@ -83,8 +103,16 @@ def test_smax_checkpoint_refused_by_building_protocol(smax_runs, tmp_path):
     """A SMAX checkpoint given to a building protocol (paper-tables): one error line naming --checkpoints and
     smax. (The converse, a building checkpoint given to --protocol starcraft: test_core_eval.py.)"""
     cwd, _ = smax_runs
-    res = run_py("eval.py", "--checkpoints", os.path.join(cwd, "runs", "robust_vdn_rho", "model.pt"),
-                 "--protocol", "paper-tables", "--out", str(tmp_path / "x.json"), cwd=cwd)
+    res = run_py(
+        "eval.py",
+        "--checkpoints",
+        os.path.join(cwd, "runs", "robust_vdn_rho", "model.pt"),
+        "--protocol",
+        "paper-tables",
+        "--out",
+        str(tmp_path / "x.json"),
+        cwd=cwd,
+    )
     assert res.returncode != 0
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "--checkpoints" in lines[0] and "smax" in lines[0]

@@ -15,8 +15,23 @@ import pytest
 import torch
 from conftest import ROOT, SUBPROCESS_TIMEOUT, import_file
 
-TINY = ["--env", "building", "--save-model", "--torch-threads", "1", "--episode-steps", "20", "--learning-starts", "8",
-        "--batch-size", "8", "--buffer-size", "200", "--log-every", "1"]
+TINY = [
+    "--env",
+    "building",
+    "--save-model",
+    "--torch-threads",
+    "1",
+    "--episode-steps",
+    "20",
+    "--learning-starts",
+    "8",
+    "--batch-size",
+    "8",
+    "--buffer-size",
+    "200",
+    "--log-every",
+    "1",
+]
 
 
 def grid_file(path, methods: str, episodes=2, extra=()):
@@ -36,8 +51,14 @@ def sweep():
 
 
 def eval_direct(eval_mod, model, tmp_path):
-    out = eval_mod.main(eval_mod.Args(checkpoints=[model], protocol="paper-tables", episode_steps=3,
-                                      out=str(tmp_path / f"direct_{abs(hash(model))}.json")))
+    out = eval_mod.main(
+        eval_mod.Args(
+            checkpoints=[model],
+            protocol="paper-tables",
+            episode_steps=3,
+            out=str(tmp_path / f"direct_{abs(hash(model))}.json"),
+        )
+    )
     return {c: v["mean"] for c, v in next(iter(out["table"].values())).items()}
 
 
@@ -76,7 +97,9 @@ def test_ray_backend_gives_the_local_result(sweep, eval_mod, tmp_path):
     pytest.importorskip("ray")
     grid = grid_file(tmp_path / "r.toml", VDN.replace("seeds = [1, 2]", "seeds = [3]"))
     results = tmp_path / "results"
-    rc = sweep.main(sweep.Args(grid=grid, backend="ray", workers=1, workdir=str(tmp_path), results_dir=str(results), report=False))
+    rc = sweep.main(
+        sweep.Args(grid=grid, backend="ray", workers=1, workdir=str(tmp_path), results_dir=str(results), report=False)
+    )
     assert rc == 0
     payload = json.loads((results / "r" / "vdn__rho0.0__seed3.json").read_text())
     model = tmp_path / "runs" / "r" / "vdn__rho0.0__seed3" / "model.pt"
@@ -93,8 +116,18 @@ def test_killed_sweep_resumes_interrupted_runs(tmp_path):
     budget flag: --resume takes it from the command line, and it changes no number the run computes)."""
     methods = '[methods.vdn]\nscript = "algos/robust_vdn_rho.py"\nrho = [0.0]\nseeds = [4]\n'
     grid = grid_file(tmp_path / "k.toml", methods, episodes=KILL_BUDGET, extra=["--checkpoint-every", "1"])
-    cmd = [sys.executable, os.path.join(ROOT, "experiments", "sweep.py"), grid, "--workers", "1", "--workdir", str(tmp_path),
-           "--results-dir", str(tmp_path / "results"), "--no-report"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "experiments", "sweep.py"),
+        grid,
+        "--workers",
+        "1",
+        "--workdir",
+        str(tmp_path),
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--no-report",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     run_dir = tmp_path / "runs" / "k" / "vdn__rho0.0__seed4"
@@ -106,7 +139,7 @@ def test_killed_sweep_resumes_interrupted_runs(tmp_path):
     proc.wait()
     assert alive and (run_dir / "checkpoint.pt").exists(), proc.stdout.read().decode()
     assert not (run_dir / "model.pt").exists()
-    killed_at = torch.load(run_dir / "checkpoint.pt", weights_only=False)["counters"]["episode"]
+    killed_at = torch.load(run_dir / "checkpoint.pt", weights_only=True)["counters"]["episode"]
     assert 1 <= killed_at < KILL_BUDGET
     episodes = killed_at + 2  # the restarted sweep: two episodes after the checkpoint, then model.pt
     grid_file(tmp_path / "k.toml", methods, episodes=episodes, extra=["--checkpoint-every", "1"])
@@ -115,37 +148,79 @@ def test_killed_sweep_resumes_interrupted_runs(tmp_path):
     assert "vdn__rho0.0__seed4: resume" in again.stdout
     log = (tmp_path / "runs" / "k" / "vdn__rho0.0__seed4.log").read_text()
     assert f"resumed runs/k/vdn__rho0.0__seed4/checkpoint.pt: episode {killed_at}," in log, log
-    reference = subprocess.run([sys.executable, os.path.join(ROOT, "algos", "robust_vdn_rho.py"), *TINY, "--total-episodes",
-                                str(episodes), "--rho", "0.0", "--seed", "4", "--run-name", "reference"], cwd=tmp_path,
-                               capture_output=True, text=True, env=env, timeout=SUBPROCESS_TIMEOUT, check=False)
+    reference = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "algos", "robust_vdn_rho.py"),
+            *TINY,
+            "--total-episodes",
+            str(episodes),
+            "--rho",
+            "0.0",
+            "--seed",
+            "4",
+            "--run-name",
+            "reference",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=SUBPROCESS_TIMEOUT,
+        check=False,
+    )
     assert reference.returncode == 0, reference.stderr
-    ours = torch.load(run_dir / "model.pt", weights_only=False)["q_network"]
-    theirs = torch.load(tmp_path / "runs" / "reference" / "model.pt", weights_only=False)["q_network"]
+    ours = torch.load(run_dir / "model.pt", weights_only=True)["q_network"]
+    theirs = torch.load(tmp_path / "runs" / "reference" / "model.pt", weights_only=True)["q_network"]
     assert ours.keys() == theirs.keys()
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("[methods.a]\nrho = [0]\nseeds = [1]\n", "needs 'script'"),
-    ('[methods.a]\nscript = "algos/nope.py"\nrho = [0]\nseeds = [1]\n', "no script 'algos/nope.py'"),
-    ('[methods.a]\nscript = "algos/robust_vdn_rho.py"\nrho = [0]\nseeds = [1]\nsede = 3\n', "unknown keys ['sede']"),
-    ('[eval]\nprotocols = ["tables"]\n[methods.a]\nscript = "algos/robust_vdn_rho.py"\nrho = [0]\nseeds = [1]\n', "protocols 'tables'"),
-    ("not toml [", "is not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("[methods.a]\nrho = [0]\nseeds = [1]\n", "needs 'script'"),
+        ('[methods.a]\nscript = "algos/nope.py"\nrho = [0]\nseeds = [1]\n', "no script 'algos/nope.py'"),
+        ('[methods.a]\nscript = "algos/robust_vdn_rho.py"\nrho = [0]\nseeds = [1]\nsede = 3\n', "unknown keys ['sede']"),
+        (
+            '[eval]\nprotocols = ["tables"]\n[methods.a]\nscript = "algos/robust_vdn_rho.py"\nrho = [0]\nseeds = [1]\n',
+            "protocols 'tables'",
+        ),
+        ("not toml [", "is not valid TOML"),
+    ],
+)
 def test_bad_grid_gives_one_error_line(tmp_path, text, expected):
     path = tmp_path / "bad.toml"
     path.write_text(text)
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "sweep.py"), str(path), "--dry-run",
-                          "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=False)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments", "sweep.py"), str(path), "--dry-run", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+        check=False,
+    )
     assert out.returncode != 0 and expected in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
 
 # ------------------------------- stages: dependent jobs (GroupDR) -------------------------------
 
-GDR_TINY = ["--save-model", "--torch-threads", "1", "--episode-steps", "20", "--learning-starts", "8", "--batch-size", "8",
-            "--buffer-size", "200", "--train-configs", "env_1,env_2"]
+GDR_TINY = [
+    "--save-model",
+    "--torch-threads",
+    "1",
+    "--episode-steps",
+    "20",
+    "--learning-starts",
+    "8",
+    "--batch-size",
+    "8",
+    "--buffer-size",
+    "200",
+    "--train-configs",
+    "env_1,env_2",
+]
 
 
 def toml_list(flags) -> str:
@@ -155,18 +230,36 @@ def toml_list(flags) -> str:
 def groupdr_grid(path, behaviour_episodes: int) -> str:
     """The GroupDR pipeline in three kinds of job: the behaviour policy (stage), the estimator (stage, needs it),
     a GroupDR method with 2 seeds (needs the estimator, no --rho); tiny budgets, configs env_1 and env_2."""
-    behaviour = ["--observed-reward", "--single-coin", *GDR_TINY, "--total-episodes", str(behaviour_episodes),
-                 "--checkpoint-every", "1"]
-    estimator = ["--configs", "env_1,env_2", "--episodes", "2", "--episode-steps", "20", "--batch-size", "8",
-                 "--torch-threads", "1"]
+    behaviour = [
+        "--observed-reward",
+        "--single-coin",
+        *GDR_TINY,
+        "--total-episodes",
+        str(behaviour_episodes),
+        "--checkpoint-every",
+        "1",
+    ]
+    estimator = [
+        "--configs",
+        "env_1,env_2",
+        "--episodes",
+        "2",
+        "--episode-steps",
+        "20",
+        "--batch-size",
+        "8",
+        "--torch-threads",
+        "1",
+    ]
     path.write_text(
-        f'[defaults]\nflags = {toml_list([*TINY, "--total-episodes", "2"])}\n'
+        f"[defaults]\nflags = {toml_list([*TINY, '--total-episodes', '2'])}\n"
         '[eval]\nprotocols = ["paper-tables"]\nepisode_steps = 3\n'
         f'[methods.gvdn]\nscript = "algos/groupdr_vdn.py"\nflags = ["--single-coin", "--train-configs", "env_1,env_2"]\n'
         f'rho = [0]\nrho_flag = false\nseeds = [1, 2]\npaper = "VDN GroupDR"\nneeds = {{ "--estimator-checkpoint" = "est" }}\n'
         f'[stages.est]\nscript = "algos/groupdr_estimator.py"\nflags = {toml_list(estimator)}\noutput = "estimator.pt"\n'
         f'needs = {{ "--behaviour-checkpoint" = "beh" }}\n'  # declared before the stage it needs: the order is resolved
-        f'[stages.beh]\nscript = "algos/groupdr_vdn.py"\nflags = {toml_list(behaviour)}\n')
+        f'[stages.beh]\nscript = "algos/groupdr_vdn.py"\nflags = {toml_list(behaviour)}\n'
+    )
     return str(path)
 
 
@@ -176,9 +269,13 @@ def test_stage_tables_resolve_into_dependent_jobs(sweep, tmp_path, capsys):
     jobs get the estimator path and, with rho_flag = false, no --rho (their names keep rho 0). The dry run
     says which job waits for which stage; --only gvdn brings in both stages."""
     grid = groupdr_grid(tmp_path / "s.toml", 2)
-    name, jobs = sweep.load_grid(grid)
-    assert [(j.name, j.stage) for j in jobs] == [("beh", True), ("est", True), ("gvdn__rho0.0__seed1", False),
-                                                 ("gvdn__rho0.0__seed2", False)]
+    _name, jobs = sweep.load_grid(grid)
+    assert [(j.name, j.stage) for j in jobs] == [
+        ("beh", True),
+        ("est", True),
+        ("gvdn__rho0.0__seed1", False),
+        ("gvdn__rho0.0__seed2", False),
+    ]
     beh, est, g1, _ = jobs
     assert est.needs == ["beh"] and g1.needs == ["est"] and beh.needs == [] and est.output == "estimator.pt"
     assert est.flags[-2:] == ["--behaviour-checkpoint", os.path.join("runs", "s", "beh", "model.pt")]
@@ -188,23 +285,33 @@ def test_stage_tables_resolve_into_dependent_jobs(sweep, tmp_path, capsys):
     assert "--rho" not in cmd and cmd[-4:] == ["--seed", "1", "--run-name", "s/gvdn__rho0.0__seed1"]
     assert "--rho" not in est.train_command(False) and est.train_command(False)[-2:] == ["--run-name", "s/est"]
     capsys.readouterr()
-    assert sweep.main(sweep.Args(grid=grid, dry_run=True, workdir=str(tmp_path), results_dir=str(tmp_path / "r"),
-                                 only="gvdn")) == 0
+    assert (
+        sweep.main(sweep.Args(grid=grid, dry_run=True, workdir=str(tmp_path), results_dir=str(tmp_path / "r"), only="gvdn"))
+        == 0
+    )
     out = capsys.readouterr().out
     assert "2 runs, 0 already done, 2 to run; 2 stages, 2 to run" in out
     assert "  beh: stage, new  " in out and "  est: stage, new (waits for beh)" in out
     assert "  gvdn__rho0.0__seed2: new (waits for est)" in out
 
 
-@pytest.mark.parametrize("text,expected", [
-    ('[stages.a]\nscript = "algos/groupdr_vdn.py"\nneeds = { "--x" = "b" }\n[stages.b]\nscript = "algos/groupdr_vdn.py"\n'
-     'needs = { "--y" = "a" }\n', "need each other (a cycle)"),
-    ('[stages.a]\nscript = "algos/groupdr_vdn.py"\nneeds = { "--x" = "nope" }\n', "needs stage 'nope'"),
-    ('[stages.a]\nscript = "algos/groupdr_vdn.py"\nsede = 1\n', "unknown keys ['sede']"),
-    ('[stages.a]\nflags = []\n', "stage 'a' needs 'script'"),
-    ('[stages.m]\nscript = "algos/groupdr_vdn.py"\n', "has the name of a method"),
-    ('[stages.a]\nscript = "algos/groupdr_vdn.py"\nneeds = { "x" = "a" }\n', "is not a flag"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (
+            (
+                '[stages.a]\nscript = "algos/groupdr_vdn.py"\nneeds = { "--x" = "b" }\n[stages.b]\nscript = "algos/groupdr_vdn.py"\n'
+                'needs = { "--y" = "a" }\n'
+            ),
+            "need each other (a cycle)",
+        ),
+        ('[stages.a]\nscript = "algos/groupdr_vdn.py"\nneeds = { "--x" = "nope" }\n', "needs stage 'nope'"),
+        ('[stages.a]\nscript = "algos/groupdr_vdn.py"\nsede = 1\n', "unknown keys ['sede']"),
+        ("[stages.a]\nflags = []\n", "stage 'a' needs 'script'"),
+        ('[stages.m]\nscript = "algos/groupdr_vdn.py"\n', "has the name of a method"),
+        ('[stages.a]\nscript = "algos/groupdr_vdn.py"\nneeds = { "x" = "a" }\n', "is not a flag"),
+    ],
+)
 def test_bad_stage_tables_give_one_error_line(sweep, tmp_path, capsys, text, expected):
     path = tmp_path / "bad.toml"
     path.write_text('[methods.m]\nscript = "algos/robust_vdn_rho.py"\nrho = [0]\nseeds = [1]\n' + text)
@@ -224,7 +331,8 @@ def test_failed_stage_fails_its_dependents_without_running_them(sweep, tmp_path,
         f'[defaults]\nflags = {toml_list([*TINY, "--total-episodes", "1"])}\n[eval]\nprotocols = ["paper-tables"]\n'
         'episode_steps = 3\n[stages.est]\nscript = "algos/groupdr_estimator.py"\nflags = ["--torch-threads", "1"]\n'
         'output = "estimator.pt"\n[methods.gvdn]\nscript = "algos/groupdr_vdn.py"\nrho = [0]\nrho_flag = false\nseeds = [1]\n'
-        'needs = { "--estimator-checkpoint" = "est" }\n')
+        'needs = { "--estimator-checkpoint" = "est" }\n'
+    )
     results = tmp_path / "results"
     args = sweep.Args(grid=str(grid), workers=2, workdir=str(tmp_path), results_dir=str(results), report=False)
     assert sweep.main(args) == 1
@@ -245,10 +353,25 @@ def test_groupdr_pipeline_runs_in_dependency_order_and_resumes_after_a_kill(swee
     estimator.pt: each input file is older than the run that reads it, the estimator records the behaviour
     checkpoint it used, every GroupDR run the estimator path; a third start runs nothing."""
     grid = groupdr_grid(tmp_path / "k.toml", 1000)
-    cmd = [sys.executable, os.path.join(ROOT, "experiments", "sweep.py"), grid, "--workers", "2", "--workdir", str(tmp_path),
-           "--results-dir", str(tmp_path / "results"), "--no-report"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "experiments", "sweep.py"),
+        grid,
+        "--workers",
+        "2",
+        "--workdir",
+        str(tmp_path),
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--no-report",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     runs = tmp_path / "runs" / "k"
     deadline = time.time() + 300
     while not (runs / "beh" / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
@@ -267,7 +390,7 @@ def test_groupdr_pipeline_runs_in_dependency_order_and_resumes_after_a_kill(swee
     assert "2 runs, 0 already done, 2 to run; 2 stages, 2 to run" in out
     assert "  beh: stage, resume" in out and "  est: stage, new (waits for beh)" in out
     behaviour, estimator = runs / "beh" / "model.pt", runs / "est" / "estimator.pt"
-    assert torch.load(behaviour, weights_only=False)["args"]["total_episodes"] == 2
+    assert torch.load(behaviour, weights_only=True)["args"]["total_episodes"] == 2
     assert "resumed runs/k/beh/checkpoint.pt" in (runs / "beh.log").read_text()  # continued, not restarted
     assert behaviour.stat().st_mtime_ns <= (runs / "est" / "args.json").stat().st_mtime_ns
     ckpt = torch.load(estimator, weights_only=False)
@@ -275,13 +398,15 @@ def test_groupdr_pipeline_runs_in_dependency_order_and_resumes_after_a_kill(swee
     for seed in (1, 2):
         run = runs / f"gvdn__rho0.0__seed{seed}"
         assert estimator.stat().st_mtime_ns <= (run / "args.json").stat().st_mtime_ns
-        assert torch.load(run / "model.pt", weights_only=False)["args"]["estimator_checkpoint"] == "runs/k/est/estimator.pt"
+        assert torch.load(run / "model.pt", weights_only=True)["args"]["estimator_checkpoint"] == "runs/k/est/estimator.pt"
         payload = json.loads((tmp_path / "results" / "k" / f"gvdn__rho0.0__seed{seed}.json").read_text())
         assert payload["rho"] == 0.0 and payload["paper"] == "VDN GroupDR" and "--rho" not in payload["command"].split()
         assert payload["flags"][-2:] == ["--estimator-checkpoint", "runs/k/est/estimator.pt"]
         assert set(payload["normalised_return"]["paper-tables"]) == {"env_1", "env_6"}
     assert sorted(p.name for p in (tmp_path / "results" / "k").glob("*.json")) == [
-        "gvdn__rho0.0__seed1.json", "gvdn__rho0.0__seed2.json"]  # stages write no result JSON
+        "gvdn__rho0.0__seed1.json",
+        "gvdn__rho0.0__seed2.json",
+    ]  # stages write no result JSON
 
     before = {p: p.stat().st_mtime_ns for p in runs.rglob("*.pt")}
     assert sweep.main(args) == 0

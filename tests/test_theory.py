@@ -64,6 +64,7 @@ def contamination_backup(mod, rho, worst_value):
     def backup(reward, v, p0_row):
         y = mod.robust_target(t64(reward), t64(v), t64(0.0), GAMMA, rho, worst_value)
         return float(t64(p0_row) @ y)
+
     return backup
 
 
@@ -76,6 +77,7 @@ def tv_backup(mod, rho, worst_value):
         eta = cands[int(torch.stack(losses).argmin())].item()
         y = mod.robust_target(t64(reward), values, torch.full_like(values, eta), t64(0.0), GAMMA, rho, worst_value)
         return float(weight @ y)
+
     return backup
 
 
