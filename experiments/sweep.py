@@ -24,6 +24,7 @@ A [stages.<name>] table is one run that other jobs need as input:
     seed = 1                     # default 1
     output = "model.pt"          # the file it writes in runs/<grid>/<name>/ (default model.pt); done = it exists
     needs = { "--flag" = "<other stage>" }   # optional: inputs from earlier stages
+    minutes = 30                 # optional: expected training minutes on one core (--deadline)
 A stage is trained (python <script> <flags> <needs flags> --seed S --run-name <grid>/<name>, with --resume
 when runs/<grid>/<name>/checkpoint.pt exists and its output does not), never evaluated, and writes no
 result JSON. A method table (or a stage) with `needs = { "--estimator-checkpoint" = "<stage>" }` gets
@@ -33,6 +34,17 @@ exists already (trained, only evaluation left) needs nothing. --only <method> al
 Jobs start in grid order as soon as their inputs exist: the stages (in dependency order), then seed 1 of
 every method, then seed 2, ... A method whose script has no --rho (GroupDR) sets `rho_flag = false`: its
 runs keep the `rho` of the table in their names and results (e.g. rho = [0]) and no --rho is passed.
+
+--deadline HH:MM (or +MINUTES): start no job that would not finish by then, e.g. the end of a working session
+whose processes are stopped with it. A job's expected minutes are 1.1 x the median train_seconds of the
+earlier results of its method (else of its script) + 3 for evaluation, else the grid's `minutes` of its table,
+else --unknown-minutes; the first job in grid order that fits is started, the others wait for the next start
+(not failed). --dry-run --deadline ... shows the estimates.
+
+StarCraft grids set `[eval] protocols = ["starcraft"]`: the result is the win-rate curve the run logged while
+training (runs/<run>/eval.jsonl, clean and noisy greedy episodes every --eval-every env steps) and its last
+round; no report is written (docs/results.md is the building report). A job reading stage outputs records the
+sha256 of their tensors under "inputs" (runs of different sessions that read the same estimator hash the same).
 """
 
 from __future__ import annotations
@@ -53,7 +65,8 @@ sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]  # envs, runs;
 import envs
 from runs import write_json_atomic
 
-PROTOCOLS = ("paper-tables", "climate", "season", "climate-season")
+BUILDING_PROTOCOLS = ("paper-tables", "climate", "season", "climate-season")
+PROTOCOLS = BUILDING_PROTOCOLS + ("starcraft",)  # starcraft: the win rates the run logged to eval.jsonl
 CURVE_BIN = 10  # training curve: mean normalised return per this many episodes
 
 
@@ -79,6 +92,11 @@ class Args:
     """write the report (experiments/report.py) when the grid is done"""
     dry_run: bool = False
     """print the jobs and their state, run nothing"""
+    deadline: str = ""
+    """start no job that would not finish by then: HH:MM (local time, the next such time) or +MINUTES from
+    now; empty = no limit. A job's expected minutes come from earlier results (--dry-run shows them)"""
+    unknown_minutes: float = 60.0
+    """--deadline: expected training minutes of a job with no earlier result of its method or script"""
 
 
 @dataclass
@@ -94,8 +112,10 @@ class Job:
     paper: str = ""
     rho_flag: bool = True  # pass --rho (false: the script has none, e.g. GroupDR)
     needs: list[str] = field(default_factory=list)  # the stages whose outputs this job reads
+    need_files: list[str] = field(default_factory=list)  # ... and their output files (runs/<grid>/<stage>/<output>)
     stage: bool = False  # a [stages.<name>] job: trained, not evaluated; done when runs/<run>/<output> exists
     output: str = ""  # a stage's output file in its run folder
+    minutes: float = 0.0  # the grid's expected training minutes (--deadline; 0 = none given)
     name: str = field(init=False)
 
     def __post_init__(self):
@@ -170,15 +190,17 @@ def load_grid(path: str) -> tuple[str, list[Job]]:
                         m.get("paper", ""),
                         bool(m.get("rho_flag", True)),
                         needs,
+                        need_flags[1::2],
+                        minutes=float(m.get("minutes", 0)),
                     )
                 )
     jobs.sort(key=lambda j: j.seed)  # stable: seed 1 of every method first (a learning check), then seed 2, ...
     return name, stages + jobs
 
 
-METHOD_KEYS_ORDER = ("script", "flags", "rho", "seeds", "paper", "rho_flag", "needs")
+METHOD_KEYS_ORDER = ("script", "flags", "rho", "seeds", "paper", "rho_flag", "needs", "minutes")
 METHOD_KEYS = set(METHOD_KEYS_ORDER)
-STAGE_KEYS_ORDER = ("script", "flags", "seed", "output", "needs")
+STAGE_KEYS_ORDER = ("script", "flags", "seed", "output", "needs", "minutes")
 
 
 def _check_needs(owner: str, needs, stage_names) -> dict:
@@ -238,6 +260,8 @@ def load_stages(grid: str, specs: dict, method_names: set) -> list[Job]:
             int(st.get("seed", 1)),
             [],
             needs=needs,
+            need_files=need_flags[1::2],
+            minutes=float(st.get("minutes", 0)),
             stage=True,
             output=str(st.get("output", "model.pt")),
         )
@@ -286,8 +310,8 @@ def run_job(job: Job, workdir: str) -> dict:
             )
     if job.stage:
         return {"stage": job.name, "output": os.path.relpath(model, workdir)}
-    results = {}
-    for protocol in job.protocols:
+    results, payload = {}, {}
+    for protocol in [p for p in job.protocols if p in BUILDING_PROTOCOLS]:
         out = os.path.join(run_dir, f"eval_{protocol}.json")
         cmd = [
             sys.executable,
@@ -312,6 +336,10 @@ def run_job(job: Job, workdir: str) -> dict:
     with open(os.path.join(run_dir, "args.json")) as f:
         run_args = json.load(f)
     curve = training_curve(run_dir)
+    extra = {"starcraft": starcraft_curve(run_dir)} if "starcraft" in job.protocols else {}
+    extra.update(
+        {"inputs": {n: tensor_hash(os.path.join(workdir, p)) for n, p in zip(job.needs, job.need_files)}} if job.needs else {}
+    )
     return {
         "grid": job.grid,
         "method": job.method,
@@ -327,11 +355,54 @@ def run_job(job: Job, workdir: str) -> dict:
         "args": run_args,
         "commit": _trained_with(run_dir),
         "machine": _trained_on(run_dir),
-        "eval_days": payload["days"],
-        "normalised_return": results,
+        **({"eval_days": payload["days"], "normalised_return": results} if payload else {}),
+        **extra,
         "curve": curve,
-        "train_seconds": curve["wall_seconds"],
-    }  # first to last episode, from TensorBoard's wall times
+        "train_seconds": curve["wall_seconds"],  # first to last episode, from TensorBoard's wall times
+    }
+
+
+def starcraft_curve(run_dir: str) -> dict:
+    """The evaluation rounds a StarCraft run logged while training (runs/<run>/eval.jsonl: clean and noisy
+    greedy episodes every --eval-every env steps, Sec. 5.2) as lists against env steps, and its last round."""
+    path = os.path.join(run_dir, "eval.jsonl")
+    if not os.path.isfile(path):
+        raise RuntimeError(f"protocol starcraft: {path} is missing (train with --env smax or smac and --eval-every > 0)")
+    with open(path) as f:
+        points = [json.loads(line) for line in f if line.strip()]
+    if not points:
+        raise RuntimeError(f"protocol starcraft: {path} holds no evaluation round (is --eval-every below the budget?)")
+    keys = ("win_rate_clean", "win_rate_noisy", "return_clean", "return_noisy")
+    return {"env_steps": [p["step"] for p in points], **{k: [p[k] for p in points] for k in keys}, "final": points[-1]}
+
+
+def tensor_hash(path: str) -> str:
+    """sha256 of the tensors of a checkpoint (keys sorted; its other values, e.g. wall times, left out): two
+    files holding the same weights hash the same, so runs of different sessions show whether they read the same
+    stage output (e.g. the one GroupDR estimator of a grid's seeds)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+
+    def walk(key: str, value) -> None:
+        if isinstance(value, dict):
+            for k in sorted(value, key=str):
+                walk(f"{key}/{k}", value[k])
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{key}/{i}", v)
+        elif isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    try:
+        walk("", torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:  # noqa: BLE001 - a hash is a record, not a reason to fail the run
+        return f"unreadable ({type(e).__name__})"
+    return h.hexdigest()
 
 
 def _tail(path: str, n: int = 300) -> str:
@@ -375,11 +446,56 @@ def _git_commit() -> str:
     return proc.stdout.strip() if proc.returncode == 0 else "unknown"
 
 
+def parse_deadline(text: str, now: float) -> float | None:
+    """--deadline: HH:MM (local time; the next such time) or +MINUTES -> epoch seconds; empty -> None."""
+    if not text:
+        return None
+    try:
+        if text.startswith("+"):
+            minutes = float(text[1:])
+            if not (0 <= minutes < float("inf")):
+                raise ValueError
+            return now + 60 * minutes
+        hh, mm = (int(x) for x in text.split(":"))
+        if not (0 <= hh < 24 and 0 <= mm < 60):
+            raise ValueError
+    except ValueError:
+        envs.fail(f"--deadline must be HH:MM (local time) or +MINUTES (got '{text}')")
+    t = time.localtime(now)
+    at = time.mktime((t.tm_year, t.tm_mon, t.tm_mday, hh, mm, 0, 0, 0, -1))
+    return at if at > now else at + 86400
+
+
+def expected_minutes(jobs: list[Job], out_dir: str, unknown: float) -> dict[str, float]:
+    """A job's expected minutes (training + evaluation) for --deadline: the median train_seconds of the earlier
+    results of its method in out_dir (else of its script), plus 10% and 3 minutes for evaluation and start;
+    else the grid's `minutes` for it (the only source for a stage, which writes no result); else `unknown`."""
+    import statistics
+
+    seconds: dict[tuple[str, str], list[float]] = {}
+    if os.path.isdir(out_dir):
+        for name in sorted(os.listdir(out_dir)):
+            if name.endswith(".json"):
+                with open(os.path.join(out_dir, name)) as f:
+                    r = json.load(f)
+                if r.get("train_seconds"):
+                    seconds.setdefault(("method", r.get("method", "")), []).append(r["train_seconds"])
+                    seconds.setdefault(("script", r.get("script", "")), []).append(r["train_seconds"])
+    out = {}
+    for j in jobs:
+        known = [] if j.stage else seconds.get(("method", j.method)) or seconds.get(("script", j.script))
+        out[j.name] = 1.1 * statistics.median(known) / 60 + 3 if known else j.minutes or unknown
+    return out
+
+
 def main(args: Args) -> int:
     if args.backend not in ("local", "ray"):
         envs.fail(f"--backend must be one of local, ray (got '{args.backend}')")
     if args.workers < 0:
         envs.fail(f"--workers must be >= 0 (got {args.workers}; 0 = one per core)")
+    if not args.unknown_minutes > 0:
+        envs.fail(f"--unknown-minutes must be > 0 (got {args.unknown_minutes})")
+    deadline = parse_deadline(args.deadline, time.time())
     grid, jobs = load_grid(args.grid)
     stage_of = {j.name: j for j in jobs if j.stage}
     if args.only:
@@ -412,11 +528,19 @@ def main(args: Args) -> int:
         todo_runs, todo_stages, n_untrained = ready, [], len(todo_runs) - len(ready)
     todo = todo_stages + todo_runs
     workers = args.workers or os.cpu_count() or 1
+    minutes = expected_minutes(todo, out_dir, args.unknown_minutes)
+
+    def fits(job: Job) -> bool:
+        """--deadline: the job's expected minutes end before it (a trained run has only its evaluation left)."""
+        left = 3.0 if not job.stage and trained(job) else minutes[job.name]
+        return deadline is None or time.time() + 60 * left <= deadline
+
     print(
         f"grid {grid}: {len(runs)} runs, {n_done} already done, {len(todo_runs)} to run"
         + (f", {n_untrained} not trained yet (--no-train)" if n_untrained else "")
         + (f"; {len(stages)} stages, {len(todo_stages)} to run" if stages else "")
-        + f" ({args.backend}, {workers if not args.address else 'cluster'} at a time)",
+        + f" ({args.backend}, {workers if not args.address else 'cluster'} at a time)"
+        + (f"; deadline {time.strftime('%Y-%m-%d %H:%M', time.localtime(deadline))}" if deadline else ""),
         flush=True,
     )
 
@@ -439,12 +563,14 @@ def main(args: Args) -> int:
         print(
             f"  {j.name}: {'stage, ' if j.stage else ''}{state}"
             + (f" (waits for {', '.join(waits)})" if waits else "")
+            + (f" ~{minutes[j.name]:.0f} min" if deadline and not trained(j) else "")
+            + (" (would not finish by the deadline)" if deadline and not fits(j) else "")
             + ("  " + " ".join(j.train_command(state == "resume")[1:]) if args.dry_run else "")
         )
     if args.dry_run:
         return 0
 
-    n_failed, done, durations, started, failed_stages = 0, 0, [], time.time(), set()
+    n_failed, done, durations, started, failed_stages, not_started = 0, 0, [], time.time(), set(), []
     in_flight = {"n": 0}
 
     def finished(job: Job, payload: dict | None, error: str | None, seconds: float) -> None:
@@ -459,7 +585,14 @@ def main(args: Args) -> int:
             summary = (
                 f"stage done: {payload['output']}"
                 if job.stage
-                else ", ".join(f"{c} {v:.3f}" for c, v in payload["normalised_return"].get("paper-tables", {}).items())
+                else ", ".join(f"{c} {v:.3f}" for c, v in payload.get("normalised_return", {}).get("paper-tables", {}).items())
+                + (
+                    "win rate clean {win_rate_clean:.3f}, noisy {win_rate_noisy:.3f} at {step} steps".format(
+                        **payload["starcraft"]["final"]
+                    )
+                    if "starcraft" in payload
+                    else ""
+                )
             )
         else:
             n_failed += 1
@@ -487,16 +620,26 @@ def main(args: Args) -> int:
                 bad = sorted(set(job.needs) & failed_stages)
                 why = f"needs stage {', '.join(bad)}, which failed (see {os.path.join(failed_dir, bad[0])}.json)"
                 finished(job, None, why, 0.0)
-            while len(running) < limit:
-                job = next((j for j in pending if not inputs_missing(j)), None)
+            while len(running) < limit:  # the first job in grid order whose inputs exist and that fits the deadline
+                job = next((j for j in pending if not inputs_missing(j) and fits(j)), None)
                 if job is None:
                     break
                 pending.remove(job)
                 running[submit(job)] = job
                 in_flight["n"] = len(running)
-            if not running:  # what is left waits for an output that nothing will write
+            if not running:
+                # left: jobs that would not finish by the deadline (and those waiting for a stage that did not
+                # start for that reason): not started, not failed; the rest waits for an output nothing will write
+                late, grew = {j.name for j in pending if not fits(j) and not inputs_missing(j)}, True
+                while grew:  # and what waits for those, stage after stage
+                    more = {j.name for j in pending if any(n in late for n in inputs_missing(j))} - late
+                    late, grew = late | more, bool(more)
                 for job in pending:
-                    finished(job, None, f"needs the output of stage {', '.join(inputs_missing(job))}, which is missing", 0.0)
+                    if job.name not in late:
+                        finished(
+                            job, None, f"needs the output of stage {', '.join(inputs_missing(job))}, which is missing", 0.0
+                        )
+                not_started.extend(j.name for j in pending if j.name in late)
                 return
             handle, payload, error, seconds = wait_one(list(running))
             job = running.pop(handle)
@@ -548,7 +691,14 @@ def main(args: Args) -> int:
         schedule(limit, submit_ray, wait_ray)
         ray.shutdown()
 
-    if args.report and os.path.isdir(out_dir):
+    if not_started:
+        print(
+            f"{len(not_started)} jobs not started: they would not finish by the deadline "
+            f"({time.strftime('%H:%M', time.localtime(deadline))}); the next start runs them: {', '.join(not_started)}",
+            flush=True,
+        )
+    building = any(p in BUILDING_PROTOCOLS for j in runs for p in j.protocols)
+    if args.report and building and os.path.isdir(out_dir):  # the building report (docs/results.md)
         import report
 
         report.main(report.Args(results=[out_dir], out=os.path.join(os.path.dirname(args.results_dir), "results.md")))

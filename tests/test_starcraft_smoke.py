@@ -117,3 +117,39 @@ def test_smax_checkpoint_refused_by_building_protocol(smax_runs, tmp_path):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "--checkpoints" in lines[0] and "smax" in lines[0]
     assert not os.path.exists(tmp_path / "x.json")
+
+
+def test_sweep_starcraft_result_step(smax_runs, tmp_path, capsys):
+    """sweep.py on a StarCraft grid (protocols = ["starcraft"]) whose runs are trained (the smoke runs copied into
+    its runs/ folder): each result JSON holds the curve its run logged to eval.jsonl and the last round, no
+    building numbers; no docs/results.md is written (that is the building report); a run without eval.jsonl is
+    recorded as failed with the reason."""
+    import shutil
+
+    from conftest import import_file
+
+    sweep = import_file("sweep_under_test", "experiments/sweep.py")
+    cwd, _ = smax_runs
+    for name, rho in (("robust_vdn_rho", "0.0"), ("robust_qmix_rho", "0.01")):
+        shutil.copytree(os.path.join(cwd, "runs", name), tmp_path / "runs" / "sc" / f"{name}__rho{rho}__seed1")
+    os.remove(tmp_path / "runs" / "sc" / "robust_qmix_rho__rho0.01__seed1" / "eval.jsonl")
+    (tmp_path / "sc.toml").write_text(
+        '[defaults]\nflags = ["--env", "smax"]\n[eval]\nprotocols = ["starcraft"]\n'
+        '[methods.robust_vdn_rho]\nscript = "algos/robust_vdn_rho.py"\nrho = [0.0]\nseeds = [1]\nminutes = 150\n'
+        '[methods.robust_qmix_rho]\nscript = "algos/robust_qmix_rho.py"\nrho = [0.01]\nseeds = [1]\n'
+    )
+    results = tmp_path / "docs" / "results"
+    args = sweep.Args(grid=str(tmp_path / "sc.toml"), workers=1, workdir=str(tmp_path), results_dir=str(results))
+    assert sweep.main(args) == 1  # the run without eval.jsonl
+    with open(os.path.join(cwd, "runs", "robust_vdn_rho", "eval.jsonl")) as f:
+        points = [json.loads(line) for line in f]
+    payload = json.loads((results / "sc" / "robust_vdn_rho__rho0.0__seed1.json").read_text())
+    sc = payload["starcraft"]
+    assert sc["env_steps"] == [p["step"] for p in points] and sc["final"] == points[-1]
+    for key in ("win_rate_clean", "win_rate_noisy", "return_clean", "return_noisy"):
+        assert sc[key] == [p[key] for p in points]
+    assert "normalised_return" not in payload and payload["args"]["env"] == "smax"
+    assert f"win rate clean {points[-1]['win_rate_clean']:.3f}" in capsys.readouterr().out
+    failed = json.loads((results / "sc" / "failed" / "robust_qmix_rho__rho0.01__seed1.json").read_text())
+    assert "eval.jsonl is missing" in failed["error"]
+    assert not (tmp_path / "docs" / "results.md").exists()

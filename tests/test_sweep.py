@@ -403,6 +403,7 @@ def test_groupdr_pipeline_runs_in_dependency_order_and_resumes_after_a_kill(swee
         assert payload["rho"] == 0.0 and payload["paper"] == "VDN GroupDR" and "--rho" not in payload["command"].split()
         assert payload["flags"][-2:] == ["--estimator-checkpoint", "runs/k/est/estimator.pt"]
         assert set(payload["normalised_return"]["paper-tables"]) == {"env_1", "env_6"}
+        assert payload["inputs"] == {"est": sweep.tensor_hash(str(estimator))}  # both seeds read this estimator
     assert sorted(p.name for p in (tmp_path / "results" / "k").glob("*.json")) == [
         "gvdn__rho0.0__seed1.json",
         "gvdn__rho0.0__seed2.json",
@@ -412,3 +413,91 @@ def test_groupdr_pipeline_runs_in_dependency_order_and_resumes_after_a_kill(swee
     assert sweep.main(args) == 0
     assert "2 runs, 2 already done, 0 to run; 2 stages, 0 to run" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("*.pt")} == before
+
+
+# ------------------------------- --deadline: start only what can finish -------------------------------
+
+
+@pytest.mark.parametrize("text", ["25:00", "7", "+x", "+-5", "12:60", "+inf"])
+def test_bad_deadline_gives_one_error_line(tmp_path, text):
+    grid = grid_file(tmp_path / "d.toml", VDN)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments", "sweep.py"), grid, "--dry-run", "--deadline", text],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+        check=False,
+    )
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == f"error: --deadline must be HH:MM (local time) or +MINUTES (got '{text}')"
+
+
+def test_parse_deadline(sweep):
+    now = time.mktime((2026, 12, 5, 10, 30, 0, 0, 0, -1))  # 10:30 local time
+    assert sweep.parse_deadline("", now) is None
+    assert sweep.parse_deadline("+90", now) == now + 5400
+    assert sweep.parse_deadline("12:00", now) == now + 5400  # later today
+    assert sweep.parse_deadline("09:30", now) == now + 23 * 3600  # already past today: tomorrow's
+
+
+def test_expected_minutes_from_earlier_results(sweep, tmp_path):
+    """1.1 x the median train_seconds of the method's results (+3 min), else its script's, else the grid's
+    `minutes`, else --unknown-minutes; a stage (no results) takes its `minutes`."""
+    out = tmp_path / "g"
+    out.mkdir()
+    for i, (method, script, seconds) in enumerate(
+        [("a", "algos/x.py", 600), ("a", "algos/x.py", 1200), ("a", "algos/x.py", 6000), ("b", "algos/y.py", 1800)]
+    ):
+        (out / f"r{i}.json").write_text(json.dumps({"method": method, "script": script, "train_seconds": seconds}))
+    jobs = [
+        sweep.Job("g", "a", "algos/x.py", [], 0.0, 1, []),  # its method: median 1200 s
+        sweep.Job("g", "c", "algos/y.py", [], 0.0, 1, [], minutes=5),  # no result of c: its script's (1800 s)
+        sweep.Job("g", "d", "algos/z.py", [], 0.0, 1, [], minutes=7),  # nothing known: the grid's minutes
+        sweep.Job("g", "e", "algos/z.py", [], 0.0, 1, []),  # nothing at all: unknown
+        sweep.Job("g", "s", "algos/x.py", [], 0.0, 1, [], stage=True, minutes=9),  # a stage: its minutes
+    ]
+    got = sweep.expected_minutes(jobs, str(out), 42.0)
+    assert got == pytest.approx({j.name: m for j, m in zip(jobs, [1.1 * 20 + 3, 1.1 * 30 + 3, 7.0, 42.0, 9.0])})
+
+
+def test_deadline_starts_only_the_jobs_that_fit(sweep, tmp_path, capsys):
+    """With a deadline 30 minutes away: the method whose grid `minutes` fit runs; the one expected to take
+    longer, and the stage chain whose first stage would not finish, with the run that needs it, are not
+    started (no run folder, no result, no failed record) and are named; the sweep exits 0. The next start
+    without a deadline runs them."""
+    short = VDN.replace("seeds = [1, 2]", "seeds = [1]") + "minutes = 1\n"
+    long = (
+        '[methods.slow]\nscript = "algos/robust_vdn_rho.py"\nrho = [0.0]\nseeds = [1]\nminutes = 600\n'
+        '[methods.chained]\nscript = "algos/robust_vdn_rho.py"\nrho = [0.0]\nseeds = [1]\nminutes = 1\n'
+        'needs = { "--estimator-checkpoint" = "est" }\n'
+        '[stages.est]\nscript = "algos/groupdr_estimator.py"\nminutes = 5\nneeds = { "--behaviour-checkpoint" = "beh" }\n'
+        '[stages.beh]\nscript = "algos/groupdr_vdn.py"\nminutes = 120\n'
+    )
+    grid = grid_file(tmp_path / "d.toml", short + long)
+    results = tmp_path / "results"
+    args = sweep.Args(grid=grid, workers=2, workdir=str(tmp_path), results_dir=str(results), report=False, deadline="+30")
+    capsys.readouterr()
+    assert sweep.main(args) == 0
+    out = capsys.readouterr().out
+    assert "slow__rho0.0__seed1: new ~600 min (would not finish by the deadline)" in out
+    assert "4 jobs not started: they would not finish by the deadline" in out
+    assert out.strip().endswith("grid d: 1 of 3 runs have results")
+    for name in ("beh", "est", "slow__rho0.0__seed1", "chained__rho0.0__seed1"):
+        assert name in out.split("jobs not started")[1]
+        assert not (tmp_path / "runs" / "d" / name).exists()
+    assert sorted(p.name for p in (results / "d").iterdir()) == ["vdn__rho0.0__seed1.json"]  # no failed/
+    # a later start without a deadline picks up exactly what was left (dry run: nothing is trained here)
+    assert sweep.main(sweep.Args(grid=grid, workdir=str(tmp_path), results_dir=str(results), dry_run=True)) == 0
+    assert "3 runs, 1 already done, 2 to run; 2 stages, 2 to run" in capsys.readouterr().out
+
+
+def test_tensor_hash_reads_only_the_tensors(sweep, tmp_path):
+    w = {"net": {"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(2)}, "fit": {"wall_seconds": 12.5}}
+    torch.save(w, tmp_path / "a.pt")
+    torch.save({**w, "fit": {"wall_seconds": 99.0}}, tmp_path / "b.pt")  # other wall time, same weights
+    torch.save({**w, "net": {**w["net"], "b": torch.tensor([0.0, 1e-7])}}, tmp_path / "c.pt")
+    torch.save({**w, "net": {"w": w["net"]["w"].reshape(3, 2), "b": w["net"]["b"]}}, tmp_path / "d.pt")  # same bytes
+    a, b, c, d = (sweep.tensor_hash(str(tmp_path / f"{x}.pt")) for x in "abcd")
+    assert a == b and len({a, c, d}) == 3 and len(a) == 64
+    (tmp_path / "e.pt").write_bytes(b"not a checkpoint")
+    assert sweep.tensor_hash(str(tmp_path / "e.pt")).startswith("unreadable")
