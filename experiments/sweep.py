@@ -27,7 +27,8 @@ A [stages.<name>] table is one run that other jobs need as input:
     minutes = 30                 # optional: expected training minutes on one core (--deadline)
 A stage is trained (python <script> <flags> <needs flags> --seed S --run-name <grid>/<name>, with --resume
 when runs/<grid>/<name>/checkpoint.pt exists and its output does not), never evaluated, and writes no
-result JSON. A method table (or a stage) with `needs = { "--estimator-checkpoint" = "<stage>" }` gets
+result JSON; each build appends a record to <results-dir>/<grid>/stages/<name>.json (the sha256 of the
+output's tensors, seconds, commit, machine), so builds of different sessions can be compared. A method table (or a stage) with `needs = { "--estimator-checkpoint" = "<stage>" }` gets
 `--estimator-checkpoint runs/<grid>/<stage>/<output>` added to its flags and starts only once that file
 exists; if the stage fails, its dependents are recorded as failed without running. A job whose model.pt
 exists already (trained, only evaluation left) needs nothing. --only <method> also runs the stages it needs.
@@ -290,11 +291,13 @@ def training_curve(run_dir: str) -> dict:
 
 def run_job(job: Job, workdir: str) -> dict:
     """Train (or continue) then evaluate one run; returns the result payload (raises on failure). A stage is
-    only trained: -> {"stage": name, "output": its output file relative to workdir}."""
+    only trained: -> its record (output file relative to workdir, the sha256 of its tensors, the seconds this
+    start trained, commit, machine, command), which the sweep appends to <results>/<grid>/stages/<stage>.json."""
     run_dir = os.path.join(workdir, "runs", job.run_name)
     model, env = job.target(workdir), dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    t0, trained_now, resumed = time.time(), not os.path.isfile(model), False
     if not os.path.isfile(model):
-        resume = os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))
+        resume = resumed = os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))
         cmd = job.train_command(resume)
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "commit.txt"), "a") as f:  # the code that trained it (one line per start)
@@ -309,7 +312,17 @@ def run_job(job: Job, workdir: str) -> dict:
                 + _tail(os.path.join(workdir, "runs", job.grid, f"{job.name}.log"))
             )
     if job.stage:
-        return {"stage": job.name, "output": os.path.relpath(model, workdir)}
+        return {
+            "stage": job.name,
+            "output": os.path.relpath(model, workdir),
+            "tensor_hash": tensor_hash(model),
+            "train_seconds": round(time.time() - t0, 1) if trained_now else None,  # this start's, resumed or not
+            "resumed": resumed,  # continued a checkpoint: train_seconds is not the whole build's
+            "commit": _trained_with(run_dir),
+            "machine": _trained_on(run_dir),
+            "command": " ".join(["python", job.script, *job.flags, "--seed", str(job.seed)]),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
     results, payload = {}, {}
     for protocol in [p for p in job.protocols if p in BUILDING_PROTOCOLS]:
         out = os.path.join(run_dir, f"eval_{protocol}.json")
@@ -468,8 +481,9 @@ def parse_deadline(text: str, now: float) -> float | None:
 
 def expected_minutes(jobs: list[Job], out_dir: str, unknown: float) -> dict[str, float]:
     """A job's expected minutes (training + evaluation) for --deadline: the median train_seconds of the earlier
-    results of its method in out_dir (else of its script), plus 10% and 3 minutes for evaluation and start;
-    else the grid's `minutes` for it (the only source for a stage, which writes no result); else `unknown`."""
+    results of its method in out_dir (else of its script; a stage: its earlier whole builds recorded in
+    out_dir/stages/), plus 10% and 3 minutes for evaluation and start; else the grid's `minutes` for it;
+    else `unknown`."""
     import statistics
 
     seconds: dict[tuple[str, str], list[float]] = {}
@@ -481,9 +495,20 @@ def expected_minutes(jobs: list[Job], out_dir: str, unknown: float) -> dict[str,
                 if r.get("train_seconds"):
                     seconds.setdefault(("method", r.get("method", "")), []).append(r["train_seconds"])
                     seconds.setdefault(("script", r.get("script", "")), []).append(r["train_seconds"])
+    stages_dir = os.path.join(out_dir, "stages")
+    for name in sorted(os.listdir(stages_dir)) if os.path.isdir(stages_dir) else []:
+        with open(os.path.join(stages_dir, name)) as f:
+            builds = json.load(f)["builds"]
+        whole = [b["train_seconds"] for b in builds if b.get("train_seconds") and not b.get("resumed")]
+        if whole:
+            seconds[("stage", name[: -len(".json")])] = whole
     out = {}
     for j in jobs:
-        known = [] if j.stage else seconds.get(("method", j.method)) or seconds.get(("script", j.script))
+        known = (
+            seconds.get(("stage", j.name))
+            if j.stage
+            else seconds.get(("method", j.method)) or seconds.get(("script", j.script))
+        )
         out[j.name] = 1.1 * statistics.median(known) / 60 + 3 if known else j.minutes or unknown
     return out
 
@@ -516,6 +541,13 @@ def main(args: Args) -> int:
     out_dir, failed_dir = os.path.join(args.results_dir, grid), os.path.join(args.results_dir, grid, "failed")
     os.makedirs(os.path.join(args.workdir, "runs", grid), exist_ok=True)
     result = {j.name: os.path.join(out_dir, f"{j.name}.json") for j in runs}
+    stage_record = {j.name: os.path.join(out_dir, "stages", f"{j.name}.json") for j in stages}
+
+    def stage_builds(job: Job) -> list[dict]:
+        if not os.path.isfile(stage_record[job.name]):
+            return []
+        with open(stage_record[job.name]) as f:
+            return json.load(f)["builds"]
 
     def trained(job: Job) -> bool:
         return os.path.isfile(job.target(args.workdir))  # model.pt of a run, the output of a stage
@@ -579,6 +611,8 @@ def main(args: Args) -> int:
         if error is None:
             if not job.stage:
                 write_json_atomic(result[job.name], payload)
+            else:  # one record per time the stage was built (a new session rebuilds it: do the hashes agree?)
+                write_json_atomic(stage_record[job.name], {"stage": job.name, "builds": stage_builds(job) + [payload]})
             if os.path.isfile(os.path.join(failed_dir, f"{job.name}.json")):
                 os.remove(os.path.join(failed_dir, f"{job.name}.json"))
             durations.append(seconds)

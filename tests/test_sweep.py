@@ -404,6 +404,11 @@ def test_groupdr_pipeline_runs_in_dependency_order_and_resumes_after_a_kill(swee
         assert payload["flags"][-2:] == ["--estimator-checkpoint", "runs/k/est/estimator.pt"]
         assert set(payload["normalised_return"]["paper-tables"]) == {"env_1", "env_6"}
         assert payload["inputs"] == {"est": sweep.tensor_hash(str(estimator))}  # both seeds read this estimator
+    # one record per stage build: the resumed behaviour stage, then the estimator, with the hashes of their outputs
+    for stage, output, resumed in (("beh", behaviour, True), ("est", estimator, False)):
+        (build,) = json.loads((tmp_path / "results" / "k" / "stages" / f"{stage}.json").read_text())["builds"]
+        assert build["tensor_hash"] == sweep.tensor_hash(str(output)) and build["resumed"] is resumed
+        assert build["train_seconds"] > 0 and build["output"] == os.path.join("runs", "k", stage, output.name)
     assert sorted(p.name for p in (tmp_path / "results" / "k").glob("*.json")) == [
         "gvdn__rho0.0__seed1.json",
         "gvdn__rho0.0__seed2.json",
@@ -454,10 +459,14 @@ def test_expected_minutes_from_earlier_results(sweep, tmp_path):
         sweep.Job("g", "c", "algos/y.py", [], 0.0, 1, [], minutes=5),  # no result of c: its script's (1800 s)
         sweep.Job("g", "d", "algos/z.py", [], 0.0, 1, [], minutes=7),  # nothing known: the grid's minutes
         sweep.Job("g", "e", "algos/z.py", [], 0.0, 1, []),  # nothing at all: unknown
-        sweep.Job("g", "s", "algos/x.py", [], 0.0, 1, [], stage=True, minutes=9),  # a stage: its minutes
+        sweep.Job("g", "s", "algos/x.py", [], 0.0, 1, [], stage=True, minutes=9),  # a stage with no build: its minutes
+        sweep.Job("g", "t", "algos/x.py", [], 0.0, 1, [], stage=True, minutes=9),  # its whole builds: median 600 s
     ]
+    (out / "stages").mkdir()
+    builds = [{"train_seconds": 600, "resumed": False}, {"train_seconds": 60, "resumed": True}]
+    (out / "stages" / "t.json").write_text(json.dumps({"stage": "t", "builds": builds}))
     got = sweep.expected_minutes(jobs, str(out), 42.0)
-    assert got == pytest.approx({j.name: m for j, m in zip(jobs, [1.1 * 20 + 3, 1.1 * 30 + 3, 7.0, 42.0, 9.0])})
+    assert got == pytest.approx({j.name: m for j, m in zip(jobs, [1.1 * 20 + 3, 1.1 * 30 + 3, 7.0, 42.0, 9.0, 1.1 * 10 + 3])})
 
 
 def test_deadline_starts_only_the_jobs_that_fit(sweep, tmp_path, capsys):
