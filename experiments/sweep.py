@@ -44,7 +44,8 @@ else --unknown-minutes; the first job in grid order that fits is started, the ot
 
 StarCraft grids set `[eval] protocols = ["starcraft"]`: the result is the win-rate curve the run logged while
 training (runs/<run>/eval.jsonl, clean and noisy greedy episodes every --eval-every env steps) and its last
-round; no report is written (docs/results.md is the building report). A job reading stage outputs records the
+round; the report is experiments/starcraft_report.py's docs/results_<grid>.md (docs/results.md is the building
+report's). A job reading stage outputs records the
 sha256 of their tensors under "inputs" (runs of different sessions that read the same estimator hash the same).
 """
 
@@ -732,10 +733,15 @@ def main(args: Args) -> int:
             flush=True,
         )
     building = any(p in BUILDING_PROTOCOLS for j in runs for p in j.protocols)
-    if args.report and building and os.path.isdir(out_dir):  # the building report (docs/results.md)
+    have_any = any(os.path.isfile(result[j.name]) for j in runs)
+    if args.report and building and have_any:  # the building report (docs/results.md)
         import report
 
         report.main(report.Args(results=[out_dir], out=os.path.join(os.path.dirname(args.results_dir), "results.md")))
+    elif args.report and have_any:  # a StarCraft grid: docs/results_<grid>.md
+        import starcraft_report
+
+        starcraft_report.main(starcraft_report.Args(results=out_dir))
     have = sum(os.path.isfile(result[j.name]) for j in runs)
     print(
         f"grid {grid}: {have} of {len(runs)} runs have results"

@@ -123,7 +123,7 @@ def test_sweep_starcraft_result_step(smax_runs, tmp_path, capsys):
     """sweep.py on a StarCraft grid (protocols = ["starcraft"]) whose runs are trained (the smoke runs copied into
     its runs/ folder): each result JSON holds the curve its run logged to eval.jsonl and the last round, no
     building numbers; no docs/results.md is written (that is the building report); a run without eval.jsonl is
-    recorded as failed with the reason."""
+    recorded as failed with the reason; the report is the StarCraft page, not docs/results.md."""
     import shutil
 
     from conftest import import_file
@@ -152,4 +152,8 @@ def test_sweep_starcraft_result_step(smax_runs, tmp_path, capsys):
     assert f"win rate clean {points[-1]['win_rate_clean']:.3f}" in capsys.readouterr().out
     failed = json.loads((results / "sc" / "failed" / "robust_qmix_rho__rho0.01__seed1.json").read_text())
     assert "eval.jsonl is missing" in failed["error"]
-    assert not (tmp_path / "docs" / "results.md").exists()
+    assert not (tmp_path / "docs" / "results.md").exists()  # the building report is left alone ...
+    page = (tmp_path / "docs" / "results_sc.md").read_text()  # ... the StarCraft one is written
+    last = points[-1]
+    assert f"| robust_vdn_rho | 0 | 1 | {last['step']:,} | {last['win_rate_clean']:.3f} +- 0.000 |" in page
+    assert (tmp_path / "docs" / "results" / "sc_curves.png").stat().st_size > 0
