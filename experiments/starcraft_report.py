@@ -24,6 +24,7 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 import stats
+from report import mean_se  # mean over seeds +- population std / sqrt(n), as the paper and docs/results.md
 
 import envs
 
@@ -50,11 +51,6 @@ def load(folder: str) -> dict[tuple[str, float], list[dict]]:
     if not groups:
         envs.fail(f"results: no StarCraft result JSON files in '{folder}' (a grid with [eval] protocols = [\"starcraft\"])")
     return {k: sorted(v, key=lambda r: r["seed"]) for k, v in sorted(groups.items())}
-
-
-def mean_se(x) -> tuple[float, float]:
-    x = np.asarray(x, dtype=float)
-    return float(x.mean()), float(x.std() / np.sqrt(len(x)))
 
 
 def curve(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
