@@ -617,6 +617,7 @@ def main(args: Args) -> int:
             if os.path.isfile(os.path.join(failed_dir, f"{job.name}.json")):
                 os.remove(os.path.join(failed_dir, f"{job.name}.json"))
             durations.append(seconds)
+            minutes.update(expected_minutes(todo, out_dir, args.unknown_minutes))  # with the result just written
             summary = (
                 f"stage done: {payload['output']}"
                 if job.stage
