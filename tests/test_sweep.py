@@ -471,12 +471,12 @@ def test_expected_minutes_from_earlier_results(sweep, tmp_path):
 
 def test_deadline_starts_only_the_jobs_that_fit(sweep, tmp_path, capsys):
     """With a deadline 30 minutes away: the method whose grid `minutes` fit runs; the one expected to take
-    longer, and the stage chain whose first stage would not finish, with the run that needs it, are not
+    longer (another script: no result of the sweep updates its estimate), and the stage chain whose first stage would not finish, with the run that needs it, are not
     started (no run folder, no result, no failed record) and are named; the sweep exits 0. The next start
     without a deadline runs them."""
     short = VDN.replace("seeds = [1, 2]", "seeds = [1]") + "minutes = 1\n"
     long = (
-        '[methods.slow]\nscript = "algos/robust_vdn_rho.py"\nrho = [0.0]\nseeds = [1]\nminutes = 600\n'
+        '[methods.slow]\nscript = "algos/robust_qmix_rho.py"\nrho = [0.0]\nseeds = [1]\nminutes = 600\n'
         '[methods.chained]\nscript = "algos/robust_vdn_rho.py"\nrho = [0.0]\nseeds = [1]\nminutes = 1\n'
         'needs = { "--estimator-checkpoint" = "est" }\n'
         '[stages.est]\nscript = "algos/groupdr_estimator.py"\nminutes = 5\nneeds = { "--behaviour-checkpoint" = "beh" }\n'
@@ -510,3 +510,21 @@ def test_tensor_hash_reads_only_the_tensors(sweep, tmp_path):
     assert a == b and len({a, c, d}) == 3 and len(a) == 64
     (tmp_path / "e.pt").write_bytes(b"not a checkpoint")
     assert sweep.tensor_hash(str(tmp_path / "e.pt")).startswith("unreadable")
+
+
+def test_deadline_estimates_follow_the_results_of_the_sweep(sweep, tmp_path, capsys):
+    """A method with no result of its own is planned with its script's results once one exists: b (grid estimate
+    600 min, same script as a) does not fit a 30-minute deadline at the start, but a's tiny run, finished first,
+    sets the estimate of the script, and b then runs in the same sweep."""
+    methods = (
+        '[methods.a]\nscript = "algos/robust_vdn_rho.py"\nrho = [0.0]\nseeds = [1]\nminutes = 1\n'
+        '[methods.b]\nscript = "algos/robust_vdn_rho.py"\nrho = [0.0]\nseeds = [1]\nminutes = 600\n'
+    )
+    grid = grid_file(tmp_path / "f.toml", methods)
+    results = tmp_path / "results"
+    args = sweep.Args(grid=grid, workers=1, workdir=str(tmp_path), results_dir=str(results), report=False, deadline="+30")
+    capsys.readouterr()
+    assert sweep.main(args) == 0
+    out = capsys.readouterr().out
+    assert "b__rho0.0__seed1: new ~600 min (would not finish by the deadline)" in out and "not started" not in out
+    assert sorted(p.name for p in (results / "f").glob("*.json")) == ["a__rho0.0__seed1.json", "b__rho0.0__seed1.json"]
