@@ -193,7 +193,7 @@ def load_grid(path: str) -> tuple[str, list[Job]]:
                         bool(m.get("rho_flag", True)),
                         needs,
                         need_flags[1::2],
-                        minutes=float(m.get("minutes", 0)),
+                        minutes=_minutes(f"method '{method}'", m),
                     )
                 )
     jobs.sort(key=lambda j: j.seed)  # stable: seed 1 of every method first (a learning check), then seed 2, ...
@@ -203,6 +203,14 @@ def load_grid(path: str) -> tuple[str, list[Job]]:
 METHOD_KEYS_ORDER = ("script", "flags", "rho", "seeds", "paper", "rho_flag", "needs", "minutes")
 METHOD_KEYS = set(METHOD_KEYS_ORDER)
 STAGE_KEYS_ORDER = ("script", "flags", "seed", "output", "needs", "minutes")
+
+
+def _minutes(owner: str, table: dict) -> float:
+    """A table's `minutes` (expected training minutes, --deadline): a positive number, or 0 when absent."""
+    m = table.get("minutes", 0)
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not (0 < m < float("inf") or "minutes" not in table):
+        envs.fail(f"grid: {owner}: minutes must be a positive number of minutes (got {m!r})")
+    return float(m)
 
 
 def _check_needs(owner: str, needs, stage_names) -> dict:
@@ -263,7 +271,7 @@ def load_stages(grid: str, specs: dict, method_names: set) -> list[Job]:
             [],
             needs=needs,
             need_files=need_flags[1::2],
-            minutes=float(st.get("minutes", 0)),
+            minutes=_minutes(f"stage '{stage}'", st),
             stage=True,
             output=str(st.get("output", "model.pt")),
         )
@@ -493,14 +501,14 @@ def expected_minutes(jobs: list[Job], out_dir: str, unknown: float) -> dict[str,
             if name.endswith(".json"):
                 with open(os.path.join(out_dir, name)) as f:
                     r = json.load(f)
-                if r.get("train_seconds"):
+                if r.get("train_seconds") is not None:
                     seconds.setdefault(("method", r.get("method", "")), []).append(r["train_seconds"])
                     seconds.setdefault(("script", r.get("script", "")), []).append(r["train_seconds"])
     stages_dir = os.path.join(out_dir, "stages")
     for name in sorted(os.listdir(stages_dir)) if os.path.isdir(stages_dir) else []:
         with open(os.path.join(stages_dir, name)) as f:
             builds = json.load(f)["builds"]
-        whole = [b["train_seconds"] for b in builds if b.get("train_seconds") and not b.get("resumed")]
+        whole = [b["train_seconds"] for b in builds if b.get("train_seconds") is not None and not b.get("resumed")]
         if whole:
             seconds[("stage", name[: -len(".json")])] = whole
     out = {}

@@ -188,6 +188,14 @@ def test_killed_sweep_resumes_interrupted_runs(tmp_path):
             "protocols 'tables'",
         ),
         ("not toml [", "is not valid TOML"),
+        (
+            '[methods.a]\nscript = "algos/robust_vdn_rho.py"\nrho = [0]\nseeds = [1]\nminutes = "soon"\n',
+            "method 'a': minutes must be a positive number of minutes (got 'soon')",
+        ),
+        (
+            '[methods.a]\nscript = "algos/robust_vdn_rho.py"\nrho = [0]\nseeds = [1]\n[stages.s]\nscript = "algos/groupdr_vdn.py"\nminutes = -5\n',
+            "stage 's': minutes must be a positive number of minutes (got -5)",
+        ),
     ],
 )
 def test_bad_grid_gives_one_error_line(tmp_path, text, expected):
