@@ -38,7 +38,7 @@ runs keep the `rho` of the table in their names and results (e.g. rho = [0]) and
 
 --deadline HH:MM (or +MINUTES): start no job that would not finish by then, e.g. the end of a working session
 whose processes are stopped with it. A job's expected minutes are 1.1 x the median train_seconds of the
-earlier results of its method (else of its script) + 3 for evaluation, else the grid's `minutes` of its table,
+earlier results of its script (all its methods) + 3 for evaluation, else the grid's `minutes` of its table,
 else --unknown-minutes; the first job in grid order that fits is started, the others wait for the next start
 (not failed). --dry-run --deadline ... shows the estimates.
 
@@ -98,7 +98,7 @@ class Args:
     """start no job that would not finish by then: HH:MM (local time, the next such time) or +MINUTES from
     now; empty = no limit. A job's expected minutes come from earlier results (--dry-run shows them)"""
     unknown_minutes: float = 60.0
-    """--deadline: expected training minutes of a job with no earlier result of its method or script"""
+    """--deadline: expected training minutes of a job with no earlier result of its script"""
 
 
 @dataclass
@@ -490,9 +490,12 @@ def parse_deadline(text: str, now: float) -> float | None:
 
 def expected_minutes(jobs: list[Job], out_dir: str, unknown: float) -> dict[str, float]:
     """A job's expected minutes (training + evaluation) for --deadline: the median train_seconds of the earlier
-    results of its method in out_dir (else of its script; a stage: its earlier whole builds recorded in
+    results of its script in out_dir, all its methods pooled (a stage: its earlier whole builds recorded in
     out_dir/stages/), plus 10% and 3 minutes for evaluation and start; else the grid's `minutes` for it;
-    else `unknown`."""
+    else `unknown`. Pooled by script, not by method: the methods of one script differ in flags that do not
+    change the cost of a run (rho, the optimiser, the coins), and a method's first result, often made beside
+    other work, then does not decide its estimate alone (measured: QMIX-rho seed 1 took 115 minutes beside
+    tests, the same script's other runs 20-52)."""
     import statistics
 
     seconds: dict[tuple[str, str], list[float]] = {}
@@ -502,7 +505,6 @@ def expected_minutes(jobs: list[Job], out_dir: str, unknown: float) -> dict[str,
                 with open(os.path.join(out_dir, name)) as f:
                     r = json.load(f)
                 if r.get("train_seconds") is not None:
-                    seconds.setdefault(("method", r.get("method", "")), []).append(r["train_seconds"])
                     seconds.setdefault(("script", r.get("script", "")), []).append(r["train_seconds"])
     stages_dir = os.path.join(out_dir, "stages")
     for name in sorted(os.listdir(stages_dir)) if os.path.isdir(stages_dir) else []:
@@ -513,11 +515,7 @@ def expected_minutes(jobs: list[Job], out_dir: str, unknown: float) -> dict[str,
             seconds[("stage", name[: -len(".json")])] = whole
     out = {}
     for j in jobs:
-        known = (
-            seconds.get(("stage", j.name))
-            if j.stage
-            else seconds.get(("method", j.method)) or seconds.get(("script", j.script))
-        )
+        known = seconds.get(("stage", j.name)) if j.stage else seconds.get(("script", j.script))
         out[j.name] = 1.1 * statistics.median(known) / 60 + 3 if known else j.minutes or unknown
     return out
 

@@ -454,16 +454,17 @@ def test_parse_deadline(sweep):
 
 
 def test_expected_minutes_from_earlier_results(sweep, tmp_path):
-    """1.1 x the median train_seconds of the method's results (+3 min), else its script's, else the grid's
-    `minutes`, else --unknown-minutes; a stage (no results) takes its `minutes`."""
+    """1.1 x the median train_seconds of the results of the job's script, all its methods pooled (+3 min), else the
+    grid's `minutes`, else --unknown-minutes; a stage (no results) takes its `minutes`."""
     out = tmp_path / "g"
     out.mkdir()
     for i, (method, script, seconds) in enumerate(
-        [("a", "algos/x.py", 600), ("a", "algos/x.py", 1200), ("a", "algos/x.py", 6000), ("b", "algos/y.py", 1800)]
+        [("a", "algos/x.py", 600), ("a", "algos/x.py", 1200), ("f", "algos/x.py", 6000), ("b", "algos/y.py", 1800)]
     ):
         (out / f"r{i}.json").write_text(json.dumps({"method": method, "script": script, "train_seconds": seconds}))
     jobs = [
-        sweep.Job("g", "a", "algos/x.py", [], 0.0, 1, []),  # its method: median 1200 s
+        sweep.Job("g", "a", "algos/x.py", [], 0.0, 1, []),  # its script: median of 600, 1200, 6000 = 1200 s
+        sweep.Job("g", "f", "algos/x.py", [], 0.0, 1, []),  # f's own result alone (6000 s) does not decide: 1200 s
         sweep.Job("g", "c", "algos/y.py", [], 0.0, 1, [], minutes=5),  # no result of c: its script's (1800 s)
         sweep.Job("g", "d", "algos/z.py", [], 0.0, 1, [], minutes=7),  # nothing known: the grid's minutes
         sweep.Job("g", "e", "algos/z.py", [], 0.0, 1, []),  # nothing at all: unknown
@@ -474,7 +475,9 @@ def test_expected_minutes_from_earlier_results(sweep, tmp_path):
     builds = [{"train_seconds": 600, "resumed": False}, {"train_seconds": 60, "resumed": True}]
     (out / "stages" / "t.json").write_text(json.dumps({"stage": "t", "builds": builds}))
     got = sweep.expected_minutes(jobs, str(out), 42.0)
-    assert got == pytest.approx({j.name: m for j, m in zip(jobs, [1.1 * 20 + 3, 1.1 * 30 + 3, 7.0, 42.0, 9.0, 1.1 * 10 + 3])})
+    assert got == pytest.approx(
+        {j.name: m for j, m in zip(jobs, [1.1 * 20 + 3, 1.1 * 20 + 3, 1.1 * 30 + 3, 7.0, 42.0, 9.0, 1.1 * 10 + 3])}
+    )
 
 
 def test_deadline_starts_only_the_jobs_that_fit(sweep, tmp_path, capsys):
