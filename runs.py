@@ -556,8 +556,10 @@ class Run:
         now, (t0, steps0, updates0, _) = time.time(), self.stretch
         done, updates = self._done(), self._updates(self.global_step)
         left = (now - self.start[0]) * (1 - done) / max(done - self.start[3], 1e-9)
+        a = self.args  # the budgets: episodes, and env steps where --total-steps is set (StarCraft: 1M steps)
+        steps = f" | step {self.global_step}/{a.total_steps}" if getattr(a, "total_steps", 0) else ""
         print(
-            f"episode {self.episode}/{self.args.total_episodes} | return {np.mean(self.recent):.1f} "
+            f"episode {self.episode}/{a.total_episodes}{steps} | return {np.mean(self.recent):.1f} "
             f"| epsilon {epsilon:.3f} | SPS {(self.global_step - steps0) / max(now - t0, 1e-9):.0f} "
             f"| updates/s {(updates - updates0) / max(now - t0, 1e-9):.1f} | left {left / 60:.1f} min",
             flush=True,

@@ -634,7 +634,7 @@ def test_progress_ends_the_run_at_total_steps(monkeypatch, tmp_path, capsys):
         clock["now"] += 10.0
         assert run.episode_end(1, 249, -3.0, 0.5) is False and capsys.readouterr().out == ""
         assert run.episode_end(2, 250, -5.0, 0.5) is True  # --total-steps reached: the loop ends, a line printed
-        assert capsys.readouterr().out.startswith("episode 2/9 | return -4.0 ")
+        assert capsys.readouterr().out.startswith("episode 2/9 | step 250/250 | return -4.0 ")  # both budgets shown
     finally:
         run.close()
 
