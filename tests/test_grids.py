@@ -14,7 +14,7 @@ GRIDS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.toml")))
 
 def test_the_shipped_grids_are_found():
     names = {os.path.basename(g) for g in GRIDS}
-    assert {"paper_tables.toml", "starcraft_learning.toml", "starcraft_figures.toml", "starcraft_easy.toml"} <= names
+    assert {"paper_tables.toml", "starcraft_learning.toml", "starcraft_figures.toml"} <= names
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=os.path.basename)
