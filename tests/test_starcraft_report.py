@@ -39,12 +39,22 @@ def test_table_and_figure4(report, tmp_path):
     write_run(folder, "qmix", 0.01, 1, [0.0, 0.5], [0.0, 0.5])  # a shorter run: the table takes its last round
     write_run(folder, "qmix", 0.01, 2, [0.25, 0.5, 1.0], [0.125, 0.5, 0.625])
     (folder / "failed").mkdir()  # not a result
-    text = report.main(report.Args(results=str(folder)))
-    # rho 0: last clean 0.5, 0.75 -> 0.625 +- 0.125 / sqrt 2 = 0.088 (population std / sqrt n); noisy 0.25, 0.5
-    assert "| qmix | 0 | 2 | 30,000 | 0.625 +- 0.088 | 0.375 +- 0.088 | 0.625 +- 0.088 |" in text
+    text = report.main(report.Args(results=str(folder), last_rounds=2))
+    # rho 0: last clean 0.5, 0.75 -> 0.625 +- 0.125 / sqrt 2 = 0.088 (population std / sqrt n); noisy 0.25, 0.5;
+    # last 2 rounds: clean (0.25 + 0.5) / 2, (0.5 + 0.75) / 2 = 0.375, 0.625 -> 0.5 +- 0.088; noisy 0.1875, 0.375 ->
+    # 0.28125 +- 0.09375 / sqrt 2 = 0.066
+    assert (
+        "| qmix | 0 | 2 | 30,000 | 0.625 +- 0.088 | 0.375 +- 0.088 | 0.500 +- 0.088 | 0.281 +- 0.066 | 0.625 +- 0.088 |"
+        in text
+    )
     # rho 0.01: last rounds 0.5 (at 20k) and 1.0 -> 0.750 +- 0.25 / sqrt 2; noisy 0.5, 0.625 -> 0.5625 +- 0.0625 / sqrt 2;
+    # last 2: clean 0.25, 0.75 -> 0.5 +- 0.177; noisy 0.25, 0.5625 -> 0.40625 +- 0.15625 / sqrt 2 = 0.110;
     # env steps: the shorter run's
-    assert "| qmix | 0.01 | 2 | 20,000 | 0.750 +- 0.177 | 0.562 +- 0.044 | 0.750 +- 0.177 |" in text
+    assert (
+        "| qmix | 0.01 | 2 | 20,000 | 0.750 +- 0.177 | 0.562 +- 0.044 | 0.500 +- 0.177 | 0.406 +- 0.110 | 0.750 +- 0.177 |"
+        in text
+    )
+    assert "clean, last 2 | noisy, last 2 |" in text
     # Figure 4: 0.5625 - 0.375 = +0.1875; interval: the stratified bootstrap of stats.py on the same numbers
     diff, low, high = import_file("stats_under_test", "experiments/stats.py").bootstrap_diff_ci([0.5, 0.625], [0.25, 0.5])
     assert diff == pytest.approx(0.1875)
@@ -68,3 +78,5 @@ def test_one_seed_has_no_interval_and_empty_folder_fails(report, tmp_path):
     empty.mkdir()
     with pytest.raises(SystemExit):
         report.main(report.Args(results=str(empty)))
+    with pytest.raises(SystemExit):
+        report.main(report.Args(results=str(folder), last_rounds=0))
