@@ -65,7 +65,7 @@ def curve(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
 def rows(groups: dict, last_rounds: int = 10) -> list[dict]:
     """Per method and rho: the last round's win rates (the paper's "final"), each seed's mean over its last
     `last_rounds` rounds (one round of 32 episodes is a noisy estimate: measured on SMAX 3s_vs_5z, consecutive
-    rounds of one QMIX run differ by up to 0.3), and the best clean round; mean +- SE over seeds."""
+    rounds of one QMIX run differ by up to 0.44), and the best clean round; mean +- SE over seeds."""
     out = []
     for (method, rho), runs in groups.items():
         finals = [r["starcraft"]["final"] for r in runs]
