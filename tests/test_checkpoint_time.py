@@ -8,6 +8,8 @@
   episodes 3, 6, 9, ... and at the end (31); a run killed by SIGKILL in the middle of episode 11, after its time
   checkpoint of episode 9, and resumed, ends with a checkpoint.pt (networks, targets, optimiser, replay buffer,
   every RNG, episode and env step) and a model.pt equal to an uninterrupted run's;
+* a finished run extended (--resume --total-steps, as the SMAX learning runs went from 1M to 2M steps) ends
+  equal to one uninterrupted run of the longer budget;
 * the flag: StarCraft runs default to time only (--checkpoint-every 0), building runs keep 50; a checkpoint
   written before the flag existed resumes with its default; it is a budget flag (a resumed run may change it);
   a negative value is refused with one line.
@@ -33,6 +35,7 @@ SCRIPTS = ["robust_vdn_rho", "robust_qmix_rho"]  # without and with a mixer netw
 SCRIPT = os.path.join(ROOT, "algos", "robust_vdn_rho.py")  # the in-process tests of Run
 EPISODES, SECONDS_PER_EPISODE, MINUTES = 31, 25.0, 1.0
 KILL_AFTER_CHECKPOINT, KILL_STEPS = 9, 3  # SIGKILL 3 env steps after the checkpoint of episode 9: mid episode 11
+EXTEND_FROM_STEPS = 30  # run d ends at env step 30 (episode 15); e extends it with --resume --total-steps 62
 ARGS = [
     "--env",
     "matrix",
@@ -137,13 +140,16 @@ def expected_schedule(first_episode: int) -> list[int]:
 
 @pytest.fixture(scope="module", params=SCRIPTS)
 def timed_runs(request, tmp_path_factory):
-    """Uninterrupted run a; run b killed after its checkpoint of episode 9, then resumed (job c). -> (cwd, jobs, script)"""
+    """Uninterrupted run a; run b killed after its checkpoint of episode 9, then resumed (job c); run d finished at
+    env step 30 by --total-steps, then extended to the end of a's budget (job e). -> (cwd, jobs, script)"""
     script = request.param
     cwd = str(tmp_path_factory.mktemp(f"ckpt_time_{script}"))
     jobs = [
         {"name": "a", "mode": "plain", "args": [*ARGS, "--run-name", "a"]},
         {"name": "b", "mode": "kill", "args": [*ARGS, "--run-name", "b"]},
         {"name": "c", "mode": "plain", "args": ["--resume", "runs/b"]},
+        {"name": "d", "mode": "plain", "args": [*ARGS, "--total-steps", str(EXTEND_FROM_STEPS), "--run-name", "d"]},
+        {"name": "e", "mode": "plain", "args": ["--resume", "runs/d", "--total-steps", str(2 * EPISODES)]},
     ]
     for job in jobs:
         job.update(cwd=cwd, out=os.path.join(cwd, job["name"] + ".out"), err=os.path.join(cwd, job["name"] + ".err"))
@@ -230,6 +236,30 @@ def test_time_checkpoint_resumes_bit_for_bit(timed_runs):
     assert parts == (["q_network", "mixer"] if "qmix" in script else ["q_network"])
     for part in parts:
         assert_same(ma[part], mc[part], f"model.{part}")
+
+
+def test_finished_run_extended_equals_one_long_run(timed_runs):
+    """A run that reached its --total-steps (d: 30 env steps, episode 15), continued with --resume runs/d
+    --total-steps 62 (e), ends exactly where one uninterrupted run of 62 steps ends (a): the checkpoint written at
+    the end of training is an ordinary episode-end checkpoint, and ending the run (model.pt, the last log line)
+    draws no random number. This is how the SMAX learning runs were taken from 1M to 2M env steps
+    (docs/starcraft.md); only the budget and the run's name differ in the args."""
+    cwd, done, _ = timed_runs
+    assert done["d"]["status"] == 0 and done["e"]["status"] == 0, done["d"]["stderr"][-2000:] + done["e"]["stderr"][-2000:]
+    assert schedule(done["d"]["stdout"])[-1] == EXTEND_FROM_STEPS // 2  # d's last checkpoint: the end of its budget
+    assert f"resumed runs/d/checkpoint.pt: episode {EXTEND_FROM_STEPS // 2}" in done["e"]["stdout"]
+
+    def load(name, f):
+        return torch.load(os.path.join(cwd, "runs", name, f), map_location="cpu", weights_only=True)
+
+    a, e = load("a", "checkpoint.pt"), load("d", "checkpoint.pt")
+    assert e["counters"] == a["counters"] == {"episode": EPISODES, "global_step": 2 * EPISODES}
+    for ckpt in (a, e):
+        ckpt["args"] = {k: v for k, v in ckpt["args"].items() if k not in ("run_name", "resume", "total_steps")}
+    assert_same(a, e)
+    ma, me = load("a", "model.pt"), load("d", "model.pt")
+    for part in [p for p in ("q_network", "mixer") if p in ma]:
+        assert_same(ma[part], me[part], f"model.{part}")
 
 
 def fake_run(tmp_path, monkeypatch, **args):
