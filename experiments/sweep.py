@@ -52,6 +52,7 @@ sha256 of their tensors under "inputs" (runs of different sessions that read the
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import json
 import os
 import subprocess
@@ -294,8 +295,19 @@ def training_curve(run_dir: str) -> dict:
         "episodes": [min(len(values), (i + 1) * CURVE_BIN) for i in range(len(bins))],
         "env_steps": [events[min(len(values), (i + 1) * CURVE_BIN) - 1].step for i in range(len(bins))],
         "mean": [sum(b) / len(b) for b in bins],
-        "wall_seconds": round(events[-1].wall_time - events[0].wall_time, 1) if events else 0.0,
+        "wall_seconds": round(training_seconds([e.wall_time for e in events]), 1),
     }
+
+
+PAUSE_SECONDS = 600.0  # a gap this long between two consecutive episodes is no training (see training_seconds)
+
+
+def training_seconds(wall_times: list[float]) -> float:
+    """Seconds a run spent training, from its episodes' TensorBoard wall times: the sum of the gaps between
+    consecutive episodes, leaving out gaps over PAUSE_SECONDS (a resumed run's time between its checkpoint and the
+    restart, possibly another session; a paused worker). The longest gap inside one process is an evaluation round
+    or a checkpoint (seconds to a minute), so an uninterrupted run gets its first-to-last episode time, as before."""
+    return sum(b - a for a, b in itertools.pairwise(wall_times) if 0.0 <= b - a <= PAUSE_SECONDS)
 
 
 def run_job(job: Job, workdir: str) -> dict:
@@ -380,7 +392,7 @@ def run_job(job: Job, workdir: str) -> dict:
         **({"eval_days": payload["days"], "normalised_return": results} if payload else {}),
         **extra,
         "curve": curve,
-        "train_seconds": curve["wall_seconds"],  # first to last episode, from TensorBoard's wall times
+        "train_seconds": curve["wall_seconds"],  # first to last episode, from TensorBoard's wall times, pauses left out
     }
 
 

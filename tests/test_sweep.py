@@ -539,3 +539,29 @@ def test_deadline_estimates_follow_the_results_of_the_sweep(sweep, tmp_path, cap
     out = capsys.readouterr().out
     assert "b__rho0.0__seed1: new ~600 min (would not finish by the deadline)" in out and "not started" not in out
     assert sorted(p.name for p in (results / "f").glob("*.json")) == ["a__rho0.0__seed1.json", "b__rho0.0__seed1.json"]
+
+
+def test_training_seconds_leave_out_the_pause_of_a_resumed_run(sweep, tmp_path):
+    """train_seconds of a run resumed hours after its checkpoint (two event files, as runs.Run writes them) counts
+    the time spent training only: 3 episodes 2 s apart, a restart 2 h later, 2 more episodes 5 s apart -> 4 + 5 s;
+    an uninterrupted run keeps its first-to-last time (a 9-minute gap inside it, e.g. a slow evaluation, counts)."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    def write(folder, points, suffix):
+        w = EventFileWriter(str(folder), filename_suffix=suffix)
+        for step, wall in points:
+            summary = Summary(value=[Summary.Value(tag="charts/episodic_return", simple_value=1.0)])
+            w.add_event(Event(wall_time=wall, step=step, summary=summary))
+        w.close()
+
+    t0 = 1.8e9
+    resumed = tmp_path / "resumed"
+    write(resumed, [(10, t0), (20, t0 + 2), (30, t0 + 4)], ".a")
+    write(resumed, [(40, t0 + 7200), (50, t0 + 7205)], ".b")
+    assert sweep.training_curve(str(resumed))["wall_seconds"] == 9.0
+    plain = tmp_path / "plain"
+    write(plain, [(10, t0), (20, t0 + 540), (30, t0 + 541)], ".a")
+    assert sweep.training_curve(str(plain))["wall_seconds"] == 541.0
+    assert sweep.training_seconds([]) == 0.0 and sweep.training_seconds([t0]) == 0.0
