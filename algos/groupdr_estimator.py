@@ -27,8 +27,9 @@ Stage 2 imports this file for its flags and groups (check_stage2_args, training_
 Deviations from the authors' released code, on purpose: (1) its estimator had a head for, and data
 from, all six configs, env_6 included; here the default is env_1..env_5 and env_6 needs --allow-env6
 (paper F.2: "Env_6 is never used for training by any method"); (2) its time feature was t / 255
-in the fit and t / 288 in stage 2; here it is t / --time-norm (288) in both: time_norm is stored in
-the checkpoint and applied inside the network to the raw step index, so stage 2 cannot disagree;
+in the fit and in QMIX's stage 2, t / 288 in VDN's and QTRAN's; here it is t / --time-norm (288) in both:
+time_norm is stored in the checkpoint and applied inside the network to the raw step index, so stage 2 cannot
+disagree;
 (3) the last transition of every day is kept (the released code drops it); (4) torch, numpy and the
 day / group draws are seeded from --seed (released: 42 everywhere).
 """
@@ -102,7 +103,7 @@ class Args:  # not runs.RunArgs: no checkpoint.pt / --resume (a fit takes minute
     hidden_dim: int = 0
     """width of the estimator's hidden layers (0 = the architecture's: released 64, trunk 128)"""
     time_norm: float = 288.0
-    """the time feature is t / time_norm, t the step index in the day (released: 255 in the fit, 288 in stage 2)"""
+    """the time feature is t / time_norm, t the step index in the day (released: 255 in the fit, 288 in VDN/QTRAN stage 2)"""
 
     # --fit online (released values)
     episodes: int = 1000
@@ -290,7 +291,7 @@ class RewardEstimator(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, hidden_dim)
         self.heads = nn.Linear(hidden_dim, n_heads)  # column k = head of env k
         # One time normalisation everywhere: t / episode_limit (288). The released code divided by
-        # 255 in one place and by 288 in another; fit and use must agree, so it is stored here.
+        # 255 in the fit and by 288 in two of its stage-2 trainers; fit and use must agree, so it is stored here.
         self.register_buffer("time_norm", torch.tensor(float(time_norm)))
         self.register_buffer("state_mean", torch.zeros(state_dim))
         self.register_buffer("state_std", torch.ones(state_dim))
