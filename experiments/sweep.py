@@ -507,7 +507,10 @@ def expected_minutes(jobs: list[Job], out_dir: str, unknown: float) -> dict[str,
     else `unknown`. Pooled by script, not by method: the methods of one script differ in flags that do not
     change the cost of a run (rho, the optimiser, the coins), and a method's first result, often made beside
     other work, then does not decide its estimate alone (measured: QMIX-rho seed 1 took 115 minutes beside
-    tests, the same script's other runs 20-52)."""
+    tests, the same script's other runs 20-52). A script with fewer than MIN_OWN_RESULTS results is estimated from
+    all the grid's results (its runs share one environment and budget): measured, GroupDR VDN's only result, 100
+    minutes beside four other processes, kept its four other seeds out of every deadline sweep, where every other
+    building run took 19-31 minutes."""
     import statistics
 
     seconds: dict[tuple[str, str], list[float]] = {}
@@ -525,11 +528,17 @@ def expected_minutes(jobs: list[Job], out_dir: str, unknown: float) -> dict[str,
         whole = [b["train_seconds"] for b in builds if b.get("train_seconds") is not None and not b.get("resumed")]
         if whole:
             seconds[("stage", name[: -len(".json")])] = whole
+    grid_wide = [x for (kind, _), xs in seconds.items() if kind == "script" for x in xs]
     out = {}
     for j in jobs:
         known = seconds.get(("stage", j.name)) if j.stage else seconds.get(("script", j.script))
+        if known and not j.stage and len(known) < MIN_OWN_RESULTS:  # too few of its own: with the grid's results
+            known = grid_wide
         out[j.name] = 1.1 * statistics.median(known) / 60 + 3 if known else j.minutes or unknown
     return out
+
+
+MIN_OWN_RESULTS = 3  # a script with fewer results is estimated from all the grid's results (expected_minutes)
 
 
 def main(args: Args) -> int:

@@ -454,8 +454,9 @@ def test_parse_deadline(sweep):
 
 
 def test_expected_minutes_from_earlier_results(sweep, tmp_path):
-    """1.1 x the median train_seconds of the results of the job's script, all its methods pooled (+3 min), else the
-    grid's `minutes`, else --unknown-minutes; a stage (no results) takes its `minutes`."""
+    """1.1 x the median train_seconds of the results of the job's script, all its methods pooled (+3 min); with fewer
+    than 3 of its own, of all the grid's results; else the grid's `minutes`, else --unknown-minutes; a stage (no
+    results) takes its `minutes`."""
     out = tmp_path / "g"
     out.mkdir()
     for i, (method, script, seconds) in enumerate(
@@ -465,7 +466,7 @@ def test_expected_minutes_from_earlier_results(sweep, tmp_path):
     jobs = [
         sweep.Job("g", "a", "algos/x.py", [], 0.0, 1, []),  # its script: median of 600, 1200, 6000 = 1200 s
         sweep.Job("g", "f", "algos/x.py", [], 0.0, 1, []),  # f's own result alone (6000 s) does not decide: 1200 s
-        sweep.Job("g", "c", "algos/y.py", [], 0.0, 1, [], minutes=5),  # no result of c: its script's (1800 s)
+        sweep.Job("g", "c", "algos/y.py", [], 0.0, 1, [], minutes=5),  # y.py has 1 result: the grid's median (1500 s)
         sweep.Job("g", "d", "algos/z.py", [], 0.0, 1, [], minutes=7),  # nothing known: the grid's minutes
         sweep.Job("g", "e", "algos/z.py", [], 0.0, 1, []),  # nothing at all: unknown
         sweep.Job("g", "s", "algos/x.py", [], 0.0, 1, [], stage=True, minutes=9),  # a stage with no build: its minutes
@@ -476,7 +477,7 @@ def test_expected_minutes_from_earlier_results(sweep, tmp_path):
     (out / "stages" / "t.json").write_text(json.dumps({"stage": "t", "builds": builds}))
     got = sweep.expected_minutes(jobs, str(out), 42.0)
     assert got == pytest.approx(
-        {j.name: m for j, m in zip(jobs, [1.1 * 20 + 3, 1.1 * 20 + 3, 1.1 * 30 + 3, 7.0, 42.0, 9.0, 1.1 * 10 + 3])}
+        {j.name: m for j, m in zip(jobs, [1.1 * 20 + 3, 1.1 * 20 + 3, 1.1 * 25 + 3, 7.0, 42.0, 9.0, 1.1 * 10 + 3])}
     )
 
 
