@@ -27,9 +27,8 @@ Stage 2 imports this file for its flags and groups (check_stage2_args, training_
 Deviations from the authors' released code, on purpose: (1) its estimator had a head for, and data
 from, all six configs, env_6 included; here the default is env_1..env_5 and env_6 needs --allow-env6
 (paper F.2: "Env_6 is never used for training by any method"); (2) its time feature was t / 255
-in the fit and in QMIX's stage 2, t / 288 in VDN's and QTRAN's; here it is t / --time-norm (288) in both:
-time_norm is stored in the checkpoint and applied inside the network to the raw step index, so stage 2 cannot
-disagree;
+in the fit and in QMIX's stage 2, t / 288 in VDN's and QTRAN's; here t / --time-norm (288) in both: time_norm
+is stored in the checkpoint and applied inside the network to the raw step index, so stage 2 cannot disagree;
 (3) the last transition of every day is kept (the released code drops it); (4) torch, numpy and the
 day / group draws are seeded from --seed (released: 42 everywhere).
 """
