@@ -346,8 +346,9 @@ def make_estimator(
 
 @torch.no_grad()
 def worst_case_reward(estimator, state, actions, t):
-    """r_tilde(s, a, t) = min_k r_hat_k(s, a, t): the worst group's predicted reward, per sample (B,); a constant of
-    stage 2's TD target (the estimator is frozen: no gradient reaches it)."""
+    """r_tilde(s, a, t) = min_k r_hat_k(s, a, t): the worst group's predicted reward, per sample (B,). Stage 2 puts it
+    in place of r in the nominal target (Alg. 2 l.15 at rho = 0, Eq. (15)); a constant there (the estimator is
+    frozen: no gradient reaches it)."""
     return estimator(state, actions, t).min(-1).values
 
 
@@ -439,8 +440,8 @@ def load_behaviour(path: str, device):
 
 
 def behaviour_actions(module, q_network, history, avail, epsilon, joint_coin, rng, device="cpu"):
-    """Epsilon-greedy joint action of one episode (avail (N, A)): random actions uniform over the available
-    ones, then the coins, one for all agents (joint_coin, released) or one per agent; the greedy pass of the
+    """Epsilon-greedy joint action of one episode step (Alg. 2 l.8; avail (N, A)): random actions uniform over the
+    available ones, then the coins, one for all agents (joint_coin, released) or one per agent; the greedy pass of the
     behaviour network only runs when some agent acts greedily (same numbers, half the passes at 0.5)."""
     N = avail.shape[0]
     random_actions = np.argmax(rng.random(avail.shape) * avail, axis=-1)
