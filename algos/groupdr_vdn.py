@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
-import groupdr_estimator as est
+import groupdr_reward as gdr  # GroupDR's groups and the frozen estimator r_hat_k (stage 1: groupdr_estimator.py)
 
 import envs  # the tasks (building, StarCraft, matrix games) and the agents' acting window (History)
 import fused  # per-agent layers and C++ kernels (the agents' LSTMs in one call, RMSprop in one pass)
@@ -89,7 +89,7 @@ class Args(runs.RunArgs):  # + the run flags (--seed, --resume, ...)
 
 def check_args(args: Args) -> None:
     """One clear line naming the flag for every bad input, then exit != 0 (tyro checks the Literal choices)."""
-    est.check_stage2_args(args)  # --estimator-checkpoint, --train-configs, --train-days, sizes (runs.check_counts)
+    gdr.check_stage2_args(args)  # --estimator-checkpoint, --train-configs, --train-days, sizes (runs.check_counts)
 
 
 def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
@@ -258,11 +258,11 @@ if __name__ == "__main__":
     device = runs.torch_setup(args)  # deterministic algorithms, --torch-threads, --device
 
     # Environment: one env per training config (GroupDR's groups, paper F.2: env_1..env_5), built once
-    train_configs, train_envs, (day_lo, day_hi) = est.training_groups(args)  # --train-configs, --train-days
+    train_configs, train_envs, (day_lo, day_hi) = gdr.training_groups(args)  # --train-configs, --train-days
     env = train_envs[train_configs[0]]
     N, A = env.n_agents, env.n_actions
     episode_steps = min(args.episode_steps or env.episode_limit, env.episode_limit)
-    estimator, heads = est.stage_estimator(args, N, A, env.state_dim, device, train_configs)  # r_hat_k, frozen
+    estimator, heads = gdr.stage_estimator(args, N, A, env.state_dim, device, train_configs)  # r_hat_k, frozen
     run = runs.Run(run_dir, args, __file__)  # the run folder: args.json, TensorBoard (continued on --resume)
 
     # Alg. 2 l.3-4: Q_i with parameters theta, target theta- = theta
@@ -308,7 +308,7 @@ if __name__ == "__main__":
                     b = rb.sample(args.batch_size, rng, lambda stale: target_values(stale, target_network))  # l.11, l.14
                     q_taken = q_network(*b.history).gather(-1, b.actions.unsqueeze(-1)).squeeze(-1)  # Q_i(h_i, a_i)
                     q_tot = q_taken.sum(-1)  # Alg. 2 l.13: Q_tot^VDN(h, a; theta)
-                    r_tilde = b.reward if args.observed_reward else est.worst_case_reward(estimator, b.state, b.actions, b.t)
+                    r_tilde = b.reward if args.observed_reward else gdr.worst_case_reward(estimator, b.state, b.actions, b.t)
                     y = groupdr_target(r_tilde, b.next_value, b.terminated, args.gamma)  # l.15, r -> min_k r_hat_k(s, a, t)
                     td_loss = F.mse_loss(q_tot, y)  # Alg. 2 l.16
                     optimizer.zero_grad()

@@ -39,6 +39,7 @@ QMIX = ("robust_qmix_rho", "robust_qmix_tv", "groupdr_qmix")
 QTRAN = ("robust_qtran_rho", "robust_qtran_tv", "groupdr_qtran")
 SCRIPTS = VDN + QMIX + QTRAN
 ESTIMATOR = "groupdr_estimator"  # GroupDR stage 1: scanned too, in case it grows a copy of a shared unit
+GROUPDR_MODULES = ("groupdr_reward", "groupdr_offline")  # GroupDR's shared estimator and offline fit: scanned too
 RHO = ("robust_vdn_rho", "robust_qmix_rho", "robust_qtran_rho")
 TV = ("robust_vdn_tv", "robust_qmix_tv", "robust_qtran_tv")
 NOT_QTRAN = tuple(s for s in SCRIPTS if s not in QTRAN)
@@ -156,7 +157,7 @@ def units(script: str) -> dict[str, ast.AST]:
 
 @pytest.fixture(scope="module")
 def all_units() -> dict[str, dict[str, ast.AST]]:
-    return {s: units(s) for s in (*SCRIPTS, ESTIMATOR)}
+    return {s: units(s) for s in (*SCRIPTS, ESTIMATOR, *GROUPDR_MODULES)}
 
 
 def partition(all_units, unit: str) -> set[frozenset[str]]:

@@ -68,6 +68,16 @@ def est():
     return import_file("groupdr_estimator_under_test", "algos/groupdr_estimator.py")
 
 
+@pytest.fixture(scope="module")
+def gdr():
+    return import_file("groupdr_reward", "algos/groupdr_reward.py")
+
+
+@pytest.fixture(scope="module")
+def off():
+    return import_file("groupdr_offline", "algos/groupdr_offline.py")
+
+
 def run_chain(tmp, stages, timeout=240):
     """stages: [(script, args)] run in order by CHAIN in one subprocess with cwd tmp ->
     (CompletedProcess, {run name (its --run-name): {"script": ..., "rc": exit status, "built": configs built}})."""
@@ -120,9 +130,9 @@ def run_main_in_process(script, args, cwd, monkeypatch, capsys) -> subprocess.Co
 # ------------------------------------------ unit tests -----------------------------------------
 
 
-def test_first_layer_is_linear_on_state_onehot_actions_and_t_over_288(est):
+def test_first_layer_is_linear_on_state_onehot_actions_and_t_over_288(gdr):
     torch.manual_seed(0)
-    net = est.RewardEstimator(state_dim=3, n_agents=2, n_actions=4, n_heads=2, hidden_dim=8, time_norm=288.0)
+    net = gdr.RewardEstimator(state_dim=3, n_agents=2, n_actions=4, n_heads=2, hidden_dim=8, time_norm=288.0)
     states = torch.randn(50, 3) * 5 + 20
     net.set_normalisation(states, torch.randn(50) * 3 - 30)
     a = torch.randint(0, 4, (7, 2))
@@ -140,7 +150,7 @@ def test_first_layer_is_linear_on_state_onehot_actions_and_t_over_288(est):
     torch.testing.assert_close(net(s, a, t), want, rtol=1e-5, atol=1e-4)
 
 
-def test_estimator_fits_synthetic_per_environment_rewards(est):
+def test_estimator_fits_synthetic_per_environment_rewards(gdr, off):
     """r_k(s, a, t) = w_k . s + sum_i c_k[i, a_i] + d_k * t / T: linear, different in every k."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -153,8 +163,8 @@ def test_estimator_fits_synthetic_per_environment_rewards(est):
         t = rng.integers(0, T, n)
         r = s @ w[k] + c[k, np.arange(N), a].sum(-1) + d[k] * t / T - 50
         data.append({"state": s, "actions": a, "t": t, "reward": r.astype(np.float32)})
-    net = est.RewardEstimator(D, N, A, K, hidden_dim=64, time_norm=T)
-    fit = est.fit_estimator(net, data, steps=1500, batch_size=128, learning_rate=3e-3, val_fraction=0.2, rng=rng)
+    net = gdr.RewardEstimator(D, N, A, K, hidden_dim=64, time_norm=T)
+    fit = off.fit_estimator(net, data, steps=1500, batch_size=128, learning_rate=3e-3, val_fraction=0.2, rng=rng)
     for k in range(K):  # held-out error small against each environment's reward variance
         assert fit["val_mse"][k] < 0.02 * fit["reward_var"][k], fit
     # each head answers for its own environment: the others' functions differ
@@ -164,9 +174,9 @@ def test_estimator_fits_synthetic_per_environment_rewards(est):
     assert err[0] < 0.05 * err[1:].min(), err
 
 
-def test_worst_case_reward_is_min_over_heads_per_sample(est):
+def test_worst_case_reward_is_min_over_heads_per_sample(gdr):
     """Heads wired to output (s_0, s_1, s_0 + 5): the min must be taken row by row."""
-    net = est.RewardEstimator(state_dim=2, n_agents=2, n_actions=3, n_heads=3, hidden_dim=4, time_norm=288.0)
+    net = gdr.RewardEstimator(state_dim=2, n_agents=2, n_actions=3, n_heads=3, hidden_dim=4, time_norm=288.0)
     with torch.no_grad():
         for p in net.parameters():
             p.zero_()
@@ -178,7 +188,7 @@ def test_worst_case_reward_is_min_over_heads_per_sample(est):
     actions = torch.zeros(3, 2, dtype=torch.long)
     t = torch.tensor([0, 100, 287])
     torch.testing.assert_close(net(state, actions, t), torch.tensor([[1.0, 4.0, 6.0], [3.0, 2.0, 8.0], [7.0, 9.0, 12.0]]))
-    r_tilde = est.worst_case_reward(net, state, actions, t)
+    r_tilde = gdr.worst_case_reward(net, state, actions, t)
     torch.testing.assert_close(r_tilde, torch.tensor([1.0, 2.0, 7.0]))  # not min of means, not a batch min
 
 
@@ -195,12 +205,12 @@ def released_reference(net, state, actions, t, time_norm=288.0):
     return h @ net.out_fc.weight.T + net.out_fc.bias
 
 
-def test_released_estimator_shapes_and_forward(est):
+def test_released_estimator_shapes_and_forward(gdr):
     """Building dims (10-dim state, 6 agents x 200 actions, 5 groups): three 64-wide embeddings of the raw
     state, the 1200-wide one-hot joint action and t / 288, concatenated (192) -> 64 -> 5 heads, no scaling of
     inputs or outputs; forward() = the written-out network. make_estimator's default widths: 64 / 128."""
     torch.manual_seed(0)
-    net = est.make_estimator("released", 10, 6, 200, 5)
+    net = gdr.make_estimator("released", 10, 6, 200, 5)
     shapes = {k: tuple(v.shape) for k, v in net.named_parameters()}
     assert shapes == {
         "state_fc.weight": (64, 10),
@@ -220,16 +230,16 @@ def test_released_estimator_shapes_and_forward(est):
     assert out.shape == (7, 5)
     torch.testing.assert_close(out, released_reference(net, state, actions, t), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(net.fit_output(state, actions, t), out)  # the fit regresses raw rewards
-    assert est.make_estimator("trunk", 10, 6, 200, 5).fc2.weight.shape == (128, 128)
+    assert gdr.make_estimator("trunk", 10, 6, 200, 5).fc2.weight.shape == (128, 128)
 
 
-def test_estimator_update_is_one_clipped_step_on_the_own_heads_mse(est):
+def test_estimator_update_is_one_clipped_step_on_the_own_heads_mse(est, gdr):
     """estimator_update with plain SGD (lr 1): theta_1 - theta_0 = -clip(grad) of mean_j (r_hat_{k_j}(s_j, a_j, t_j)
     - r_j)^2, each transition's own head only, the gradient computed here on the written-out network and scaled
     by clip / ||grad|| (the clip is active: ||grad|| > clip)."""
     torch.manual_seed(1)
     rng = np.random.default_rng(0)
-    net = est.ReleasedEstimator(3, 2, 4, 3, hidden_dim=8, time_norm=288.0)
+    net = gdr.ReleasedEstimator(3, 2, 4, 3, hidden_dim=8, time_norm=288.0)
     replay = est.BanditReplay(20, 3, 2)
     for _ in range(12):
         replay.add(rng.normal(size=3), rng.integers(0, 4, 2), rng.integers(0, 3), rng.normal() * 10 - 30, rng.integers(288))
@@ -281,14 +291,14 @@ class WideTask:
 
 
 @pytest.mark.parametrize("joint_coin", [True, False])
-def test_online_fit_flips_one_joint_coin(est, joint_coin):
+def test_online_fit_flips_one_joint_coin(est, joint_coin, gdr):
     """Epsilon 0.5, a behaviour whose greedy action is 0: with the joint coin (released) a step is all-greedy or
     all-random, so steps where exactly one agent plays 0 only occur when a random action happens to be 0
     (~1/40 of the random steps); with one coin per agent they are about half the steps. About half the
     steps are all-greedy with the joint coin."""
     vdn = import_file("groupdr_vdn_for_estimator", "algos/groupdr_vdn.py")
     torch.manual_seed(0)
-    net = est.ReleasedEstimator(3, 2, 40, 1, hidden_dim=4)
+    net = gdr.ReleasedEstimator(3, 2, 40, 1, hidden_dim=4)
     fit = est.fit_online(
         net,
         [WideTask()],
@@ -314,7 +324,7 @@ def test_online_fit_flips_one_joint_coin(est, joint_coin):
         assert mixed > 0.35, mixed
 
 
-def test_online_fit_one_update_is_one_adam_step(est):
+def test_online_fit_one_update_is_one_adam_step(est, gdr):
     """fit_online on MaskedTask (tests/test_loops_groupdr.py: env_1 and env_2 as heads 0, 1; one unavailable
     action per agent and step), epsilon 0, two days of 4 steps, batch 6, one update every 8 stored transitions:
     the replay holds (s_t, a_t, head, r_t, t) as the task produced them, every action is the greedy action of the
@@ -326,7 +336,7 @@ def test_online_fit_one_update_is_one_adam_step(est):
     vdn = import_file("groupdr_vdn_for_estimator", "algos/groupdr_vdn.py")
     torch.manual_seed(0)
     behaviour = vdn.QNetworks(loops.N, loops.OBS, loops.A, 8, use_kernel=False)
-    net = est.ReleasedEstimator(loops.STATE, loops.N, loops.A, 2, hidden_dim=8, time_norm=4.0)
+    net = gdr.ReleasedEstimator(loops.STATE, loops.N, loops.A, 2, hidden_dim=8, time_norm=4.0)
     theta0 = copy.deepcopy(net)
     tasks = [loops.MaskedTask("env_1"), loops.MaskedTask("env_2")]
     fit = est.fit_online(
@@ -366,11 +376,11 @@ def test_groupdr_target_uses_r_tilde_and_no_rho(name):
     assert mod.Args().train_configs.split(",") == TRAIN
 
 
-def test_default_configs_and_env6_refused(est):
-    assert est.parse_configs(est.TRAIN_CONFIGS, allow_env6=False) == TRAIN
+def test_default_configs_and_env6_refused(est, gdr):
+    assert gdr.parse_configs(gdr.TRAIN_CONFIGS, allow_env6=False) == TRAIN
     with pytest.raises(Exception, match="--allow-env6"):
-        est.parse_configs("env_1,env_6", allow_env6=False)
-    assert est.parse_configs("env_1,env_6", allow_env6=True) == ["env_1", "env_6"]
+        gdr.parse_configs("env_1,env_6", allow_env6=False)
+    assert gdr.parse_configs("env_1,env_6", allow_env6=True) == ["env_1", "env_6"]
 
 
 # ---------------------------------------- end to end --------------------------------------------
@@ -458,7 +468,7 @@ def test_pipeline_trains_on_env_1_to_5_only(pipeline):
     assert "Traceback" not in proc.stderr, describe(proc)
 
 
-def test_estimator_checkpoint_contents(pipeline, est):
+def test_estimator_checkpoint_contents(pipeline, est, gdr):
     """Both estimator checkpoints: format, heads env_1..env_5, time t / 288, the architecture and its width (the
     released 64-wide network fitted online over the 3 behaviour episodes with the joint coin; the offline trunk,
     128 wide, with per-agent coins), the behaviour policy (groupdr_vdn.py --observed-reward), and load_estimator
@@ -477,7 +487,7 @@ def test_estimator_checkpoint_contents(pipeline, est):
         assert ckpt["behaviour"]["algo"] == "groupdr_vdn" and ckpt["behaviour"]["joint_coin"] == (run == "est")
         assert ckpt["fit"]["mode"] == ("online" if run == "est" else "offline")
         assert not os.path.exists(os.path.join(tmp, f"runs/{run}/estimator.pt.tmp"))
-        net, _ = est.load_estimator(os.path.join(tmp, f"runs/{run}/estimator.pt"), 6, 200, 10)
+        net, _ = gdr.load_estimator(os.path.join(tmp, f"runs/{run}/estimator.pt"), 6, 200, 10)
         assert type(net).__name__ == ("ReleasedEstimator" if run == "est" else "RewardEstimator")
         for key, value in ckpt["estimator"].items():
             assert torch.equal(net.state_dict()[key], value), key

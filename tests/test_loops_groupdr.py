@@ -122,23 +122,23 @@ def masked_task(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def est():
-    return import_file("groupdr_estimator_loops", "algos/groupdr_estimator.py")
+def gdr():
+    return import_file("groupdr_reward", "algos/groupdr_reward.py")
 
 
 @pytest.fixture(scope="module")
-def estimator_file(est, tmp_path_factory):
+def estimator_file(tmp_path_factory, gdr):
     """A released-architecture estimator for MaskedTask, heads env_1 and env_2, random weights and head biases
     -60 and -40: rewards of the building's scale, so the TD errors make the gradient norm exceed the clip of 10."""
     path = str(tmp_path_factory.mktemp("loops") / "estimator.pt")
     with torch.random.fork_rng():
         torch.manual_seed(3)
-        net = est.ReleasedEstimator(STATE, N, A, len(CONFIGS), hidden_dim=8, time_norm=float(DAY_LEN))
+        net = gdr.ReleasedEstimator(STATE, N, A, len(CONFIGS), hidden_dim=8, time_norm=float(DAY_LEN))
         with torch.no_grad():
             net.out_fc.bias.copy_(torch.tensor([-60.0, -40.0]))
     torch.save(
         {
-            "format": est.ESTIMATOR_FORMAT,
+            "format": gdr.ESTIMATOR_FORMAT,
             "configs": CONFIGS,
             "n_agents": N,
             "n_actions": A,

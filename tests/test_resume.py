@@ -162,14 +162,14 @@ _BG_LOCK = threading.Lock()
 
 def write_estimator(path: str) -> None:
     """A GroupDR estimator checkpoint with heads env_1, env_2 (random weights: only its format matters here)."""
-    est = import_file("groupdr_estimator_for_resume", "algos/groupdr_estimator.py")
+    gdr = import_file("groupdr_reward", "algos/groupdr_reward.py")
     with torch.random.fork_rng():  # the session's torch RNG stays as it was
         torch.manual_seed(0)
-        net = est.RewardEstimator(10, 6, 200, len(GROUPDR_CONFIGS), hidden_dim=16, time_norm=288.0)
+        net = gdr.RewardEstimator(10, 6, 200, len(GROUPDR_CONFIGS), hidden_dim=16, time_norm=288.0)
         net.set_normalisation(torch.randn(50, 10) * 5 + 20, torch.randn(50) * 10 - 50)
     torch.save(
         {
-            "format": est.ESTIMATOR_FORMAT,
+            "format": gdr.ESTIMATOR_FORMAT,
             "configs": GROUPDR_CONFIGS,
             "n_agents": 6,
             "n_actions": 200,
