@@ -5,8 +5,9 @@
 
 One row per bin of env steps (--bins equal parts of the run): the mean of every logged value of each tag
 inside the bin (charts/normalised_return per episode, losses/* every 100 updates), so a reader sees whether
-the return rises and whether td / opt / nopt losses settle. Missing tags show as "-". Also the wall time
-from the first to the last logged point.
+the return rises and whether td / opt / nopt losses settle. Missing tags show as "-". Also the minutes of
+training: the gaps between consecutive logged points, leaving out gaps over 10 minutes (a resumed run's pause;
+the same rule as the sweep's train_seconds, experiments/sweep.py training_seconds).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sweep (training_seconds)
 
 DEFAULT_TAGS = [
     "charts/normalised_return",
@@ -65,9 +68,11 @@ def table(run_dir: str, tags: list[str], bins: int) -> str:
         raise ValueError(f"{run_dir}: none of the tags {', '.join(tags)} was logged")
     last = max(int(data[t][0].max()) for t in shown)
     edges = np.linspace(0, last, bins + 1)
-    wall = max(data[t][2].max() for t in shown) - min(data[t][2].min() for t in shown)
+    from sweep import training_seconds  # gaps over PAUSE_SECONDS (a resumed run's pause) are no training
+
+    minutes = training_seconds(sorted(np.concatenate([data[t][2] for t in shown]).tolist())) / 60
     lines = [
-        f"{os.path.basename(os.path.normpath(run_dir))}: {last} env steps, {wall / 60:.1f} min first to last point",
+        f"{os.path.basename(os.path.normpath(run_dir))}: {last} env steps, {minutes:.1f} min of training (pauses > 10 min out)",
         "",
         "| env steps | " + " | ".join(shown) + " |",
         "|---" * (len(shown) + 1) + "|",

@@ -27,6 +27,17 @@ def test_bins_hold_the_mean_of_the_values_logged_inside_them(losses, tmp_path):
     assert rows == ["| 0-4 | 2.5 | 2 | 1 |", "| 4-8 | 6.5 | 8 | - |"]
 
 
+def test_training_minutes_leave_out_a_resumed_runs_pause(losses, tmp_path):
+    """Points at 0, 60 and 120 s, then (resumed after a two-hour pause) at 7320 and 7380 s: 3 min of training,
+    not the 123 min from the first to the last point."""
+    writer = SummaryWriter(str(tmp_path))
+    for step, wall in enumerate([1000.0, 1060.0, 1120.0, 8320.0, 8380.0], start=1):
+        writer.add_scalar("charts/normalised_return", float(step), step, walltime=wall)
+    writer.close()
+    text = losses.table(str(tmp_path), ["charts/normalised_return"], 1)
+    assert "5 env steps, 3.0 min of training" in text.splitlines()[0]
+
+
 def test_bad_input_is_one_error_line(losses, tmp_path, capsys):
     assert losses.main(losses.Args(runs=[str(tmp_path / "nope")])) == 2
     assert capsys.readouterr().err.strip() == f"error: no run folder '{tmp_path / 'nope'}'"
