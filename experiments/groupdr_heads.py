@@ -75,6 +75,8 @@ def main(args: Args) -> int:
         if args.head not in ckpt["configs"]:
             raise envs.EnvArgError(f"--head {args.head} is not a head of '{args.estimator}' ({','.join(ckpt['configs'])})")
         other = gdr.load_estimator(args.compare, *dims)[0] if args.compare else None
+        if not os.path.isfile(args.behaviour):
+            raise envs.EnvArgError(f"--behaviour: no such file '{args.behaviour}'")
     except (envs.EnvArgError, gdr.EstimatorError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

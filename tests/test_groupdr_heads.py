@@ -30,3 +30,25 @@ def test_bad_input_is_one_error_line(heads, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: no such file '{tmp_path / 'none.pt'}'"
     assert heads.main(heads.Args(estimator="x.pt", configs="env_1,env_9")) == 2
     assert "--configs 'env_9' is unknown" in capsys.readouterr().err
+
+
+def test_missing_behaviour_names_its_flag(heads, tmp_path, capsys):
+    gdr = import_file("groupdr_reward", "algos/groupdr_reward.py")
+    path = str(tmp_path / "estimator.pt")
+    net = gdr.ReleasedEstimator(10, 6, 200, 2, hidden_dim=4)
+    torch.save(
+        {
+            "format": gdr.ESTIMATOR_FORMAT,
+            "configs": ["env_1", "env_6"],
+            "n_agents": 6,
+            "n_actions": 200,
+            "state_dim": 10,
+            "architecture": "released",
+            "hidden_dim": 4,
+            "time_norm": 288.0,
+            "estimator": net.state_dict(),
+        },
+        path,
+    )
+    assert heads.main(heads.Args(estimator=path, behaviour=str(tmp_path / "nope.pt"))) == 2
+    assert capsys.readouterr().err.strip() == f"error: --behaviour: no such file '{tmp_path / 'nope.pt'}'"
