@@ -128,3 +128,26 @@ def test_bad_input_is_one_error_line(sel, tmp_path, capsys):
     with pytest.raises(SystemExit):
         sel.main(sel.Args(evals=[str(tmp_path / "p.json")], ours=str(tmp_path / "none")))
     assert "--ours: no such folder" in capsys.readouterr().err
+
+
+def test_report_section_from_the_grid_json(sel, tmp_path):
+    """experiments/report.py's section from rho_selection's JSON: the row read back, numbers by hand
+    (released env_6 at rho 0.5: seeds 0.7, 0.9 -> 0.800 +- 0.1 / sqrt(2); at rho 0.3: 0.4, 0.6 -> 0.500 +- 0.071)."""
+    report = import_file("report_rho_grid_under_test", "experiments/report.py")
+    entries = []
+    for s, (e6a, e6b) in enumerate([(0.4, 0.7), (0.6, 0.9)]):
+        d = f"/x/results_seeds_{s}"
+        entries.append(
+            (f"{d}/robust_vdn_g_rho_0.3_1/network_parameter", "authors: robust_vdn_g_rho_0.3", seed_row(0.9, 0.9, e6a))
+        )
+        entries.append(
+            (f"{d}/robust_vdn_g_rho_0.5_1/network_parameter", "authors: robust_vdn_g_rho_0.5", seed_row(0.8, 0.8, e6b))
+        )
+    write_eval(tmp_path / "e.json", entries)
+    out = tmp_path / "results" / "released" / "rho_grid.json"
+    sel.main(sel.Args(evals=[str(tmp_path / "e.json")], out=str(out), reps=500))
+    lines = report.rho_grid_section(str(out))
+    assert lines[0].startswith("## How the published rho was picked")
+    row = next(line for line in lines if line.startswith("| VDN TV"))
+    assert row.startswith("| VDN TV | 0.3, 0.5 | 0.5 | 0.3 | 0.5 | 0.800 +- 0.071 | 0.500 +- 0.071 | ")
+    assert row.endswith("| - |")  # no --ours: no comparison
