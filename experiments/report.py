@@ -421,6 +421,17 @@ def rho_grid_section(path: str) -> list[str]:
             f"| {g['best_env6_rho']} | {_cell(env6, g['published_rho'])} | {_cell(env6, g['rule_rho'])} "
             f"| {g['exchangeable_p_best_env6']:.2f} | {g['exchangeable_inflation']:+.3f} | {ours} |"
         )
+    diffs = [g["ours_minus_released_env6"] for g in grid.values() if "ours_minus_released_env6" in g]
+    if diffs:
+        neg, sig = sum(d["diff"] < 0 for d in diffs), sum(d["high"] < 0 or d["low"] > 0 for d in diffs)
+        agree = sum(g["rule_rho"] == g["published_rho"] for g in grid.values())
+        best = sum(g["best_env6_rho"] == g["published_rho"] for g in grid.values())
+        summary = (
+            f"Ours - released at the published rho, env_6: below 0 in {neg} of {len(diffs)} rows, the interval excluding 0 "
+            f"in {sig}. Rule and published rho agree in {agree} of {len(grid)} rows; the published rho is the grid's best "
+            f"env_6 in {best}."
+        )
+        lines += ["", summary]
     return lines + [""]
 
 

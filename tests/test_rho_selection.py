@@ -83,6 +83,16 @@ def write_eval(path, entries, protocol="climate"):
         json.dump({"protocol": protocol, "configs": [], "days": [], "table": {}, "episodes": episodes}, f)
 
 
+def write_ours(tmp_path, env6):
+    """Our per-run result JSON files (sweep format, the fields rho_selection reads) of vdn_tv_released at rho 0.5."""
+    ours = tmp_path / "ours"
+    ours.mkdir(exist_ok=True)
+    for seed, v in enumerate(env6, 1):
+        run = {"method": "vdn_tv_released", "rho": 0.5, "seed": seed, "normalised_return": {"paper-tables": {"env_6": v}}}
+        (ours / f"vdn_tv_released__rho0.5__seed{seed}.json").write_text(json.dumps(run))
+    return ours
+
+
 def test_main_reads_eval_json_and_compares_ours(sel, tmp_path, capsys):
     entries = []
     for s, (e6a, e6b) in enumerate([(0.4, 0.7), (0.6, 0.9)]):
@@ -98,11 +108,7 @@ def test_main_reads_eval_json_and_compares_ours(sel, tmp_path, capsys):
         )
         entries.append((f"{d}/other/network_parameter", "authors: vdn_dr", seed_row(1, 1, 1)))  # not a rho grid: skipped
     write_eval(tmp_path / "e.json", entries)
-    ours = tmp_path / "ours"
-    ours.mkdir()
-    for seed, v in [(1, 0.5), (2, 0.6)]:
-        run = {"method": "vdn_tv_released", "rho": 0.5, "seed": seed, "normalised_return": {"paper-tables": {"env_6": v}}}
-        (ours / f"vdn_tv_released__rho0.5__seed{seed}.json").write_text(json.dumps(run))
+    ours = write_ours(tmp_path, [0.5, 0.6])
     out = tmp_path / "sum" / "grid.json"
     s = sel.main(sel.Args(evals=[str(tmp_path / "e.json")], ours=str(ours), out=str(out), reps=2000))
     g = s["vdn_g"]
@@ -151,3 +157,10 @@ def test_report_section_from_the_grid_json(sel, tmp_path):
     row = next(line for line in lines if line.startswith("| VDN TV"))
     assert row.startswith("| VDN TV | 0.3, 0.5 | 0.5 | 0.3 | 0.5 | 0.800 +- 0.071 | 0.500 +- 0.071 | ")
     assert row.endswith("| - |")  # no --ours: no comparison
+    assert not any(line.startswith("Ours - released") for line in lines)
+    sel.main(sel.Args(evals=[str(tmp_path / "e.json")], out=str(out), reps=500, ours=str(write_ours(tmp_path, [0.5, 0.6]))))
+    summary = next(line for line in report.rho_grid_section(str(out)) if line.startswith("Ours - released"))
+    assert summary == (
+        "Ours - released at the published rho, env_6: below 0 in 1 of 1 rows, the interval excluding 0 in 1. "
+        "Rule and published rho agree in 0 of 1 rows; the published rho is the grid's best env_6 in 1."
+    )
