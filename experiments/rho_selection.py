@@ -139,6 +139,27 @@ def our_env6(folder: str, method: str, rho: float) -> list[float]:
     return values
 
 
+def against_grid(args: Args, family: dict, name: str, method: str, published: float) -> dict:
+    """Where our runs fall in the released grid: our env_6 at the published rho (and, for a rho-contamination grid,
+    our non-robust runs: <factorisation>_released at rho 0) minus each released rho cell, with its 95% interval."""
+    ours = {f"{method} rho {published:g}": our_env6(args.ours, method, published)}
+    if not name.endswith("_g"):  # rho-contamination grid: its rho 0 is the published non-robust row
+        ours[f"{name}_released rho 0"] = our_env6(args.ours, f"{name}_released", 0.0)
+    out = {}
+    for label, values in ours.items():
+        if len(values) < 2:
+            continue
+        out[label] = {}
+        for rho in sorted(family):
+            released = list(matrix(family[rho])[:, CONFIGS.index("env_6")])
+            out[label][str(rho)] = dict(
+                zip(("diff", "low", "high"), stats.bootstrap_diff_ci(values, released, seed=args.seed))
+            )
+        cells = ", ".join(f"{rho}: {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]" for rho, c in out[label].items())
+        print(f"ours ({label}, {len(values)} seeds) - each released rho, env_6: {cells}")
+    return out
+
+
 def main(args: Args) -> dict:
     if not args.evals:
         envs.fail("give one or more eval.py --protocol climate JSON files of released checkpoints")
@@ -195,6 +216,8 @@ def main(args: Args) -> dict:
                 print(
                     f"ours ({method}, {len(ours)} seeds) - released, env_6 at rho {published}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
                 )
+            entry["ours_against_grid"] = against_grid(args, grid[family], family, method, published)
+        summary[family] = entry
         summary[family] = entry
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
