@@ -93,20 +93,17 @@ def write_ours(tmp_path, env6):
     return ours
 
 
+def released_vdn_tv(seed: int, rho: float, row: dict):
+    """One released checkpoint's eval entry (checkpoint dir, label, per-config values) of the VDN-TV grid."""
+    return (f"/x/results_seeds_{seed}/robust_vdn_g_rho_{rho}_2025/network_parameter", f"authors: robust_vdn_g_rho_{rho}", row)
+
+
 def test_main_reads_eval_json_and_compares_ours(sel, tmp_path, capsys):
     entries = []
     for s, (e6a, e6b) in enumerate([(0.4, 0.7), (0.6, 0.9)]):
-        d = f"/x/results_seeds_{s}"
-        entries.append(
-            (f"{d}/robust_vdn_g_rho_0.3_2025/network_parameter", "authors: robust_vdn_g_rho_0.3", seed_row(0.9, 0.9, e6a))
-        )
-        entries.append(
-            (f"{d}/robust_vdn_g_rho_0.5_2025/network_parameter", "authors: robust_vdn_g_rho_0.5", seed_row(0.8, 0.8, e6b))
-        )
-        entries.append(
-            (f"{d}/robust_vdn_g_rho_0.0_2025/network_parameter", "authors: robust_vdn_g_rho_0.0", seed_row(1, 1, 1))
-        )
-        entries.append((f"{d}/other/network_parameter", "authors: vdn_dr", seed_row(1, 1, 1)))  # not a rho grid: skipped
+        entries += [released_vdn_tv(s, 0.3, seed_row(0.9, 0.9, e6a)), released_vdn_tv(s, 0.5, seed_row(0.8, 0.8, e6b))]
+        entries.append(released_vdn_tv(s, 0.0, seed_row(1, 1, 1)))
+        entries.append((f"/x/results_seeds_{s}/other/network_parameter", "authors: vdn_dr", seed_row(1, 1, 1)))  # not a grid
     write_eval(tmp_path / "e.json", entries)
     ours = write_ours(tmp_path, [0.5, 0.6])
     out = tmp_path / "sum" / "grid.json"
@@ -142,13 +139,7 @@ def test_report_section_from_the_grid_json(sel, tmp_path):
     report = import_file("report_rho_grid_under_test", "experiments/report.py")
     entries = []
     for s, (e6a, e6b) in enumerate([(0.4, 0.7), (0.6, 0.9)]):
-        d = f"/x/results_seeds_{s}"
-        entries.append(
-            (f"{d}/robust_vdn_g_rho_0.3_1/network_parameter", "authors: robust_vdn_g_rho_0.3", seed_row(0.9, 0.9, e6a))
-        )
-        entries.append(
-            (f"{d}/robust_vdn_g_rho_0.5_1/network_parameter", "authors: robust_vdn_g_rho_0.5", seed_row(0.8, 0.8, e6b))
-        )
+        entries += [released_vdn_tv(s, 0.3, seed_row(0.9, 0.9, e6a)), released_vdn_tv(s, 0.5, seed_row(0.8, 0.8, e6b))]
     write_eval(tmp_path / "e.json", entries)
     out = tmp_path / "results" / "released" / "rho_grid.json"
     sel.main(sel.Args(evals=[str(tmp_path / "e.json")], out=str(out), reps=500))
