@@ -165,6 +165,8 @@ def main(args: Args) -> dict:
         envs.fail("give one or more eval.py --protocol climate JSON files of released checkpoints")
     if args.ours and not os.path.isdir(args.ours):
         envs.fail(f"--ours: no such folder '{args.ours}'")
+    if args.reps < 1:
+        envs.fail(f"--reps must be a positive number of bootstrap replicates (got {args.reps})")
     grid, summary = load(args.evals), {}
     if not grid:
         envs.fail("evals: no released rho-grid run (label robust_<family>_rho_<rho>) in the files given")

@@ -131,6 +131,9 @@ def test_bad_input_is_one_error_line(sel, tmp_path, capsys):
     with pytest.raises(SystemExit):
         sel.main(sel.Args(evals=[str(tmp_path / "p.json")], ours=str(tmp_path / "none")))
     assert "--ours: no such folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sel.main(sel.Args(evals=[str(tmp_path / "p.json")], reps=0))
+    assert capsys.readouterr().err.strip() == "error: --reps must be a positive number of bootstrap replicates (got 0)"
 
 
 def test_report_section_from_the_grid_json(sel, tmp_path):
