@@ -83,6 +83,8 @@ class Args(runs.RunArgs, envs.EnvArgs):  # + the run flags (--seed, --resume, ..
     """clamp eta to Eq. (10)'s [0, 2/(rho(1-gamma))] in the dual loss and the target (released code: never)"""
     single_coin: bool = False
     """one epsilon coin for all agents (released code) instead of one per agent (Alg. 7 l.9)"""
+    update_schedule: Literal["paper", "released"] = "paper"
+    """paper: 1 dual then 1 Q step every --train-frequency env steps (Alg. 7, F.2); released: 4 then 4 every 4x as many"""
 
     # Beyond the paper
     worst_value: Literal["zero", "batch-min"] = "zero"
@@ -358,10 +360,12 @@ if __name__ == "__main__":
     target_qtran = QTranNetworks(N, A, env.state_dim, args.hidden_dim).to(device)
     target_qtran.load_state_dict(qtran.state_dict())
     max_norm, dual_max_norm = args.max_grad_norm or float("inf"), args.dual_max_grad_norm or float("inf")  # inf: measured only
+    n_updates = 4 if args.update_schedule == "released" else 1  # dual steps, then Q steps, per training step
     next_values = functools.partial(target_values, target_network=target_network, target_qtran=target_qtran)  # V'
     # Alg. 7 l.4: dual network eta_xi with parameters xi, its own Adam (paper F.2)
     dual_network = DualNetwork(env.state_dim, N, A, args.dual_hidden_dim).to(device)
-    dual_optimizer = torch.optim.Adam(dual_network.parameters(), lr=args.dual_learning_rate, fused=True)
+    dual_params = list(dual_network.parameters())
+    dual_optimizer = torch.optim.Adam(dual_params, lr=args.dual_learning_rate, fused=True)
 
     # Alg. 7 l.2: replay buffer D
     rb = ReplayBuffer(args.buffer_size, N, env.obs_dim, env.state_dim, A, args.window, device)
@@ -401,33 +405,38 @@ if __name__ == "__main__":
                 obs, state, avail = next_obs, next_state, next_avail
                 global_step += 1
 
-                if global_step > args.learning_starts and global_step % args.train_frequency == 0:
-                    dual_b, b = rb.sample(args.batch_size, rng, next_values, n=2)  # Alg. 7 l.12, l.15: two minibatches, V'
-                    raw_eta, eta = dual_eta(dual_b)  # eta_xi(s, a), clamped to Eq. (10) (--no-eta-clamp: raw)
-                    live = 1.0 - dual_b.terminated  # a terminated transition has no dual term
-                    d_loss = dual_loss(eta, dual_b.next_value, args.rho, args.worst_value, args.dual_loss, live, raw_eta)
-                    dual_optimizer.zero_grad()
-                    d_loss.backward()  # Alg. 7 l.13
-                    nn.utils.clip_grad_norm_(dual_network.parameters(), dual_max_norm, foreach=True, error_if_nonfinite=True)
-                    dual_optimizer.step()  # Alg. 7 l.14
-                    q, h = q_network(*b.history, with_features=True)  # Q_i(h_i, .) and the agents' features f_i(h_i)
-                    q_taken = q.gather(-1, b.actions.unsqueeze(-1)).squeeze(-1)  # Q_i(h_i, a_i)
-                    f_sum = h.sum(1)  # f(h) = sum_i f_i(h_i), the encoder of Q_jt and V_tot
-                    q_tot = qtran.q_jt(f_sum, b.actions)  # Q_jt(h, a; theta) of Alg. 7 l.18
-                    v_tot = qtran.v_tot(b.state, f_sum)  # V_tot(h) of Eq. (12)-(13)
-                    q_greedy = q.masked_fill(~b.avail, -float("inf")).max(-1).values  # Q_i(h_i, a_bar_i), a_bar greedy
-                    q_jt_greedy = qtran.q_jt(f_sum, masked_argmax(q, b.avail))  # Q-hat_jt(h, a_bar) of Eq. (12)
-                    with torch.no_grad():  # Alg. 7 l.17: eta_xi(s, a) of the updated xi (clamped) and the target y
-                        eta = dual_eta(b)[1]
-                        y = robust_target(b.reward, b.next_value, eta, b.terminated, args.gamma, args.rho, args.worst_value)
-                    td_loss = F.mse_loss(q_tot, y)  # Alg. 7 l.18
-                    opt_loss, nopt_loss = qtran_losses(q_greedy.sum(-1), q_jt_greedy, q_taken.sum(-1), q_tot, v_tot)  # l.19-20
-                    for opt in optimizers:
-                        opt.zero_grad()
-                    (td_loss + args.lambda_opt * opt_loss + args.lambda_nopt * nopt_loss).backward()  # Alg. 7 l.21
-                    grad_norm = nn.utils.clip_grad_norm_(params, max_norm, foreach=True, error_if_nonfinite=True)
-                    for opt in optimizers:
-                        opt.step()
+                if global_step > args.learning_starts and global_step % (n_updates * args.train_frequency) == 0:
+                    batches = rb.sample(args.batch_size, rng, next_values, n=2 * n_updates)  # Alg. 7 l.12, l.15: with V'
+                    for dual_b in batches[:n_updates]:  # --update-schedule released: 4 dual steps, then 4 Q steps
+                        raw_eta, eta = dual_eta(dual_b)  # eta_xi(s, a), clamped to Eq. (10) (--no-eta-clamp: raw)
+                        live = 1.0 - dual_b.terminated  # a terminated transition has no dual term
+                        d_loss = dual_loss(eta, dual_b.next_value, args.rho, args.worst_value, args.dual_loss, live, raw_eta)
+                        dual_optimizer.zero_grad()
+                        d_loss.backward()  # Alg. 7 l.13
+                        nn.utils.clip_grad_norm_(dual_params, dual_max_norm, foreach=True, error_if_nonfinite=True)
+                        dual_optimizer.step()  # Alg. 7 l.14
+                    for b in batches[n_updates:]:
+                        q, h = q_network(*b.history, with_features=True)  # Q_i(h_i, .) and the agents' features f_i(h_i)
+                        q_taken = q.gather(-1, b.actions.unsqueeze(-1)).squeeze(-1)  # Q_i(h_i, a_i)
+                        f_sum = h.sum(1)  # f(h) = sum_i f_i(h_i), the encoder of Q_jt and V_tot
+                        q_tot = qtran.q_jt(f_sum, b.actions)  # Q_jt(h, a; theta) of Alg. 7 l.18
+                        v_tot = qtran.v_tot(b.state, f_sum)  # V_tot(h) of Eq. (12)-(13)
+                        q_greedy = q.masked_fill(~b.avail, -float("inf")).max(-1).values  # Q_i(h_i, a_bar_i), a_bar greedy
+                        q_jt_greedy = qtran.q_jt(f_sum, masked_argmax(q, b.avail))  # Q-hat_jt(h, a_bar) of Eq. (12)
+                        with torch.no_grad():  # Alg. 7 l.17: eta_xi(s, a) of the updated xi (clamped) and the target y
+                            eta = dual_eta(b)[1]
+                            y = robust_target(
+                                b.reward, b.next_value, eta, b.terminated, args.gamma, args.rho, args.worst_value
+                            )
+                        td_loss = F.mse_loss(q_tot, y)  # Alg. 7 l.18
+                        # Alg. 7 l.19-20: L_opt and L_nopt
+                        opt_loss, nopt_loss = qtran_losses(q_greedy.sum(-1), q_jt_greedy, q_taken.sum(-1), q_tot, v_tot)
+                        for opt in optimizers:
+                            opt.zero_grad()
+                        (td_loss + args.lambda_opt * opt_loss + args.lambda_nopt * nopt_loss).backward()  # Alg. 7 l.21
+                        grad_norm = nn.utils.clip_grad_norm_(params, max_norm, foreach=True, error_if_nonfinite=True)
+                        for opt in optimizers:
+                            opt.step()
 
                     if global_step % (100 * args.train_frequency) == 0:  # logging, every 100 gradient steps
                         run.log(global_step, epsilon, td_loss, q_tot, y, grad_norm, opt_loss=opt_loss, nopt_loss=nopt_loss)

@@ -77,6 +77,8 @@ class Args(runs.RunArgs, envs.EnvArgs):  # + the run flags (--seed, --resume, ..
     """clamp eta to Eq. (10)'s [0, 2/(rho(1-gamma))] in the dual loss and the target (released code: never)"""
     single_coin: bool = False
     """one epsilon coin for all agents (released code) instead of one per agent (Alg. 5 l.9)"""
+    update_schedule: Literal["paper", "released"] = "paper"
+    """paper: 1 dual then 1 Q step every --train-frequency env steps (Alg. 5, F.2); released: 4 then 4 every 4x as many"""
 
     # Beyond the paper
     worst_value: Literal["zero", "batch-min"] = "zero"
@@ -310,8 +312,10 @@ if __name__ == "__main__":
     target_network.load_state_dict(q_network.state_dict())
     # Alg. 5 l.4: dual network eta_xi with parameters xi, its own Adam (paper F.2)
     dual_network = DualNetwork(env.state_dim, N, A, args.dual_hidden_dim).to(device)
-    dual_optimizer = torch.optim.Adam(dual_network.parameters(), lr=args.dual_learning_rate, fused=True)
+    dual_params = list(dual_network.parameters())
+    dual_optimizer = torch.optim.Adam(dual_params, lr=args.dual_learning_rate, fused=True)
     max_norm, dual_max_norm = args.max_grad_norm or float("inf"), args.dual_max_grad_norm or float("inf")  # inf: measured only
+    n_updates = 4 if args.update_schedule == "released" else 1  # dual steps, then Q steps, per training step
 
     # Alg. 5 l.2: replay buffer D
     rb = ReplayBuffer(args.buffer_size, N, env.obs_dim, env.state_dim, A, args.window, device)
@@ -350,26 +354,32 @@ if __name__ == "__main__":
                 obs, state, avail = next_obs, next_state, next_avail
                 global_step += 1
 
-                if global_step > args.learning_starts and global_step % args.train_frequency == 0:
-                    # Alg. 5 l.12, l.15, l.18: the dual and the Q minibatch, drawn at once, with V' = Q_tot(h', a_bar'; theta-)
-                    dual_b, b = rb.sample(args.batch_size, rng, lambda stale: target_values(stale, target_network), n=2)
-                    raw_eta, eta = dual_eta(dual_b)  # eta_xi(s, a), clamped to Eq. (10) (--no-eta-clamp: raw)
-                    live = 1.0 - dual_b.terminated  # a terminated transition has no dual term
-                    d_loss = dual_loss(eta, dual_b.next_value, args.rho, args.worst_value, args.dual_loss, live, raw_eta)
-                    dual_optimizer.zero_grad()
-                    d_loss.backward()  # Alg. 5 l.13
-                    nn.utils.clip_grad_norm_(dual_network.parameters(), dual_max_norm, foreach=True, error_if_nonfinite=True)
-                    dual_optimizer.step()  # Alg. 5 l.14
-                    q_taken = q_network(*b.history).gather(-1, b.actions.unsqueeze(-1)).squeeze(-1)  # Q_i(h_i, a_i)
-                    q_tot = q_taken.sum(-1)  # Alg. 5 l.17: Q_tot^VDN(h, a; theta)
-                    with torch.no_grad():  # Alg. 5 l.19: eta_xi(s, a) of the updated xi (clamped) and the target y
-                        eta = dual_eta(b)[1]
-                        y = robust_target(b.reward, b.next_value, eta, b.terminated, args.gamma, args.rho, args.worst_value)
-                    td_loss = F.mse_loss(q_tot, y)  # Alg. 5 l.20
-                    optimizer.zero_grad()
-                    td_loss.backward()  # Alg. 5 l.21
-                    grad_norm = nn.utils.clip_grad_norm_(params, max_norm, foreach=True, error_if_nonfinite=True)
-                    optimizer.step()
+                if global_step > args.learning_starts and global_step % (n_updates * args.train_frequency) == 0:
+                    # Alg. 5 l.12, l.15, l.18: the dual and the Q minibatches, drawn at once, with V' = Q_tot(h', a_bar'; theta-)
+                    batches = rb.sample(
+                        args.batch_size, rng, lambda stale: target_values(stale, target_network), n=2 * n_updates
+                    )
+                    for dual_b in batches[:n_updates]:  # --update-schedule released: 4 dual steps, then 4 Q steps
+                        raw_eta, eta = dual_eta(dual_b)  # eta_xi(s, a), clamped to Eq. (10) (--no-eta-clamp: raw)
+                        live = 1.0 - dual_b.terminated  # a terminated transition has no dual term
+                        d_loss = dual_loss(eta, dual_b.next_value, args.rho, args.worst_value, args.dual_loss, live, raw_eta)
+                        dual_optimizer.zero_grad()
+                        d_loss.backward()  # Alg. 5 l.13
+                        nn.utils.clip_grad_norm_(dual_params, dual_max_norm, foreach=True, error_if_nonfinite=True)
+                        dual_optimizer.step()  # Alg. 5 l.14
+                    for b in batches[n_updates:]:
+                        q_taken = q_network(*b.history).gather(-1, b.actions.unsqueeze(-1)).squeeze(-1)  # Q_i(h_i, a_i)
+                        q_tot = q_taken.sum(-1)  # Alg. 5 l.17: Q_tot^VDN(h, a; theta)
+                        with torch.no_grad():  # Alg. 5 l.19: eta_xi(s, a) of the updated xi (clamped) and the target y
+                            eta = dual_eta(b)[1]
+                            y = robust_target(
+                                b.reward, b.next_value, eta, b.terminated, args.gamma, args.rho, args.worst_value
+                            )
+                        td_loss = F.mse_loss(q_tot, y)  # Alg. 5 l.20
+                        optimizer.zero_grad()
+                        td_loss.backward()  # Alg. 5 l.21
+                        grad_norm = nn.utils.clip_grad_norm_(params, max_norm, foreach=True, error_if_nonfinite=True)
+                        optimizer.step()
 
                     if global_step % (100 * args.train_frequency) == 0:  # logging, every 100 gradient steps
                         run.log(global_step, epsilon, td_loss, q_tot, y, grad_norm)  # losses/*, charts/*

@@ -182,7 +182,7 @@ class Spy:
         rec = {
             "step": g["global_step"],
             "kind": "dual" if name == "dual" else "q",
-            "idx": np.array(g["b"].idx),
+            "idx": np.array(g["b"].idx) if "b" in g else np.array([], dtype=np.int64),  # no Q minibatch before the first
             "dual_idx": np.array(g["dual_b"].idx) if "dual_b" in g else np.array([], dtype=np.int64),
         }
         names = ("d_loss",) if name == "dual" else ("y", "grad_norm")
@@ -269,10 +269,12 @@ class Run:
         assert rb.size == len(self.log) < rb.capacity  # no wrap: slot j holds the j-th transition of the log
         self.updates = [c for c in self.spy.calls if c["kind"] == "q"]
         self.duals = [c for c in self.spy.calls if c["kind"] == "dual"]
-        # each update: the dual step (TV), then every Q optimiser once (RMSprop agents + Adam Q_jt/V_tot, or one Adam)
-        cycle = ["dual"] * (kind == "tv") + [f"q{i}" for i in range(len(self.g["optimizers"]))]
+        # each training step: k dual steps (TV), then k times every Q optimiser once (RMSprop agents + Adam Q_jt/V_tot,
+        # or one Adam); k = 1, or 4 with --update-schedule released
+        k = 4 if getattr(self.args, "update_schedule", "paper") == "released" else 1
+        cycle = ["dual"] * k * (kind == "tv") + [f"q{i}" for i in range(len(self.g["optimizers"]))] * k
         self.n_updates = len(self.updates)
-        assert self.spy.steps == cycle * self.n_updates, self.spy.steps
+        assert self.spy.steps == cycle * (self.n_updates // k) and self.n_updates % k == 0, self.spy.steps
 
     def final(self):
         return {n: _weights(self.g[n]) for n in self.spy.init}
@@ -419,6 +421,11 @@ def rmsprop_step(g, state, lr, eps):
     return -lr * g / (v.sqrt() + eps)
 
 
+def position(run, update) -> int:
+    """Which Q step of the run this record is (by identity: records of one training step can be equal field by field)."""
+    return next(k for k, u in enumerate(run.updates) if u is update)
+
+
 class Prediction:
     """One update of the loop computed here. ``wrong``: a set of deliberately wrong variants of the loop
     (no_consistency, no_detach, unmasked_h, unmasked_target, truncation_terminal, no_clip, no_dual_clip,
@@ -450,7 +457,7 @@ class Prediction:
         gamma, rho = a.gamma, a.rho
         self.clamp = getattr(a, "eta_clamp", False) != ("clamp_toggle" in wrong)
         if run.kind == "tv":
-            dual = run.duals[run.updates.index(update)]
+            dual = run.duals[position(run, update)]
             self.dual_grads, self.dual_norm = self.dual_gradients(run, dual, target_agents, target_qtran)
             if dual_after is None:  # the dual network after its step (first step: from the closed form)
                 delta = self.dual_step_from(run, dual, self.dual_grads)
@@ -691,6 +698,16 @@ RUNS = {  # name -> (script, task, flags). Seeds where the target depends on V' 
     # Epsilon-greedy while learning (EXPLORE; TV: one coin for all agents), updates at 80 and 120.
     "rho_explore": ("rho", "masked", [*masked_flags("rho", 3), *EXPLORE]),
     "tv_explore": ("tv", "masked", [*masked_flags("tv", 3), *EXPLORE, "--single-coin", "--seed", 2]),
+    # --update-schedule released: one training step at env step 40 (train frequency 10, x 4): 4 dual then 4 Q steps.
+    "tv_schedule_released": (
+        "tv",
+        "masked",
+        [
+            *masked_flags("tv", 4, every=10),
+            *["--update-schedule", "released", "--optimizer", "adam", "--dual-loss", "squared", "--no-eta-clamp"],
+            *["--single-coin", "--seed", 2],
+        ],
+    ),
 }
 ONE_UPDATE = [n for n in RUNS if n.split("_")[1] in ("building", "masked")]
 
@@ -709,7 +726,7 @@ def runs(tmp_path_factory):
     return get
 
 
-def check_update(run, update, pred, after=None, tag=""):
+def check_update(run, update, pred, after=None, tag="", dual=True):
     """The loop's recorded target, global gradient norm and (clipped) gradients of this update = the prediction;
     TV: the dual gradients too; with ``after`` (the weights after the step), every parameter's change as well."""
     assert y_error(update, pred) < 1, f"{tag}: target y\n{update['values']['target']}\npredicted\n{pred.y}"
@@ -719,8 +736,8 @@ def check_update(run, update, pred, after=None, tag=""):
     if after is not None:
         err = step_error(actual_delta(update["weights"], after), pred.step_from(run, update, recorded_grads(update)))
         assert err < 1, f"{tag}: parameter changes off by {err:.2f} tolerances"
-    if run.kind == "tv":
-        dual = run.duals[run.updates.index(update)]
+    if run.kind == "tv" and dual:  # the dual step paired with this update (one dual step per Q step)
+        dual = run.duals[position(run, update)]
         err = worst_rel(dual["grads"]["dual_network"], pred.dual_grads)
         assert err < 1e-4, f"{tag}: dual gradients off by {err:.2e}"
         before, stepped = dual["weights"]["dual_network"], update["weights"]["dual_network"]
@@ -741,7 +758,7 @@ def mismatch(run, update, pred, after):
         step_error(actual_delta(update["weights"], after), pred.step_from(run, update, recorded_grads(update))),
     ]
     if run.kind == "tv":
-        errs.append(worst_rel(run.duals[run.updates.index(update)]["grads"]["dual_network"], pred.dual_grads) / 1e-4)
+        errs.append(worst_rel(run.duals[position(run, update)]["grads"]["dual_network"], pred.dual_grads) / 1e-4)
     return max(errs)
 
 
@@ -885,6 +902,47 @@ def test_copied_target_bootstraps_from_the_copy(runs, kind):
     final = run.final()
     for online, target in (("q_network", "target_network"), ("qtran", "target_qtran")):
         assert all(torch.equal(final[online][k], final[target][k]) for k in final[online]), target
+
+
+@pytest.mark.parametrize("name", ["tv_schedule_released"])
+def test_released_schedule_makes_four_dual_then_four_q_steps(runs, name):
+    """--update-schedule released (the released TV trainers: 4 dual-network steps, then 4 Q steps, each on its own
+    minibatch, every 4 x --train-frequency env steps; docs/qtran.md item 11). Here --train-frequency 10: one training
+    step, at env step 40 (none at 10, 20, 30), and the optimisers step dual x 4, then Q x 4 (Run asserts the order).
+    The 8 minibatches are the 8 consecutive parts of one draw of 8 x 32 slots: the first 4 for the dual steps, the
+    last 4 for the Q steps. Each dual step's gradient is Eq. (17) (released: squared, no clamp) on its own part at the
+    weights it started from, and its change the Adam step from the state it found; every Q step's target takes eta of
+    the dual network after all four dual steps, and its gradients and changes are predicted from its own part and the
+    weights before it. eta after the first dual step only (the 1 + 1 interleaving) predicts something else."""
+    run = runs(name)
+    a, init, final = run.args, run.spy.init, run.final()
+    assert len(run.duals) == run.n_updates == 4
+    assert {c["step"] for c in run.spy.calls} == {40}  # one training step, at 4 x --train-frequency
+    (drawn,) = [d[2] for d in run.draws if d[0] == "integers" and np.shape(d[2]) == (8 * a.batch_size,)]
+    parts = np.split(drawn, 8)
+    assert len({tuple(p) for p in parts}) == 8  # eight different minibatches
+    for k in range(4):
+        np.testing.assert_array_equal(run.duals[k]["dual_idx"], parts[k])
+        np.testing.assert_array_equal(run.updates[k]["idx"], parts[4 + k])
+    targets = (init["target_network"], init["target_qtran"])
+    dual_final = final["dual_network"]
+    for k, dual in enumerate(run.duals):  # each dual step: its own minibatch, from the weights it started from
+        pred = Prediction(run, run.updates[k], *targets, dual_after=dual_final)
+        err = worst_rel(dual["grads"]["dual_network"], pred.dual_grads)
+        assert err < 1e-4, f"dual step {k + 1}: gradients off by {err:.2e}"
+        before = dual["weights"]["dual_network"]
+        after = run.duals[k + 1]["weights"]["dual_network"] if k < 3 else dual_final
+        moved = {n: after[n].double() - before[n].double() for n in before}
+        err = step_error(moved, pred.dual_step_from(run, dual, dual["grads"]["dual_network"]))
+        assert err < 1, f"dual step {k + 1}: parameter changes off by {err:.2f} tolerances"
+    for k, up in enumerate(run.updates):  # each Q step: eta of the dual network after all four dual steps
+        assert all(torch.equal(up["weights"]["dual_network"][n], dual_final[n]) for n in dual_final)
+        after = run.updates[k + 1]["weights"] if k < 3 else final
+        check_update(
+            run, up, Prediction(run, up, *targets, dual_after=dual_final), after=after, tag=f"Q step {k + 1}", dual=False
+        )
+    interleaved = Prediction(run, run.updates[0], *targets, dual_after=run.duals[1]["weights"]["dual_network"])
+    assert mismatch(run, run.updates[0], interleaved, run.updates[1]["weights"]) > 50, "eta after one dual step also matches"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -159,6 +159,11 @@ CLIPS = {
     ("qmix_tv", "squared-noclamp-adam-clipped"): (0.05, 0.02),
     ("qmix_tv", "upper-clamp"): (10.0, 0.0),
 }  # (Q clip, dual clip); 0 = none
+# --update-schedule released, per TV script: VDN with the paper's dual (linear, clamped), QMIX with the released one
+SCHEDULE = {
+    "schedule-paper-dual": [],
+    "schedule-released-dual": ["--dual-loss", "squared", "--no-eta-clamp", "--optimizer", "adam", "--single-coin"],
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -423,7 +428,10 @@ def runs(tmp_path_factory):
     def get(script: str, case: str) -> Recording:
         if (script, case) not in cache:
             cwd = str(tmp_path_factory.mktemp(f"{script}_{case}"))
-            if case in ("frozen", "copy8"):  # frozen: greedy acting; copy8: epsilon from 1 to 0.05 over 24 steps
+            if case in SCHEDULE:  # --update-schedule released: 19 env steps, one training step (at 16)
+                flags = ["--total-episodes", 5, "--batch-size", 16, "--target-network-frequency", 1000, "--run-name", case]
+                flags += ["--update-schedule", "released", *SCHEDULE[case]]
+            elif case in ("frozen", "copy8"):  # frozen: greedy acting; copy8: epsilon from 1 to 0.05 over 24 steps
                 freq, explore = (
                     (10**9, [0, "--end-e", 0]) if case == "frozen" else (8, [1, "--end-e", 0.05, "--exploration-steps", 24])
                 )
@@ -934,6 +942,69 @@ def test_hard_copy_every_8_steps_puts_the_online_weights_in_the_target(runs, scr
     other = check_last_update(rec, script, tr, agents, mixer)
     assert_distinct(steps[-1]["grad"], other(*previous_copy), "a stale cache (the copy before)")
     assert_distinct(steps[-1]["grad"], other(rec.init["q_network"], rec.init.get("mixer")), "a target never copied")
+
+
+@pytest.mark.parametrize("script,case", [("vdn_tv", "schedule-paper-dual"), ("qmix_tv", "schedule-released-dual")])
+def test_released_schedule_makes_four_dual_then_four_q_steps(runs, script, case):
+    """--update-schedule released (the released TV trainers: every 8 env steps, 4 dual-network steps, then 4 Q steps,
+    each on its own minibatch; docs item 11). 19 env steps, learning from step 10, --train-frequency 2: one training
+    step, at env step 16 (none at 12, 14, 18), the optimisers stepping dual x 4, then Q x 4. The 8 minibatches are the
+    8 consecutive parts of the one draw of 8 x 16 slots (the loop's last dual_b and b: parts 4 and 8). Each dual step's
+    gradient is Eq. (17) on its own part at the weights it started from (V' of theta_0), the first one's move the
+    closed-form first Adam step; every Q step's target y takes eta of the dual network after all four dual steps,
+    and its gradients are ours from its own part and the weights before it. Wrong orders predict other gradients:
+    eta of the dual network after one dual step (the paper's 1 + 1 interleaving), or every Q step on the first Q
+    minibatch."""
+    rec = runs(script, case)
+    g, f, a = rec.g, flags_of(rec), rec.g["args"]
+    assert g["global_step"] == 19 and [s["which"] for s in rec.steps] == ["dual"] * 4 + ["q"] * 4
+    tr = transitions(rec.task)
+    theta0, mixer0 = rec.init["q_network"], rec.init.get("mixer")
+    (drawn,) = [d[2] for d in rec.draws if d[0] == "integers" and np.shape(d[2]) == (8 * a.batch_size,)]
+    parts = np.split(drawn, 8)
+    assert len({tuple(p) for p in parts}) == 8 and set(drawn) <= set(range(16))  # 8 minibatches of the 16 stored at step 16
+    np.testing.assert_array_equal(g["dual_b"].idx, parts[3])
+    np.testing.assert_array_equal(g["b"].idx, parts[7])
+    duals, qs = rec.dual_steps(), rec.q_steps()
+    for k, step in enumerate(duals):  # each dual step: its own minibatch, from the weights it started from
+        xi = {n[1]: v_ for n, v_ in step["before"].items()}
+        bd = batch(tr, parts[k])
+        _, dgrads, _ = dual_prediction(
+            xi, next_value(script, theta0, mixer0, bd), bd, f, f["squared"], f["clamp"], f["dual_clip"]
+        )
+        assert_grads({n[1]: v_ for n, v_ in step["grad"].items()}, dgrads, f"dual step {k + 1}")
+        if k == 0:
+            assert_moves(
+                xi,
+                {n[1]: v_ for n, v_ in step["after"].items()},
+                first_step(dgrads, "adam", a.dual_learning_rate),
+                "dual move",
+                a.dual_learning_rate,
+            )
+        if k < 3:
+            assert all(torch.equal(step["after"][n], duals[k + 1]["before"][n]) for n in step["after"])
+    xi4 = {n[1]: v_ for n, v_ in duals[-1]["after"].items()}
+    assert all(torch.equal(xi4[n], v_) for n, v_ in g["dual_network"].state_dict().items())
+
+    def predicted(k, xi, part):
+        """(y, Q gradients) of Q step k on minibatch `part` with eta of dual weights xi."""
+        agents, mixer = split(qs[k]["before"])
+        b = batch(tr, part)
+        v = next_value(script, theta0, mixer0, b)
+        with torch.no_grad():
+            eta = clamp_eta(dual_eta(xi, b["state"], b["actions"]), f, v, b["terminated"])
+        y = target_y(script, b, v, eta, f)
+        return y, q_prediction(script, agents, mixer, y, b, f["clip"])[0]
+
+    for k, step in enumerate(qs):  # each Q step: its own minibatch, eta after all four dual steps
+        y, grads = predicted(k, xi4, parts[4 + k])
+        torch.testing.assert_close(rec.targets[k], y, rtol=1e-5, atol=1e-5)
+        assert_grads(step["grad"], grads, f"Q step {k + 1}")
+        if k < 3:
+            assert all(torch.equal(step["after"][n], qs[k + 1]["before"][n]) for n in step["after"])
+    xi1 = {n[1]: v_ for n, v_ in duals[0]["after"].items()}
+    assert_distinct(qs[0]["grad"], predicted(0, xi1, parts[4])[1], "eta after one dual step (1 + 1 interleaved)")
+    assert_distinct(qs[1]["grad"], predicted(1, xi4, parts[4])[1], "every Q step on the first Q minibatch")
 
 
 # ------------------------------------------------------------------------------------------------
