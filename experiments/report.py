@@ -8,6 +8,7 @@ number, and their difference in combined standard errors, (ours - paper) / sqrt(
 Claims (issue 15 item 4): per factorisation and robust set, robust - non-robust (the released-configuration
 runs of the two published rows) on env_6, env_1 and season, with a stratified-bootstrap 95% CI over seeds and
 the probability of improvement (experiments/stats.py), next to the paper's difference and a verdict.
+Single-factor ablations: a method `<base>_<suffix>` against `<base>` (same grid and rho), with the same statistics.
 Figures: Figure 2 (climate, env_1..env_6, and season; one panel per factorisation) and training curves
 (mean +- SE band over seeds). Also <out folder>/results/marl_eval.json: every run in marl-eval's JSON format.
 """
@@ -58,6 +59,12 @@ CLAIM_EVALS = (
     ("env_6 (Table 2)", "paper-tables", "env_6", 1),
     ("env_1, days 0-199 (Table 1 as published)", "paper-tables", "env_1", 0),
     ("season: env_1, days 200-364 (Table 1 as described)", "season", "env_1", 0),
+)
+# (label, protocol, config) of the single-factor ablations table
+ABLATION_EVALS = (
+    ("env_1 (paper-tables)", "paper-tables", "env_1"),
+    ("env_6 (paper-tables)", "paper-tables", "env_6"),
+    ("season env_1", "season", "env_1"),
 )
 MARL_EVAL = "marl_eval.json"  # written next to the figures; never read as a run
 RHO_GRID = os.path.join("released", "rho_grid.json")  # experiments/rho_selection.py --out, under <out folder>/results/
@@ -154,6 +161,8 @@ def tables(groups: dict) -> list[str]:
         + ".",
     ]
     lines += [""] + claims_table(claims(groups))
+    ablation_lines = ablation_table(ablations(groups))
+    lines += [""] + ablation_lines if ablation_lines else []
     lines += [
         "",
         "## Figure 2: climatic shift (trained on env_1)",
@@ -273,6 +282,66 @@ def claims_table(rows: list[dict]) -> list[str]:
         "`python experiments/sweep.py experiments/paper_tables.toml`, then "
         "`python experiments/report.py docs/results/paper_tables`.",
     ]
+    return lines
+
+
+def ablations(groups: dict) -> list[dict]:
+    """Single-factor ablations: every method named `<base>_<suffix>` whose `<base>` is another method of the same grid
+    at the same rho (the longest such base), against it: the flags it adds, and per ABLATION_EVALS the difference
+    ablation - base over seeds with its 95% stratified bootstrap interval and the probability of improvement."""
+    out = []
+    for (grid, method, rho), runs in groups.items():
+        bases = [k for k in groups if k[0] == grid and abs(k[2] - rho) < 1e-12 and method.startswith(k[1] + "_")]
+        if not bases:
+            continue
+        base_key = max(bases, key=lambda k: len(k[1]))
+        base = groups[base_key]
+        base_flags = set(base[0].get("flags", []))
+        row = {
+            "method": method,
+            "base": base_key[1],
+            "rho": rho,
+            "added": [f for f in runs[0].get("flags", []) if f not in base_flags],
+            "n": (len(runs), len(base)),
+            "evals": [],
+        }
+        for label, protocol, config in ABLATION_EVALS:
+            x, y = values(runs, protocol, config), values(base, protocol, config)
+            row["evals"].append(
+                (label, stats.bootstrap_diff_ci(x, y), stats.probability_of_improvement(x, y))
+                if len(x) >= 2 and len(y) >= 2
+                else (label, None, None)
+            )
+        out.append(row)
+    return out
+
+
+def ablation_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "## Single-factor ablations",
+        "",
+        (
+            "A method named `<base>_<suffix>` is `<base>` (column 2) plus the flags added (column 3), same grid, same rho. "
+            "Each cell: ablation - base, difference of the means over seeds with its 95% stratified bootstrap interval "
+            "(as in the claims table), and P(ablation > base), the probability of improvement. Fewer than 2 seeds on "
+            "either side: n/a."
+        ),
+        "",
+        "| ablation | adds to | flags added | rho | seeds | " + " | ".join(label for label, _, _ in ABLATION_EVALS) + " |",
+        "|---|---|---|---|---|" + "---|" * len(ABLATION_EVALS),
+    ]
+    for r in rows:
+        cells = [
+            "n/a" if ci is None else f"{ci[0]:+.3f} [{ci[1]:+.3f}, {ci[2]:+.3f}], P {poi:.2f}" for _, ci, poi in r["evals"]
+        ]
+        added = "`" + " ".join(r["added"]) + "`" if r["added"] else "-"
+        lines.append(
+            f"| {r['method']} | {r['base']} | {added} | {r['rho']:g} | {r['n'][0]} vs {r['n'][1]} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return lines
 
 
