@@ -139,10 +139,17 @@ def our_env6(folder: str, method: str, rho: float) -> list[float]:
     return values
 
 
+def variants(folder: str, method: str) -> list[str]:
+    """Our single-factor ablations of `method` in the folder: the methods named <method>_<suffix> (as report.py)."""
+    names = {name.split("__")[0] for name in os.listdir(folder) if name.endswith(".json")}
+    return sorted(n for n in names if n.startswith(method + "_"))
+
+
 def against_grid(args: Args, family: dict, name: str, method: str, published: float) -> dict:
-    """Where our runs fall in the released grid: our env_6 at the published rho (and, for a rho-contamination grid,
-    our non-robust runs: <factorisation>_released at rho 0) minus each released rho cell, with its 95% interval."""
-    ours = {f"{method} rho {published:g}": our_env6(args.ours, method, published)}
+    """Where our runs fall in the released grid: our env_6 at the published rho (its single-factor ablations too, and,
+    for a rho-contamination grid, our non-robust runs: <factorisation>_released at rho 0) minus each released rho cell,
+    with its 95% interval."""
+    ours = {f"{m} rho {published:g}": our_env6(args.ours, m, published) for m in [method, *variants(args.ours, method)]}
     if not name.endswith("_g"):  # rho-contamination grid: its rho 0 is the published non-robust row
         ours[f"{name}_released rho 0"] = our_env6(args.ours, f"{name}_released", 0.0)
     out = {}
@@ -219,7 +226,6 @@ def main(args: Args) -> dict:
                     f"ours ({method}, {len(ours)} seeds) - released, env_6 at rho {published}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
                 )
             entry["ours_against_grid"] = against_grid(args, grid[family], family, method, published)
-        summary[family] = entry
         summary[family] = entry
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -83,13 +83,13 @@ def write_eval(path, entries, protocol="climate"):
         json.dump({"protocol": protocol, "configs": [], "days": [], "table": {}, "episodes": episodes}, f)
 
 
-def write_ours(tmp_path, env6):
-    """Our per-run result JSON files (sweep format, the fields rho_selection reads) of vdn_tv_released at rho 0.5."""
+def write_ours(tmp_path, env6, method="vdn_tv_released"):
+    """Our per-run result JSON files (sweep format, the fields rho_selection reads) of `method` at rho 0.5."""
     ours = tmp_path / "ours"
     ours.mkdir(exist_ok=True)
     for seed, v in enumerate(env6, 1):
-        run = {"method": "vdn_tv_released", "rho": 0.5, "seed": seed, "normalised_return": {"paper-tables": {"env_6": v}}}
-        (ours / f"vdn_tv_released__rho0.5__seed{seed}.json").write_text(json.dumps(run))
+        run = {"method": method, "rho": 0.5, "seed": seed, "normalised_return": {"paper-tables": {"env_6": v}}}
+        (ours / f"{method}__rho0.5__seed{seed}.json").write_text(json.dumps(run))
     return ours
 
 
@@ -106,6 +106,8 @@ def test_main_reads_eval_json_and_compares_ours(sel, tmp_path, capsys):
         entries.append((f"/x/results_seeds_{s}/other/network_parameter", "authors: vdn_dr", seed_row(1, 1, 1)))  # not a grid
     write_eval(tmp_path / "e.json", entries)
     ours = write_ours(tmp_path, [0.5, 0.6])
+    write_ours(tmp_path, [0.2, 0.3, 0.4], method="vdn_tv_released_schedule")  # a single-factor ablation of it
+    write_ours(tmp_path, [0.9, 0.9], method="vdn_tv_releasedx")  # not one (no underscore after the name)
     out = tmp_path / "sum" / "grid.json"
     s = sel.main(sel.Args(evals=[str(tmp_path / "e.json")], ours=str(ours), out=str(out), reps=2000))
     g = s["vdn_g"]
@@ -114,6 +116,11 @@ def test_main_reads_eval_json_and_compares_ours(sel, tmp_path, capsys):
     c = g["ours_minus_released_env6"]  # ours (0.5, 0.6) - released (0.7, 0.9) = 0.55 - 0.8
     assert c["ours_seeds"] == 2 and c["diff"] == pytest.approx(-0.25)
     assert c["low"] == pytest.approx(-0.4) and c["high"] == pytest.approx(-0.1)  # extreme resamples (2 a side)
+    grid = g["ours_against_grid"]  # ours and the ablation against each released rho cell
+    assert set(grid) == {"vdn_tv_released rho 0.5", "vdn_tv_released_schedule rho 0.5"}
+    assert grid["vdn_tv_released rho 0.5"]["0.3"]["diff"] == pytest.approx(0.55 - 0.5)  # released rho 0.3: (0.4, 0.6)
+    assert grid["vdn_tv_released_schedule rho 0.5"]["0.5"]["diff"] == pytest.approx(0.3 - 0.8)
+    assert grid["vdn_tv_released_schedule rho 0.5"]["0.3"]["diff"] == pytest.approx(0.3 - 0.5)
     assert json.loads(out.read_text()) == json.loads(json.dumps(s))
     assert not os.path.exists(str(out) + ".tmp")
     assert "the paper's rule picks 0.3" in capsys.readouterr().out
