@@ -278,7 +278,8 @@ class ReplayBuffer:
         return batches[0] if n == 1 else batches
 
     def sample_slots(self, k, rng):
-        """Uniform over stored slots whose window is intact (once the buffer wraps, the W oldest are skipped)."""
+        """Uniform over stored slots whose window is intact (once the buffer wraps, the W oldest are skipped), with
+        replacement (paper silent; released: without, within a batch; kept deliberately, docs/vdn.md item 3)."""
         if self.size < self.capacity:
             return rng.integers(0, self.size, k)
         return (self.ptr + rng.integers(self.window, self.capacity, k)) % self.capacity
