@@ -182,8 +182,7 @@ def masked_argmax(q, avail):
 
 # --- Replay ---
 class Batch:
-    """Slots idx of a replay buffer as device tensors, one attribute per field named below; history and
-    next_history: the (obs, previous action) windows ending at t and t + 1, (W, B, N, obs_dim) and (W, B, N)."""
+    """Slots idx of a buffer as device tensors; history / next_history: the (obs, prev. action) windows ending at t / t + 1."""
 
     def __init__(self, rb, idx):
         self.rb, self.idx = rb, idx
@@ -226,8 +225,7 @@ class ReplayBuffer:
         self.version += 1
 
     def sample(self, batch_size, rng, next_values, n=1):
-        """n minibatches of batch_size slots (drawn at once) -> a Batch (n = 1) or a list; next_values(Batch) gives V'
-        of the slots without a cached value for the current theta-."""
+        """n minibatches of batch_size slots, drawn at once -> Batch (n = 1) or list; next_values(Batch): V' if not cached."""
         idx = self.sample_slots(n * batch_size, rng)
         todo = self.stale(idx)
         if len(todo):
@@ -237,15 +235,13 @@ class ReplayBuffer:
         return batches[0] if n == 1 else batches
 
     def sample_slots(self, k, rng):
-        """Uniform over stored slots whose window is intact (once the buffer wraps, the W oldest are skipped), with
-        replacement (paper silent; released: without, within a batch; kept deliberately, docs/vdn.md item 3)."""
+        """Uniform, with replacement (released: without; docs/vdn.md item 3), over stored slots whose window is intact."""
         if self.size < self.capacity:
             return rng.integers(0, self.size, k)
         return (self.ptr + rng.integers(self.window, self.capacity, k)) % self.capacity
 
     def stale(self, idx, newest=32):
-        """Slots among idx without a cached V' for the current theta-, and then also the stale ones among the `newest`
-        latest slots: one larger target pass instead of many tiny ones."""
+        """Slots of idx without a cached V' for the current theta-, plus the stale ones of the `newest` latest slots."""
         todo = idx[self.value_version[idx] != self.version]
         if len(todo):
             recent = (self.ptr - 1 - np.arange(min(newest, self.size))) % self.capacity

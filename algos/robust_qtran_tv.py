@@ -113,9 +113,8 @@ def eta_bounds(next_value, gamma, rho, worst_value="zero"):
 
 
 def robust_target(reward, next_value, eta, terminated, gamma, rho, worst_value="zero"):
-    """Alg. 7 l.17, Eq. (16): y = r + gamma * (1 - rho) * eta - gamma * [eta - Q_jt(h', a_bar'; theta-)]_+ (y = r where
-    terminated): worst_value "zero" (Assumption 1/2: min V = 0); "batch-min", Eq. (29) with min V estimated by m, the
-    smallest V': y = r + gamma * (m + (1 - rho) * (eta - m) - [eta - V']_+)."""
+    """Alg. 7 l.17, Eq. (16): y = r + gamma * ((1 - rho) * eta - [eta - V']_+), V' = Q_jt(h', a_bar'; theta-); y = r where
+    terminated. "batch-min" (Eq. 29, min V estimated by m = min V'): y = r + gamma (m + (1 - rho) (eta - m) - [eta - V']_+)."""
     m = next_value.min() if worst_value == "batch-min" else 0.0
     bootstrap = m + (1.0 - rho) * (eta - m) - F.relu(eta - next_value)
     return reward + gamma * (1.0 - terminated) * bootstrap
@@ -179,8 +178,7 @@ class QNetworks(nn.Module):
         self.register_buffer("ids", torch.arange(n_agents), persistent=False)
 
     def forward(self, obs_w, prev_a_w, with_features=False):
-        """obs_w (W, B, N, obs_dim), prev_a_w (W, B, N) -> Q-values (B, N, n_actions) [and h_W (B, N, H), the
-        agents' last LSTM outputs: the encoder QTRAN's Q_jt and V_tot share with the agents]."""
+        """obs_w (W, B, N, obs_dim), prev_a_w (W, B, N) -> Q (B, N, A) [, h_W (B, N, H): the features of Q_jt and V_tot]."""
         W, B, N = prev_a_w.shape
         if self.share_params:  # one DRQN; the N agents are N*B rows told apart by the id one-hot
             q, h = self.drqn(obs_w.reshape(1, W, B * N, -1), prev_a_w.reshape(1, W, B * N), self.ids.repeat(B))
@@ -234,8 +232,7 @@ def qtran_losses(q_sum_greedy, q_jt_greedy, q_sum_taken, q_jt_taken, v_tot):
 
 # --- Replay ---
 class Batch:
-    """Slots idx of a replay buffer as device tensors, one attribute per field named below; history and
-    next_history: the (obs, previous action) windows ending at t and t + 1, (W, B, N, obs_dim) and (W, B, N)."""
+    """Slots idx of a buffer as device tensors; history / next_history: the (obs, prev. action) windows ending at t / t + 1."""
 
     def __init__(self, rb, idx):
         self.rb, self.idx = rb, idx
@@ -279,8 +276,7 @@ class ReplayBuffer:
         self.version += 1
 
     def sample(self, batch_size, rng, next_values, n=1):
-        """n minibatches of batch_size slots (drawn at once) -> a Batch (n = 1) or a list; next_values(Batch) gives V'
-        of the slots without a cached value for the current theta-."""
+        """n minibatches of batch_size slots, drawn at once -> Batch (n = 1) or list; next_values(Batch): V' if not cached."""
         idx = self.sample_slots(n * batch_size, rng)
         todo = self.stale(idx)
         if len(todo):
@@ -290,15 +286,13 @@ class ReplayBuffer:
         return batches[0] if n == 1 else batches
 
     def sample_slots(self, k, rng):
-        """Uniform over stored slots whose window is intact (once the buffer wraps, the W oldest are skipped), with
-        replacement (paper silent; released: without, within a batch; kept deliberately, docs/vdn.md item 3)."""
+        """Uniform, with replacement (released: without; docs/vdn.md item 3), over stored slots whose window is intact."""
         if self.size < self.capacity:
             return rng.integers(0, self.size, k)
         return (self.ptr + rng.integers(self.window, self.capacity, k)) % self.capacity
 
     def stale(self, idx, newest=32):
-        """Slots among idx without a cached V' for the current theta-, and then also the stale ones among the `newest`
-        latest slots: one larger target pass instead of many tiny ones."""
+        """Slots of idx without a cached V' for the current theta-, plus the stale ones of the `newest` latest slots."""
         todo = idx[self.value_version[idx] != self.version]
         if len(todo):
             recent = (self.ptr - 1 - np.arange(min(newest, self.size))) % self.capacity
@@ -365,8 +359,7 @@ if __name__ == "__main__":
     next_values = functools.partial(target_values, target_network=target_network, target_qtran=target_qtran)  # V'
     # Alg. 7 l.4: dual network eta_xi with parameters xi, its own Adam (paper F.2)
     dual_network = DualNetwork(env.state_dim, N, A, args.dual_hidden_dim).to(device)
-    dual_params = list(dual_network.parameters())
-    dual_optimizer = torch.optim.Adam(dual_params, lr=args.dual_learning_rate, fused=True)
+    dual_optimizer = torch.optim.Adam(dual_network.parameters(), lr=args.dual_learning_rate, fused=True)
 
     # Alg. 7 l.2: replay buffer D
     rb = ReplayBuffer(args.buffer_size, N, env.obs_dim, env.state_dim, A, args.window, device)
@@ -406,43 +399,40 @@ if __name__ == "__main__":
                 obs, state, avail = next_obs, next_state, next_avail
                 global_step += 1
 
-                if global_step > args.learning_starts and global_step % (n_updates * args.train_frequency) == 0:
-                    batches = rb.sample(args.batch_size, rng, next_values, n=2 * n_updates)  # Alg. 7 l.12, l.15: with V'
-                    for dual_b in batches[:n_updates]:  # --update-schedule released: 4 dual steps, then 4 Q steps
-                        raw_eta, eta = dual_eta(dual_b)  # eta_xi(s, a), clamped to Eq. (10) (--no-eta-clamp: raw)
-                        live = 1.0 - dual_b.terminated  # a terminated transition has no dual term
-                        d_loss = dual_loss(eta, dual_b.next_value, args.rho, args.worst_value, args.dual_loss, live, raw_eta)
-                        dual_optimizer.zero_grad()
-                        d_loss.backward()  # Alg. 7 l.13
-                        nn.utils.clip_grad_norm_(dual_params, dual_max_norm, foreach=True, error_if_nonfinite=True)
-                        dual_optimizer.step()  # Alg. 7 l.14
-                    for b in batches[n_updates:]:
-                        q, h = q_network(*b.history, with_features=True)  # Q_i(h_i, .) and the agents' features f_i(h_i)
-                        q_taken = q.gather(-1, b.actions.unsqueeze(-1)).squeeze(-1)  # Q_i(h_i, a_i)
-                        f_sum = h.sum(1)  # f(h) = sum_i f_i(h_i), the encoder of Q_jt and V_tot
-                        q_tot = qtran.q_jt(f_sum, b.actions)  # Q_jt(h, a; theta) of Alg. 7 l.18
-                        v_tot = qtran.v_tot(b.state, f_sum)  # V_tot(h) of Eq. (12)-(13)
-                        q_greedy = q.masked_fill(~b.avail, -float("inf")).max(-1).values  # Q_i(h_i, a_bar_i), a_bar greedy
-                        q_jt_greedy = qtran.q_jt(f_sum, masked_argmax(q, b.avail))  # Q-hat_jt(h, a_bar) of Eq. (12)
-                        with torch.no_grad():  # Alg. 7 l.17: eta_xi(s, a) of the updated xi (clamped) and the target y
-                            eta = dual_eta(b)[1]
-                            y = robust_target(
-                                b.reward, b.next_value, eta, b.terminated, args.gamma, args.rho, args.worst_value
-                            )
-                        td_loss = F.mse_loss(q_tot, y)  # Alg. 7 l.18
-                        # Alg. 7 l.19-20: L_opt and L_nopt
-                        opt_loss, nopt_loss = qtran_losses(q_greedy.sum(-1), q_jt_greedy, q_taken.sum(-1), q_tot, v_tot)
-                        for opt in optimizers:
-                            opt.zero_grad()
-                        (td_loss + args.lambda_opt * opt_loss + args.lambda_nopt * nopt_loss).backward()  # Alg. 7 l.21
-                        grad_norm = nn.utils.clip_grad_norm_(params, max_norm, foreach=True, error_if_nonfinite=True)
-                        for opt in optimizers:
-                            opt.step()
-
-                    if global_step % (100 * args.train_frequency) == 0:  # logging, every 100 gradient steps
-                        run.log(global_step, epsilon, td_loss, q_tot, y, grad_norm, opt_loss=opt_loss, nopt_loss=nopt_loss)
-                        floor = eta_bounds(b.next_value, args.gamma, args.rho, args.worst_value)[0]  # Eq. (10)'s floor
-                        run.log_dual(global_step, eta, floor, d_loss)  # robust/*
+                # Alg. 7 l.12, l.15, l.18: a training step's dual and Q minibatches, drawn at once, with V' (none in between)
+                train = global_step > args.learning_starts and global_step % (n_updates * args.train_frequency) == 0
+                batches = rb.sample(args.batch_size, rng, next_values, n=2 * n_updates) if train else []
+                for dual_b in batches[:n_updates]:  # Alg. 7 l.12-14; --update-schedule released: 4 dual steps, then 4 Q steps
+                    raw_eta, eta = dual_eta(dual_b)  # eta_xi(s, a), clamped to Eq. (10) (--no-eta-clamp: raw)
+                    live = 1.0 - dual_b.terminated  # a terminated transition has no dual term
+                    d_loss = dual_loss(eta, dual_b.next_value, args.rho, args.worst_value, args.dual_loss, live, raw_eta)
+                    dual_optimizer.zero_grad()
+                    d_loss.backward()  # Alg. 7 l.13
+                    nn.utils.clip_grad_norm_(dual_network.parameters(), dual_max_norm, foreach=True, error_if_nonfinite=True)
+                    dual_optimizer.step()  # Alg. 7 l.14
+                for b in batches[n_updates:]:  # Alg. 7 l.15-21
+                    q, h = q_network(*b.history, with_features=True)  # Q_i(h_i, .) and the agents' features f_i(h_i)
+                    q_taken = q.gather(-1, b.actions.unsqueeze(-1)).squeeze(-1)  # Q_i(h_i, a_i)
+                    f_sum = h.sum(1)  # f(h) = sum_i f_i(h_i), the encoder of Q_jt and V_tot
+                    q_tot = qtran.q_jt(f_sum, b.actions)  # Q_jt(h, a; theta) of Alg. 7 l.18
+                    v_tot = qtran.v_tot(b.state, f_sum)  # V_tot(h) of Eq. (12)-(13)
+                    q_greedy = q.masked_fill(~b.avail, -float("inf")).max(-1).values  # Q_i(h_i, a_bar_i), a_bar greedy
+                    q_jt_greedy = qtran.q_jt(f_sum, masked_argmax(q, b.avail))  # Q-hat_jt(h, a_bar) of Eq. (12)
+                    with torch.no_grad():  # Alg. 7 l.17: eta_xi(s, a) of the updated xi (clamped) and the target y
+                        eta = dual_eta(b)[1]
+                        y = robust_target(b.reward, b.next_value, eta, b.terminated, args.gamma, args.rho, args.worst_value)
+                    td_loss = F.mse_loss(q_tot, y)  # Alg. 7 l.18
+                    opt_loss, nopt_loss = qtran_losses(q_greedy.sum(-1), q_jt_greedy, q_taken.sum(-1), q_tot, v_tot)  # l.19-20
+                    for opt in optimizers:
+                        opt.zero_grad()
+                    (td_loss + args.lambda_opt * opt_loss + args.lambda_nopt * nopt_loss).backward()  # Alg. 7 l.21
+                    grad_norm = nn.utils.clip_grad_norm_(params, max_norm, foreach=True, error_if_nonfinite=True)
+                    for opt in optimizers:
+                        opt.step()
+                if train and global_step % (100 * args.train_frequency) == 0:  # logging, every 100 gradient steps
+                    run.log(global_step, epsilon, td_loss, q_tot, y, grad_norm, opt_loss=opt_loss, nopt_loss=nopt_loss)
+                    floor = eta_bounds(b.next_value, args.gamma, args.rho, args.worst_value)[0]  # Eq. (10)'s floor
+                    run.log_dual(global_step, eta, floor, d_loss)  # robust/*
 
                 if global_step % args.target_network_frequency == 0:  # Alg. 7 l.22: theta- <- theta
                     target_network.load_state_dict(q_network.state_dict())

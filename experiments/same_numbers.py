@@ -1,6 +1,7 @@
 """Same numbers before and after a code change: tiny runs of every algos/ script, compared with torch.equal.
 
     python experiments/same_numbers.py --before /path/to/checkout/of/the/old/commit [--scripts robust_vdn_rho ...]
+        [--flags '--update-schedule released']      # the same comparison with more flags on every run
 
 For every script, task (building, matrix) and --fused / --no-fused, the same tiny run (same seed; the replay buffer
 wraps and the target is copied several times) is made with the old tree and with this one. Then checkpoint.pt
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -138,6 +140,7 @@ def main() -> int:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="GroupDR: building only")
     p.add_argument("--fused-modes", nargs="+", default=["fused", "no-fused"], choices=["fused", "no-fused"])
     p.add_argument("--estimator", default="", help="GroupDR: estimator.pt (default: made once with the old tree, tiny)")
+    p.add_argument("--flags", default="", help="more flags for every run, e.g. '--update-schedule released' (TV scripts)")
     a = p.parse_args()
     failures, compared = 0, 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,6 +188,7 @@ def main() -> int:
         for script in a.scripts:
             tasks = [t for t in a.tasks if not script.startswith("groupdr") or t in GROUPDR_TASKS]
             extra = SCRIPTS[script] + (["--estimator-checkpoint", estimator] if script.startswith("groupdr") else [])
+            extra += shlex.split(a.flags)
             for task in tasks:
                 for fused in (f"--{m}" for m in a.fused_modes):
                     base = TASKS[task][2:] if script.startswith("groupdr") else TASKS[task]
